@@ -1,0 +1,1 @@
+"""chartx: deep character-level transformer language models in JAX."""

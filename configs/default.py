@@ -1,0 +1,78 @@
+"""Default configuration: every key chartx reads, with a comment on each.
+
+The other configs start from this one and change what they need. It is the paper's
+T12 model (Al-Rfou et al., 2019) on enwik8, as a base to override:
+
+    python -m chartx.main --config=configs/default.py --workdir=/tmp/chartx_default \
+        --config.data.name=text_files --config.data.path=README.md
+
+Hardware: anything; the numbers to expect depend on the overrides.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.seed = 0  # Seeds parameters, dropout and the training batches.
+
+  config.data = ml_collections.ConfigDict()
+  config.data.name = "enwik8"  # "enwik8" | "text8" | "text_files".
+  config.data.path = ""  # text_files: a file, a directory or a glob; enwik8/text8: the zip if not in manual_dir.
+  config.data.data_dir = ""  # TFDS data_dir for the prepared enwik8/text8; "" uses TFDS's default.
+  config.data.valid_path = ""  # text_files: optional separate validation file (else a 90/5/5 split).
+  config.data.test_path = ""  # text_files: optional separate test file.
+  config.data.seq_len = 512  # Characters of context per training window (the paper: 512).
+
+  config.model = ml_collections.ConfigDict()
+  config.model.num_layers = 12  # Transformer layers (T12: 12, T64: 64).
+  config.model.d_model = 512  # Width of the residual stream.
+  config.model.num_heads = 8  # Attention heads; d_model must divide by it.
+  config.model.d_ff = 2048  # Hidden width of the feed-forward block.
+  config.model.max_len = 512  # Rows of each positional table; data.seq_len must not exceed it.
+  config.model.dropout = 0.55  # Residual and embedding dropout (as reimplementations report).
+  config.model.per_layer_positions = True  # A learned positional table per layer (the paper) vs one at the input.
+  config.model.tie_embeddings = False  # Next-character classifiers reuse the input embedding (fewer params).
+  config.model.scan_layers = True  # nn.scan over layers: compile time independent of depth.
+  config.model.remat = "none"  # Rematerialization per layer: "none" | "full" | "dots" (save matmul outputs).
+  config.model.dtype = "float32"  # Compute dtype: "float32" | "bfloat16" (parameters stay float32).
+  config.model.attention = "xla"  # Attention kernel: "xla" | "cudnn" (GPU flash attention) | "auto".
+
+  config.loss = ml_collections.ConfigDict()
+  config.loss.multiple_positions = True  # Aux 1: next-char loss at every position (False: last position only).
+  config.loss.intermediate_layers = True  # Aux 2: every layer l < n predicts too, until step l/(2n) * num_steps.
+  config.loss.multiple_targets = 2  # Aux 3: predict 1..k characters ahead at each position; 1 turns it off.
+  config.loss.aux_target_weight = 0.5  # Weight of each extra (k >= 2) target's loss (the paper: 0.5).
+
+  config.optimizer = ml_collections.ConfigDict()
+  config.optimizer.name = "momentum"  # "momentum" (SGD with momentum, the paper) | "adamw".
+  config.optimizer.learning_rate = 0.003  # Peak learning rate (the paper: fixed 0.003).
+  config.optimizer.momentum = 0.99  # Momentum (the paper: 0.99); adamw's b1.
+  config.optimizer.nesterov = False  # Nesterov momentum.
+  config.optimizer.schedule = "constant"  # "constant" | "rsqrt" (inverse square root) | "cosine".
+  config.optimizer.warmup_steps = 0  # Linear warm-up from 0 before the schedule.
+  config.optimizer.grad_clip = 0.0  # Clip the global gradient norm to this; 0 turns clipping off.
+  config.optimizer.weight_decay = 0.0  # Decoupled weight decay (adamw only).
+
+  config.train = ml_collections.ConfigDict()
+  config.train.batch_size = 16  # Global batch of windows per step (the paper: 16).
+  config.train.num_steps = 2_500_000  # Steps to train; also the horizon of the intermediate-layer schedule.
+  config.train.log_every = 100  # Steps between metric lines in metrics.jsonl and TensorBoard.
+  config.train.eval_every = 10_000  # Steps between validation runs (strided, eval.max_chars); 0 turns them off.
+  config.train.checkpoint_every = 10_000  # Steps between checkpoints; 0 turns them off.
+
+  config.eval = ml_collections.ConfigDict()
+  config.eval.split = "validation"  # "validation" | "test".
+  config.eval.stride = 512  # Characters scored per window; 1 is the paper's protocol.
+  config.eval.max_chars = 0  # Evaluate only this prefix of the split; 0 means the whole split.
+  config.eval.batch_size = 16  # Windows per eval batch (global).
+  config.eval.step = -1  # Checkpoint step for --mode=eval/sample; -1 means the newest.
+
+  config.sample = ml_collections.ConfigDict()
+  config.sample.prompt = "The "  # Text the sample continues.
+  config.sample.num_chars = 200  # Characters to generate.
+  config.sample.temperature = 1.0  # Softmax temperature; 0 means greedy.
+  config.sample.top_k = 0  # Keep the k most likely characters; 0 keeps all.
+  config.sample.top_p = 1.0  # Nucleus sampling: keep the smallest set with this much mass; 1 keeps all.
+  config.sample.seed = 0  # Seed of the sampler.
+  return config
