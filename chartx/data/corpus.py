@@ -1,0 +1,41 @@
+"""Corpus: the three splits of a dataset as in-order id streams, and load_corpus(config.data)."""
+
+import dataclasses
+
+import ml_collections
+import numpy as np
+
+from chartx.data import text_files
+from chartx.data.vocab import BYTES, Vocab
+from chartx.errors import UserError
+
+
+@dataclasses.dataclass(frozen=True)
+class Corpus:
+  """1-D uint8 id streams, in order. Evaluation reads validation/test front to back."""
+
+  train: np.ndarray
+  validation: np.ndarray
+  test: np.ndarray
+  vocab: Vocab
+
+
+def eval_stream(corpus: Corpus, split: str) -> np.ndarray:
+  """The in-order ids of `split` ("validation" | "test"), as eval.split names it."""
+  if split == "validation":
+    return corpus.validation
+  if split == "test":
+    return corpus.test
+  raise UserError(f"eval.split={split!r}: expected 'validation' or 'test'")
+
+
+def load_corpus(data_config: ml_collections.ConfigDict) -> Corpus:
+  """Loads data_config.name ("enwik8" | "text8" | "text_files") into memory."""
+  name = data_config.name
+  if name == "text_files":
+    train, validation, test = text_files.load_splits(
+        data_config.path, data_config.get("valid_path", ""), data_config.get("test_path", ""))
+    return Corpus(train=train, validation=validation, test=test, vocab=BYTES)
+  if name in ("enwik8", "text8"):
+    raise UserError(f"data.name={name!r}: the TFDS builders are not in this commit yet")
+  raise UserError(f"data.name={name!r}: expected 'enwik8', 'text8' or 'text_files'")

@@ -1,0 +1,67 @@
+"""Vocabularies: bytes (enwik8, text files) and text8's 27 symbols."""
+
+import dataclasses
+
+import numpy as np
+
+from chartx.errors import UserError
+
+TEXT8_ALPHABET = "abcdefghijklmnopqrstuvwxyz "
+
+
+def _text8_byte_to_id() -> np.ndarray:
+  table_256 = np.full(256, -1, dtype=np.int32)
+  for i, char in enumerate(TEXT8_ALPHABET):
+    table_256[ord(char)] = i
+  return table_256
+
+
+_TEXT8_BYTE_TO_ID_256 = _text8_byte_to_id()
+_TEXT8_ID_TO_BYTE_27 = np.frombuffer(TEXT8_ALPHABET.encode("ascii"), dtype=np.uint8)
+
+
+@dataclasses.dataclass(frozen=True)
+class Vocab:
+  """Maps text to int32 ids and back. name: "bytes" (256 ids) or "text8" (27 ids: a-z then space)."""
+
+  name: str
+  size: int
+
+  def encode(self, text: str) -> np.ndarray:
+    bytes_N = np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
+    if self.name == "bytes":
+      return bytes_N.astype(np.int32)
+    return text8_ids_from_bytes(bytes_N, source="text").astype(np.int32)
+
+  def decode(self, ids) -> str:
+    ids_N = np.asarray(ids).reshape(-1)
+    if ids_N.size and (ids_N.min() < 0 or ids_N.max() >= self.size):
+      raise UserError(f"cannot decode ids outside [0, {self.size}) with the {self.name} vocabulary")
+    if self.name == "bytes":
+      return ids_N.astype(np.uint8).tobytes().decode("utf-8", errors="replace")
+    return _TEXT8_ID_TO_BYTE_27[ids_N].tobytes().decode("ascii")
+
+
+BYTES = Vocab(name="bytes", size=256)
+TEXT8 = Vocab(name="text8", size=len(TEXT8_ALPHABET))
+
+
+def text8_ids_from_bytes(bytes_N: np.ndarray, *, source: str) -> np.ndarray:
+  """uint8 text8 ids of raw bytes; UserError naming `source` and the first byte outside a-z and space."""
+  ids_N = _TEXT8_BYTE_TO_ID_256[bytes_N]
+  bad_N = ids_N < 0
+  if bad_N.any():
+    position = int(np.argmax(bad_N))
+    byte = int(bytes_N[position])
+    shown = repr(chr(byte)) if byte < 128 else f"byte 0x{byte:02x}"
+    raise UserError(
+        f"{source}: character {shown} at offset {position} is not in the text8 alphabet (a-z and space)")
+  return ids_N.astype(np.uint8)
+
+
+def vocab_by_name(name: str) -> Vocab:
+  if name == "bytes":
+    return BYTES
+  if name == "text8":
+    return TEXT8
+  raise UserError(f"unknown vocabulary {name!r}: expected 'bytes' or 'text8'")
