@@ -60,6 +60,23 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.log_every = 100  # Steps between metric lines in metrics.jsonl and TensorBoard.
   config.train.eval_every = 10_000  # Steps between validation runs (strided, eval.max_chars); 0 turns them off.
   config.train.checkpoint_every = 10_000  # Steps between checkpoints; 0 turns them off.
+  config.train.keep_checkpoints = 3  # Newest checkpoints kept on disk.
+
+  config.mesh = ml_collections.ConfigDict()
+  config.mesh.shape = (-1, 1, 1)  # Devices along (data, fsdp, tensor); one -1 takes the rest.
+  # Logical axis name -> mesh axes. Parameters: vocab, embed, heads, head_dim, mlp, length, layers,
+  # targets; activations: batch, length, embed, mlp. A mesh axis is used at most once per array.
+  config.mesh.rules = (
+      ("batch", ("data", "fsdp")),
+      ("embed", "fsdp"),
+      ("heads", "tensor"),
+      ("mlp", "tensor"),
+      ("vocab", "tensor"),
+      ("head_dim", None),
+      ("length", None),
+      ("layers", None),
+      ("targets", None),
+  )
 
   config.eval = ml_collections.ConfigDict()
   config.eval.split = "validation"  # "validation" | "test".

@@ -1,0 +1,95 @@
+"""The three auxiliary losses of Al-Rfou et al. (2019) and their weights as a function of the step.
+
+  1. multiple positions: the next character is predicted at every position, not just the last;
+  2. intermediate layers: layer l < n predicts too, until step l/(2n) of training;
+  3. multiple targets: each position also predicts k = 2..K characters ahead, weight 0.5 each.
+
+The total loss is sum over layers l and targets k of w[l, k] * nll[l, k]; bpc is the last layer's
+next-character nll over ln 2. Weights are computed from the step with jnp ops, inside jit.
+"""
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from chartx import model as model_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+  num_layers: int
+  num_steps: int  # The horizon of the intermediate-layer schedule.
+  multiple_positions: bool = True
+  intermediate_layers: bool = True
+  num_targets: int = 1  # Characters ahead predicted at each position (1: next only).
+  aux_target_weight: float = 0.5
+
+  @classmethod
+  def from_config(cls, config: ml_collections.ConfigDict) -> "LossConfig":
+    return cls(num_layers=config.model.num_layers, num_steps=config.train.num_steps,
+               multiple_positions=config.loss.multiple_positions,
+               intermediate_layers=config.loss.intermediate_layers,
+               num_targets=config.loss.multiple_targets,
+               aux_target_weight=config.loss.aux_target_weight)
+
+
+def layer_stop_steps(cfg: LossConfig) -> list[int]:
+  """First step at which layer l = 1..n no longer contributes; the last layer never stops.
+
+  Layer l < n stops once step >= l / (2n) * num_steps; exact integer ceiling, so the boundary
+  never depends on float rounding.
+  """
+  n = cfg.num_layers
+  stops = [-(-layer * cfg.num_steps // (2 * n)) if cfg.intermediate_layers else 0
+           for layer in range(1, n)]
+  return stops + [jnp.iinfo(jnp.int32).max]
+
+
+def loss_weights(step: jax.Array, cfg: LossConfig) -> jax.Array:
+  """w_LxK: layer weight (1 or 0 by the schedule) times target weight (1, then aux_target_weight)."""
+  active_L = (step < jnp.asarray(layer_stop_steps(cfg), jnp.int32)).astype(jnp.float32)
+  target_K = jnp.asarray([1.0] + [cfg.aux_target_weight] * (cfg.num_targets - 1), jnp.float32)
+  return active_L[:, None] * target_K[None, :]
+
+
+def targets(windows_BxS: jax.Array, seq_len: int, num_targets: int) -> jax.Array:
+  """targets_KxBxT: the character k+1 ahead of each of the seq_len input positions."""
+  return jnp.stack([windows_BxS[:, k + 1:k + 1 + seq_len] for k in range(num_targets)])
+
+
+def _nll(logits_BxTxV: jax.Array, targets_BxT: jax.Array, position_weights_T: jax.Array) -> jax.Array:
+  log_z_BxT = jax.nn.logsumexp(logits_BxTxV, axis=-1)
+  target_logit_BxT = jnp.take_along_axis(logits_BxTxV, targets_BxT[..., None], axis=-1)[..., 0]
+  nll_BxT = log_z_BxT - target_logit_BxT
+  return (nll_BxT * position_weights_T).sum(-1).mean() / position_weights_T.sum()
+
+
+def layer_nlls(model_cfg: model_lib.ModelConfig, heads: dict[str, jax.Array], h_LxBxTxD: jax.Array,
+               targets_KxBxT: jax.Array, multiple_positions: bool = True) -> jax.Array:
+  """nll_LxK: mean negative log-likelihood (nats) of every layer's every classifier.
+
+  Maps over layers with rematerialization, so only one layer's logits exist at a time.
+  """
+  seq_len = h_LxBxTxD.shape[2]
+  # Ablation of aux loss 1: score only the last position of each window.
+  position_weights_T = (jnp.ones(seq_len) if multiple_positions
+                        else jnp.zeros(seq_len).at[-1].set(1.0))
+  shared = {k: v for k, v in heads.items() if k == "embedding"}
+  per_layer = {k: v for k, v in heads.items() if k != "embedding"}
+
+  @jax.checkpoint
+  def one_layer(args):
+    head, h_BxTxD = args
+    head = {**head, **shared}
+    return jnp.stack([
+        _nll(model_lib.head_logits(model_cfg, head, h_BxTxD, k), targets_KxBxT[k], position_weights_T)
+        for k in range(targets_KxBxT.shape[0])])
+
+  return jax.lax.map(one_layer, (per_layer, h_LxBxTxD))
+
+
+def bits(nats: jax.Array) -> jax.Array:
+  return nats / math.log(2)

@@ -1,0 +1,38 @@
+"""Command line: python -m chartx.main --config=configs/X.py --workdir=DIR [--mode=...] [--config.KEY=V]."""
+
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from chartx.errors import UserError
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file with a get_config().",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "sample"], "What to do.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
+                                   "Multi-host GPU: host:port of process 0 (jax.distributed).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-host GPU: number of processes.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-host GPU: this process's index.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def run(argv) -> None:
+  if len(argv) > 1:
+    raise UserError(f"unexpected arguments: {' '.join(argv[1:])}")
+  from chartx import train  # Imported late so --help and flag errors do not wait for JAX.
+  train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+
+
+def main(argv) -> None:
+  logging.set_verbosity(logging.WARNING)
+  try:
+    run(argv)
+  except UserError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
+
+
+if __name__ == "__main__":
+  app.run(main)

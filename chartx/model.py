@@ -1,0 +1,249 @@
+"""The deep causal character transformer of Al-Rfou et al. (2019), in Flax Linen.
+
+A pre-LayerNorm residual stack. Each layer adds its own learned positional table to its
+input (the sinusoid at the bottom would fade over 64 layers), and each layer has its own
+classifiers predicting 1..K characters ahead, so every layer can carry an auxiliary loss.
+Every parameter carries logical axis names; chartx.sharding maps them to mesh axes.
+"""
+
+import dataclasses
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from chartx import attention
+from chartx.errors import UserError
+
+_REMAT_POLICIES = {
+    "full": None,  # Save nothing: recompute the whole layer in the backward pass.
+    "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Everything the modules read; built once from the ConfigDict so modules never see it."""
+  vocab_size: int
+  num_layers: int = 12
+  d_model: int = 512
+  num_heads: int = 8
+  d_ff: int = 2048
+  max_len: int = 512
+  dropout: float = 0.0
+  num_targets: int = 1  # Classifiers per layer: 1..K characters ahead.
+  per_layer_positions: bool = True
+  tie_embeddings: bool = False
+  scan_layers: bool = True
+  remat: str = "none"
+  dtype: str = "float32"
+  attention: str = "xla"
+
+  @property
+  def head_dim(self) -> int:
+    return self.d_model // self.num_heads
+
+  @property
+  def compute_dtype(self) -> Any:
+    return _DTYPES[self.dtype]
+
+  @classmethod
+  def from_config(cls, config: ml_collections.ConfigDict, vocab_size: int) -> "ModelConfig":
+    """Validates the model keys of a run config; bad values raise UserError naming the key."""
+    m = config.model
+    for key in ("num_layers", "d_model", "num_heads", "d_ff", "max_len"):
+      if int(m[key]) < 1:
+        raise UserError(f"config.model.{key} must be >= 1, got {m[key]}")
+    if m.d_model % m.num_heads:
+      raise UserError(f"config.model.d_model={m.d_model} is not divisible by "
+                      f"config.model.num_heads={m.num_heads}")
+    if not 0.0 <= m.dropout < 1.0:
+      raise UserError(f"config.model.dropout must be in [0, 1), got {m.dropout}")
+    if m.remat not in ("none", *_REMAT_POLICIES):
+      raise UserError(f"config.model.remat must be one of none, {', '.join(_REMAT_POLICIES)}; "
+                      f"got {m.remat!r}")
+    if m.dtype not in _DTYPES:
+      raise UserError(f"config.model.dtype must be one of {', '.join(_DTYPES)}; got {m.dtype!r}")
+    if m.attention not in ("xla", "cudnn", "auto"):
+      raise UserError(f"config.model.attention must be xla, cudnn or auto; got {m.attention!r}")
+    if config.data.seq_len > m.max_len:
+      raise UserError(f"config.data.seq_len={config.data.seq_len} is larger than the positional "
+                      f"table config.model.max_len={m.max_len}")
+    if int(config.loss.multiple_targets) < 1:
+      raise UserError(f"config.loss.multiple_targets must be >= 1 (1 turns it off), "
+                      f"got {config.loss.multiple_targets}")
+    return cls(vocab_size=vocab_size, num_layers=m.num_layers, d_model=m.d_model,
+               num_heads=m.num_heads, d_ff=m.d_ff, max_len=m.max_len, dropout=m.dropout,
+               num_targets=int(config.loss.multiple_targets),
+               per_layer_positions=m.per_layer_positions, tie_embeddings=m.tie_embeddings,
+               scan_layers=m.scan_layers, remat=m.remat, dtype=m.dtype, attention=m.attention)
+
+
+def _init(initializer, *names: str):
+  return nn.with_logical_partitioning(initializer, names)
+
+
+_normal_002 = nn.initializers.normal(stddev=0.02)
+
+
+class Block(nn.Module):
+  """One layer: [own positions] -> attention -> feed-forward, pre-LayerNorm residuals."""
+  cfg: ModelConfig
+  deterministic: bool
+
+  @nn.compact
+  def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
+    cfg = self.cfg
+    dtype = cfg.compute_dtype
+    seq_len = x_BxTxD.shape[1]
+    if cfg.per_layer_positions:
+      pos_PxD = self.param("pos_embedding", _init(_normal_002, "length", "embed"),
+                           (cfg.max_len, cfg.d_model))
+      x_BxTxD = x_BxTxD + pos_PxD[:seq_len].astype(dtype)
+
+    norm = functools.partial(nn.LayerNorm, epsilon=1e-6, dtype=dtype,
+                             scale_init=_init(nn.initializers.ones, "embed"),
+                             bias_init=_init(nn.initializers.zeros, "embed"))
+    dense_init = nn.initializers.lecun_normal()
+    N, H, D = cfg.num_heads, cfg.head_dim, cfg.d_model
+    # Per-head projections as explicit DxNxH / NxHxD parameters: einsums keep the head axis
+    # visible to the sharding rules (DenseGeneral would flatten it at init).
+    in_init = _init(nn.initializers.lecun_normal(in_axis=0, out_axis=(1, 2)), "embed", "heads", "head_dim")
+    h_BxTxD = norm(name="attention_norm")(x_BxTxD)
+    q_BxTxNxH, k_BxTxNxH, v_BxTxNxH = (
+        jnp.einsum("btd,dnh->btnh", h_BxTxD, self.param(name, in_init, (D, N, H)).astype(dtype))
+        for name in ("query", "key", "value"))
+    a_BxTxNxH = attention.causal_attention(q_BxTxNxH, k_BxTxNxH, v_BxTxNxH, impl=cfg.attention)
+    out_init = _init(nn.initializers.lecun_normal(in_axis=(0, 1), out_axis=2), "heads", "head_dim", "embed")
+    a_BxTxD = jnp.einsum("btnh,nhd->btd", a_BxTxNxH,
+                         self.param("attention_out", out_init, (N, H, D)).astype(dtype))
+    x_BxTxD = x_BxTxD + nn.Dropout(cfg.dropout)(a_BxTxD, deterministic=self.deterministic)
+
+    h_BxTxD = norm(name="mlp_norm")(x_BxTxD)
+    h_BxTxF = nn.Dense(cfg.d_ff, use_bias=False, dtype=dtype,
+                       kernel_init=_init(dense_init, "embed", "mlp"), name="mlp_in")(h_BxTxD)
+    h_BxTxF = nn.with_logical_constraint(nn.relu(h_BxTxF), ("batch", "length", "mlp"))
+    h_BxTxD = nn.Dense(cfg.d_model, use_bias=False, dtype=dtype,
+                       kernel_init=_init(dense_init, "mlp", "embed"), name="mlp_out")(h_BxTxF)
+    x_BxTxD = x_BxTxD + nn.Dropout(cfg.dropout)(h_BxTxD, deterministic=self.deterministic)
+    return nn.with_logical_constraint(x_BxTxD, ("batch", "length", "embed"))
+
+
+class _ScanBody(nn.Module):
+  """Adapts Block to nn.scan's (carry, x) -> (carry, y); y is the layer's output when kept."""
+  cfg: ModelConfig
+  deterministic: bool
+  keep_all_layers: bool
+
+  @nn.compact
+  def __call__(self, x_BxTxD: jax.Array, _) -> tuple[jax.Array, jax.Array | None]:
+    x_BxTxD = _block_cls(self.cfg)(self.cfg, self.deterministic, name="block")(x_BxTxD)
+    return x_BxTxD, (x_BxTxD if self.keep_all_layers else None)
+
+
+def _block_cls(cfg: ModelConfig) -> type[Block]:
+  if cfg.remat == "none":
+    return Block
+  # Under scan, CSE across iterations cannot happen, so the optimization barrier is not needed.
+  return nn.remat(Block, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+
+
+class Transformer(nn.Module):
+  """tokens_BxT -> the residual stream after every layer (all_layers) or after the last.
+
+  deterministic and all_layers are attributes, not call arguments, so that the layer stack can
+  be built in setup(); train and inference use clones with the same parameters.
+  """
+  cfg: ModelConfig
+  deterministic: bool = True
+  all_layers: bool = False
+
+  def setup(self):
+    cfg = self.cfg
+    self.embedding = self.param("embedding", _init(nn.initializers.normal(1.0), "vocab", "embed"),
+                                (cfg.vocab_size, cfg.d_model))
+    if not cfg.per_layer_positions:
+      self.pos_embedding = self.param("pos_embedding", _init(_normal_002, "length", "embed"),
+                                      (cfg.max_len, cfg.d_model))
+    self.dropout = nn.Dropout(cfg.dropout)
+    if cfg.scan_layers:
+      stack = nn.scan(_ScanBody, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                      length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
+      self.layers = stack(cfg, self.deterministic, self.all_layers)
+    else:
+      self.layers = [_block_cls(cfg)(cfg, self.deterministic) for _ in range(cfg.num_layers)]
+    # Head parameters are plain stacked arrays (layer axis first) rather than submodules, so a
+    # loss can map over layers, and inference can take the last layer's slice.
+    num_own = cfg.num_targets - 1 if cfg.tie_embeddings else cfg.num_targets
+    L, D, V = cfg.num_layers, cfg.d_model, cfg.vocab_size
+    self.head_norm_scale = self.param("head_norm_scale", _init(nn.initializers.ones, "layers", "embed"),
+                                      (L, D))
+    self.head_norm_bias = self.param("head_norm_bias", _init(nn.initializers.zeros, "layers", "embed"),
+                                     (L, D))
+    if num_own:
+      self.head_kernel = self.param(
+          "head_kernel", _init(nn.initializers.variance_scaling(1.0, "fan_in", "normal", in_axis=-2,
+                                                                out_axis=-1),
+                               "layers", "targets", "embed", "vocab"), (L, num_own, D, V))
+      self.head_bias = self.param("head_bias", _init(nn.initializers.zeros, "layers", "targets", "vocab"),
+                                  (L, num_own, V))
+
+  def __call__(self, tokens_BxT: jax.Array) -> jax.Array:
+    """Returns h_LxBxTxD if all_layers else h_BxTxD (before the per-layer head norm)."""
+    cfg = self.cfg
+    x_BxTxD = self.embedding[tokens_BxT].astype(cfg.compute_dtype)
+    if not cfg.per_layer_positions:
+      x_BxTxD = x_BxTxD + self.pos_embedding[:tokens_BxT.shape[1]].astype(cfg.compute_dtype)
+    x_BxTxD = self.dropout(x_BxTxD, deterministic=self.deterministic)
+    x_BxTxD = nn.with_logical_constraint(x_BxTxD, ("batch", "length", "embed"))
+    if cfg.scan_layers:
+      x_BxTxD, h_LxBxTxD = self.layers(x_BxTxD, None)
+    else:
+      outputs = []
+      for block in self.layers:
+        x_BxTxD = block(x_BxTxD)
+        outputs.append(x_BxTxD)
+      h_LxBxTxD = jnp.stack(outputs) if self.all_layers else None
+    return h_LxBxTxD if self.all_layers else x_BxTxD
+
+  def heads(self) -> dict[str, jax.Array]:
+    """The per-layer head parameters, for head_logits; 'embedding' is there when tied."""
+    heads = {"norm_scale": self.head_norm_scale, "norm_bias": self.head_norm_bias}
+    if self.cfg.num_targets > 1 or not self.cfg.tie_embeddings:
+      heads.update(kernel=self.head_kernel, bias=self.head_bias)
+    if self.cfg.tie_embeddings:
+      heads["embedding"] = self.embedding
+    return heads
+
+  def logits(self, tokens_BxT: jax.Array) -> jax.Array:
+    """Inference: the last layer's next-character logits, float32 BxTxV."""
+    h = self(tokens_BxT)
+    h_BxTxD = h[-1] if self.all_layers else h
+    last = jax.tree.map(lambda p: p[-1], {k: v for k, v in self.heads().items() if k != "embedding"})
+    if self.cfg.tie_embeddings:
+      last["embedding"] = self.embedding
+    return head_logits(self.cfg, last, h_BxTxD, target=0)
+
+
+def head_logits(cfg: ModelConfig, head: dict[str, jax.Array], h_BxTxD: jax.Array,
+                target: int) -> jax.Array:
+  """Logits of one layer's classifier for `target`+1 characters ahead; head is that layer's slice."""
+  mean = h_BxTxD.astype(jnp.float32).mean(-1, keepdims=True)
+  var = jnp.square(h_BxTxD.astype(jnp.float32) - mean).mean(-1, keepdims=True)
+  z_BxTxD = (h_BxTxD - mean) * jax.lax.rsqrt(var + 1e-6) * head["norm_scale"] + head["norm_bias"]
+  z_BxTxD = z_BxTxD.astype(cfg.compute_dtype)
+  if cfg.tie_embeddings and target == 0:
+    return jnp.einsum("btd,vd->btv", z_BxTxD, head["embedding"].astype(cfg.compute_dtype),
+                      preferred_element_type=jnp.float32)
+  slot = target - 1 if cfg.tie_embeddings else target
+  logits_BxTxV = jnp.einsum("btd,dv->btv", z_BxTxD, head["kernel"][slot].astype(cfg.compute_dtype),
+                            preferred_element_type=jnp.float32)
+  return logits_BxTxV + head["bias"][slot]
+
+
+def count_params(params: Any) -> int:
+  return sum(int(x.size) for x in jax.tree.leaves(params))

@@ -1,0 +1,46 @@
+"""Optax optimizers and learning-rate schedules from the config."""
+
+import ml_collections
+import optax
+
+from chartx.errors import UserError
+
+SCHEDULES = ("constant", "rsqrt", "cosine")
+OPTIMIZERS = ("momentum", "adamw")
+
+
+def learning_rate_schedule(opt: ml_collections.ConfigDict, num_steps: int) -> optax.Schedule:
+  """Linear warm-up over warmup_steps to learning_rate, then the named decay."""
+  lr, warmup = opt.learning_rate, int(opt.warmup_steps)
+  if opt.schedule not in SCHEDULES:
+    raise UserError(f"config.optimizer.schedule must be one of {', '.join(SCHEDULES)}; "
+                    f"got {opt.schedule!r}")
+  if warmup < 0:
+    raise UserError(f"config.optimizer.warmup_steps must be >= 0, got {warmup}")
+  if opt.schedule == "constant":
+    decay = optax.constant_schedule(lr)
+  elif opt.schedule == "rsqrt":
+    # lr * sqrt(w / (w + t)): continuous at the end of warm-up, then ~1/sqrt(step).
+    offset = max(warmup, 1)
+    decay = lambda count: lr * (offset / (offset + count)) ** 0.5
+  else:
+    decay = optax.cosine_decay_schedule(lr, decay_steps=max(num_steps - warmup, 1))
+  if not warmup:
+    return decay
+  return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), decay], [warmup])
+
+
+def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  opt = config.optimizer
+  schedule = learning_rate_schedule(opt, config.train.num_steps)
+  if opt.name == "momentum":
+    core = optax.sgd(schedule, momentum=opt.momentum, nesterov=opt.nesterov)
+  elif opt.name == "adamw":
+    core = optax.adamw(schedule, b1=opt.momentum, weight_decay=opt.weight_decay)
+  else:
+    raise UserError(f"config.optimizer.name must be one of {', '.join(OPTIMIZERS)}; got {opt.name!r}")
+  if opt.grad_clip < 0:
+    raise UserError(f"config.optimizer.grad_clip must be >= 0, got {opt.grad_clip}")
+  if opt.grad_clip:
+    return optax.chain(optax.clip_by_global_norm(opt.grad_clip), core)
+  return core

@@ -1,0 +1,215 @@
+"""TrainState, the pure train step, and the training loop."""
+
+import dataclasses
+import functools
+import time
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from chartx import checkpoint, data, evaluate, losses, metrics, sharding
+from chartx import model as model_lib
+from chartx import optimizer as optimizer_lib
+from chartx.errors import UserError
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array  # int32: the step the next update will be.
+  params: Any
+  opt_state: Any
+  # w_LxK, the auxiliary-loss weights for `step`. A pure function of the step, kept in the state
+  # (and so in checkpoints) so a restored run continues the schedule and can be inspected.
+  loss_weights: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+  """The static pieces of a run that the jitted functions close over."""
+  model: model_lib.Transformer
+  loss_cfg: losses.LossConfig
+  tx: optax.GradientTransformation
+  schedule: optax.Schedule
+
+  @property
+  def model_cfg(self) -> model_lib.ModelConfig:
+    return self.model.cfg
+
+
+def make_task(config: ml_collections.ConfigDict, vocab_size: int) -> Task:
+  model_cfg = model_lib.ModelConfig.from_config(config, vocab_size)
+  if config.train.num_steps < 1:
+    raise UserError(f"config.train.num_steps must be >= 1, got {config.train.num_steps}")
+  return Task(model=model_lib.Transformer(model_cfg, deterministic=False, all_layers=True), loss_cfg=losses.LossConfig.from_config(config),
+              tx=optimizer_lib.make_optimizer(config),
+              schedule=optimizer_lib.learning_rate_schedule(config.optimizer, config.train.num_steps))
+
+
+def init_state(task: Task, rng: jax.Array, seq_len: int) -> TrainState:
+  """A fresh state; its params are nn.Partitioned-boxed with logical axis names."""
+  tokens_1xT = jnp.zeros((1, seq_len), jnp.int32)
+  params = task.model.clone(deterministic=True, all_layers=False).init(rng, tokens_1xT)["params"]
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=task.tx.init(params),
+                    loss_weights=losses.loss_weights(jnp.zeros((), jnp.int32), task.loss_cfg))
+
+
+def create_train_state(task: Task, rng: jax.Array, seq_len: int, mesh: jax.sharding.Mesh,
+                       rules: tuple) -> tuple[TrainState, TrainState]:
+  """(state, shardings): the state created already sharded over the mesh, never whole on one device."""
+  init = functools.partial(init_state, task, seq_len=seq_len)
+  abstract = jax.eval_shape(init, rng)
+  shardings = sharding.logical_shardings(abstract, mesh, rules)
+  with jax.set_mesh(mesh), flax.linen.logical_axis_rules(rules):
+    boxed = jax.jit(init, out_shardings=shardings)(rng)
+  return flax.linen.unbox(boxed), shardings
+
+
+def compute_loss(task: Task, params: Any, windows_BxS: jax.Array, weights_LxK: jax.Array,
+                 rng: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+  """(total loss, nll_LxK). Without intermediate layers only the last layer runs its heads (L=1)."""
+  cfg, loss_cfg = task.model_cfg, task.loss_cfg
+  seq_len = windows_BxS.shape[1] - cfg.num_targets
+  inputs_BxT = windows_BxS[:, :seq_len]
+  targets_KxBxT = losses.targets(windows_BxS, seq_len, cfg.num_targets)
+  variables = {"params": params}
+  rngs = {} if rng is None else {"dropout": rng}
+  all_layers = loss_cfg.intermediate_layers
+  net = task.model.clone(deterministic=rng is None, all_layers=all_layers)
+  h = net.apply(variables, inputs_BxT, rngs=rngs)
+  heads = task.model.apply(variables, method=model_lib.Transformer.heads)
+  if not all_layers:
+    h, weights_LxK = h[None], weights_LxK[-1:]
+    heads = {k: (v if k == "embedding" else v[-1:]) for k, v in heads.items()}
+  nll_LxK = losses.layer_nlls(cfg, heads, h, targets_KxBxT, loss_cfg.multiple_positions)
+  return (weights_LxK * nll_LxK).sum(), nll_LxK
+
+
+def train_step(task: Task, state: TrainState, windows_BxS: jax.Array,
+               rng: jax.Array) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One update. Pure: the dropout key is rng folded with the step, so a step is reproducible."""
+  dropout_rng = jax.random.fold_in(rng, state.step)
+  grad_fn = jax.value_and_grad(compute_loss, argnums=1, has_aux=True)
+  (loss, nll_LxK), grads = grad_fn(task, state.params, windows_BxS, state.loss_weights, dropout_rng)
+  updates, opt_state = task.tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  next_step = state.step + 1
+  out = {"loss": loss, "bpc": losses.bits(nll_LxK[-1, 0]), "nll": nll_LxK,
+         "loss_weights": state.loss_weights, "grad_norm": optax.global_norm(grads),
+         "learning_rate": task.schedule(state.step)}
+  return TrainState(step=next_step, params=params, opt_state=opt_state,
+                    loss_weights=losses.loss_weights(next_step, task.loss_cfg)), out
+
+
+def flatten_metrics(out: dict[str, np.ndarray], loss_cfg: losses.LossConfig) -> dict[str, float]:
+  """Named scalars for the logs: loss/layer_L, loss/layer_L_ahead_K, weight/layer_L, ..."""
+  nll_LxK, w_LxK = np.asarray(out["nll"]), np.asarray(out["loss_weights"])
+  scalars = {k: float(v) for k, v in out.items() if k not in ("nll", "loss_weights")}
+  first = loss_cfg.num_layers - nll_LxK.shape[0] + 1  # Only the last layer has nlls when L=1.
+  for i, layer in enumerate(range(first, loss_cfg.num_layers + 1)):
+    for k in range(nll_LxK.shape[1]):
+      suffix = f"layer_{layer}" + (f"_ahead_{k + 1}" if k else "")
+      scalars[f"loss/{suffix}"] = float(nll_LxK[i, k])
+  for layer in range(1, loss_cfg.num_layers + 1):
+    scalars[f"weight/layer_{layer}"] = float(w_LxK[layer - 1, 0])
+  for k in range(1, w_LxK.shape[1]):
+    scalars[f"weight/ahead_{k + 1}"] = float(w_LxK[-1, k])
+  return scalars
+
+
+def jit_train_step(task: Task, mesh: jax.sharding.Mesh, shardings: TrainState) -> Callable:
+  """The train step compiled once, with explicit shardings and the old state's buffers donated."""
+  return jax.jit(functools.partial(train_step, task),
+                 in_shardings=(shardings, sharding.batch_sharding(mesh), sharding.replicated(mesh)),
+                 out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
+
+
+def make_logits_fn(task: Task, params: Any) -> Callable[[jax.Array], jax.Array]:
+  net = task.model.clone(deterministic=True, all_layers=False)
+  return lambda tokens_BxT: net.apply({"params": params}, tokens_BxT,
+                                      method=model_lib.Transformer.logits)
+
+
+def validation_bpc(task: Task, state: TrainState, ids_N: np.ndarray, config: ml_collections.ConfigDict,
+                   nll: Callable) -> dict[str, float]:
+  max_chars = config.eval.max_chars or len(ids_N)
+  bits, count = evaluate.evaluate_bits(functools.partial(nll, state.params), ids_N[:max_chars],
+                                       seq_len=config.data.seq_len, stride=config.eval.stride,
+                                       batch_size=config.eval.batch_size)
+  return {f"{config.eval.split}_bpc": bits / count, f"{config.eval.split}_chars": count}
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+  """Trains config.train.num_steps steps, resuming from the newest checkpoint in workdir."""
+  corpus = data.load_corpus(config.data)
+  task = make_task(config, corpus.vocab.size)
+  mesh = sharding.make_mesh(config)
+  rules = sharding.logical_rules(config)
+  sharding.check_batch(config.train.batch_size, mesh, "config.train.batch_size")
+  seq_len, num_targets = config.data.seq_len, task.model_cfg.num_targets
+
+  rng = jax.random.key(config.seed)
+  init_rng, dropout_rng = jax.random.split(rng)
+  state, shardings = create_train_state(task, init_rng, seq_len, mesh, rules)
+  manager = checkpoint.make_manager(workdir, config)
+  if manager.latest_step() is not None:
+    state = checkpoint.restore(manager, state)
+  start_step = int(state.step)
+
+  step_fn = jit_train_step(task, mesh, shardings)
+  eval_ids = data.eval_stream(corpus, config.eval.split)
+
+  def nll(params, inputs_BxT, targets_BxT):
+    return evaluate.nll_fn(make_logits_fn(task, params))(inputs_BxT, targets_BxT)
+  nll_jit = jax.jit(nll)
+
+  writer = metrics.MetricWriter(workdir, enabled=jax.process_index() == 0)
+  chars_per_step = config.train.batch_size * seq_len
+  pending, last_time, last_step = None, time.time(), start_step
+  with jax.set_mesh(mesh), flax.linen.logical_axis_rules(rules):
+    for step in range(start_step, config.train.num_steps):
+      local_BxS = data.train_batch(corpus.train, seed=config.seed, step=step,
+                                   batch_size=config.train.batch_size, length=seq_len + num_targets,
+                                   process_index=jax.process_index(),
+                                   process_count=jax.process_count())
+      state, out = step_fn(state, sharding.global_batch(local_BxS, mesh), dropout_rng)
+      # Read the previous step's metrics only now that this step is queued on the device.
+      if pending is not None:
+        _log(writer, *pending, task.loss_cfg)
+        pending = None
+      done = step + 1
+      if done % config.train.log_every == 0 or done == config.train.num_steps:
+        now = time.time()
+        pending = (done, out, (done - last_step) * chars_per_step / (now - last_time))
+        last_time, last_step = now, done
+      if config.train.eval_every and (done % config.train.eval_every == 0
+                                      or done == config.train.num_steps):
+        result = validation_bpc(task, state, eval_ids, config, nll_jit)
+        writer.write(done, result)
+        if writer.enabled:
+          print(f"step {done}: {config.eval.split} bpc {result[f'{config.eval.split}_bpc']:.4f}", flush=True)
+      if config.train.checkpoint_every and (done % config.train.checkpoint_every == 0
+                                            or done == config.train.num_steps):
+        checkpoint.save(manager, done, state)
+    if pending is not None:
+      _log(writer, *pending, task.loss_cfg)
+  manager.wait_until_finished()
+  manager.close()
+  writer.close()
+  return state
+
+
+def _log(writer: metrics.MetricWriter, step: int, out: dict, chars_per_sec: float,
+         loss_cfg: losses.LossConfig) -> None:
+  scalars = flatten_metrics(jax.device_get(out), loss_cfg)
+  if not np.isfinite(scalars["loss"]):
+    raise UserError(f"the loss is {scalars['loss']} at step {step}; stopping "
+                    "(the last checkpoint is intact)")
+  writer.write(step, {"chars_per_sec": chars_per_sec, **scalars})
+  if writer.enabled:
+    print(f"step {step}: loss {scalars['loss']:.4f}  bpc {scalars['bpc']:.4f}  "
+          f"chars/s {chars_per_sec:,.0f}", flush=True)
