@@ -5,8 +5,8 @@ import dataclasses
 import ml_collections
 import numpy as np
 
-from chartx.data import text_files
-from chartx.data.vocab import BYTES, Vocab
+from chartx.data import builders, text_files
+from chartx.data.vocab import BYTES, TEXT8, Vocab
 from chartx.errors import UserError
 
 
@@ -37,5 +37,7 @@ def load_corpus(data_config: ml_collections.ConfigDict) -> Corpus:
         data_config.path, data_config.get("valid_path", ""), data_config.get("test_path", ""))
     return Corpus(train=train, validation=validation, test=test, vocab=BYTES)
   if name in ("enwik8", "text8"):
-    raise UserError(f"data.name={name!r}: the TFDS builders are not in this commit yet")
+    train, validation, test = builders.load_splits(
+        name, data_dir=data_config.get("data_dir", ""), zip_path=data_config.get("path", ""))
+    return Corpus(train=train, validation=validation, test=test, vocab=BYTES if name == "enwik8" else TEXT8)
   raise UserError(f"data.name={name!r}: expected 'enwik8', 'text8' or 'text_files'")
