@@ -16,6 +16,7 @@ import os
 import urllib.error
 import urllib.request
 import zipfile
+import zlib
 
 from etils import epath
 import numpy as np
@@ -95,7 +96,7 @@ def read_member(path: epath.Path, spec: ZipSpec) -> np.ndarray:
       if names != [spec.member]:
         raise UserError(f"{path} holds {names}, not the single file {spec.member!r} of the official zip")
       data = archive.read(spec.member)
-  except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError) as e:
+  except (zipfile.BadZipFile, zipfile.LargeZipFile, zlib.error, EOFError, OSError) as e:
     raise UserError(f"{path} is not a readable zip ({e}): replace it with "
                     f"{spec.url or 'the official file'}") from None
   if len(data) != spec.member_size:

@@ -13,13 +13,13 @@ import numpy as np
 from chartx.errors import UserError
 
 
-def list_files(path: str) -> list[str]:
+def list_files(path: str, *, key: str) -> list[str]:
   """The files `path` names, sorted: itself, all files under it (recursively) or its glob matches.
 
   Directories skip hidden entries and __pycache__ (compiled bytecode is not text).
   """
   if not path:
-    raise UserError("data.path is empty: give a text file, a directory or a glob for data.name=text_files")
+    raise UserError(f"{key} is empty: give a text file, a directory or a glob for data.name=text_files")
   if os.path.isfile(path):
     return [path]
   if os.path.isdir(path):
@@ -28,29 +28,31 @@ def list_files(path: str) -> list[str]:
       dirs[:] = [d for d in dirs if not d.startswith(".") and d != "__pycache__"]
       files.extend(os.path.join(root, n) for n in names if not n.startswith("."))
     if not files:
-      raise UserError(f"data.path={path!r} is a directory with no files in it")
+      raise UserError(f"{key}={path!r} is a directory with no files in it")
     return sorted(files)
   if glob.has_magic(path):
     files = sorted(f for f in glob.glob(path, recursive=True) if os.path.isfile(f))
     if not files:
-      raise UserError(f"data.path={path!r}: the glob matches no files")
+      raise UserError(f"{key}={path!r}: the glob matches no files")
     return files
-  raise UserError(f"data.path={path!r}: no such file or directory")
+  raise UserError(f"{key}={path!r}: no such file or directory")
 
 
-def read_bytes(files: list[str], *, key: str) -> np.ndarray:
-  """The concatenated bytes of `files` as uint8; UserError naming `key` if there are none."""
+def read_bytes(path: str, *, key: str) -> np.ndarray:
+  """The concatenated bytes of the files `path` names, as uint8; UserError naming `key` and `path`."""
+  files = list_files(path, key=key)
+  culprit = f"{key}={path!r}"
   chunks = []
   for name in files:
     try:
       with open(name, "rb") as f:
         chunks.append(f.read())
     except OSError as e:
-      raise UserError(f"{key}: cannot read {name!r}: {e.strerror}") from None
+      raise UserError(f"{culprit}: cannot read {name!r}: {e.strerror}") from None
   bytes_N = np.frombuffer(b"".join(chunks), dtype=np.uint8)
   if bytes_N.size == 0:
-    shown = files[0] if len(files) == 1 else f"{len(files)} files starting with {files[0]!r}"
-    raise UserError(f"{key}: {shown} is empty")
+    raise UserError(f"{culprit} is empty" if len(files) == 1 else
+                    f"{culprit}: all {len(files)} files are empty")
   return bytes_N
 
 
@@ -62,9 +64,9 @@ def load_splits(path: str, valid_path: str = "", test_path: str = ""
   otherwise `path` is all training text and each split file stands in for its split (a
   missing one is still cut from the end of the training text, 5%).
   """
-  bytes_N = read_bytes(list_files(path), key=f"data.path={path!r}")
-  valid = read_bytes(list_files(valid_path), key=f"data.valid_path={valid_path!r}") if valid_path else None
-  test = read_bytes(list_files(test_path), key=f"data.test_path={test_path!r}") if test_path else None
+  bytes_N = read_bytes(path, key="data.path")
+  valid = read_bytes(valid_path, key="data.valid_path") if valid_path else None
+  test = read_bytes(test_path, key="data.test_path") if test_path else None
   num = len(bytes_N)
   cut = num // 20  # 5%
   end = num
