@@ -1,7 +1,6 @@
 """The data layer: vocabularies, text files, TFDS builders for enwik8/text8, training batches."""
 
 import hashlib
-import os
 import pathlib
 import zipfile
 
@@ -213,6 +212,28 @@ def test_zip_with_wrong_checksum_is_refused_and_leaves_nothing(tmp_path, monkeyp
   assert data.load_corpus(config).test.tobytes() == content[1900:]
 
 
+def test_build_interrupted_while_writing_leaves_nothing_and_the_next_run_builds(tmp_path, monkeypatch):
+  content = _enwik8_like(2000)
+  manual = _official_zip(tmp_path / "tfds" / "downloads" / "manual" / "enwik8.zip", "enwik8", content)
+  _register(monkeypatch, "enwik8", manual, len(content))
+  write_chunks = builders.Enwik8._generate_examples
+
+  def dies_after_two_chunks(self, ids_N):
+    for i, example in enumerate(write_chunks(self, ids_N)):
+      if i == 2:
+        raise KeyboardInterrupt
+      yield example
+
+  config = _data_config(name="enwik8", data_dir=str(tmp_path / "tfds"))
+  with monkeypatch.context() as patch:
+    patch.setattr(builders.Enwik8, "_generate_examples", dies_after_two_chunks)
+    with pytest.raises(KeyboardInterrupt):
+      data.load_corpus(config)
+  assert _nothing_prepared(tmp_path / "tfds", "enwik8")
+  corpus = data.load_corpus(config)
+  assert np.concatenate([corpus.train, corpus.validation, corpus.test]).tobytes() == content
+
+
 def test_corrupt_zip_contents_are_refused_even_when_the_checksum_is_expected(tmp_path, monkeypatch):
   manual = tmp_path / "tfds" / "downloads" / "manual" / "enwik8.zip"
   _official_zip(manual, "enwik8", _enwik8_like(2000))
@@ -338,3 +359,11 @@ def test_batch_errors_name_the_problem():
     data.train_batch(ids_N, seed=0, step=0, batch_size=6, length=8, process_count=4)
   with pytest.raises(UserError, match="101 characters"):
     data.train_batch(ids_N, seed=0, step=0, batch_size=4, length=101)
+
+
+def test_loading_benchmark_runs_end_to_end_on_a_small_file(tmp_path, monkeypatch):
+  from chartx.data import bench
+  monkeypatch.setitem(builders.ZIPS, "enwik8", builders.ZIPS["enwik8"])  # run() repoints it.
+  results = bench.run(str(tmp_path), 20_000)
+  assert results["train_chars"] == 18_000
+  assert all(results[k] >= 0 for k in ("write_zip_s", "verify_and_build_s", "load_train_s"))

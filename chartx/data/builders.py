@@ -229,13 +229,13 @@ def _read_split(source, *, split: str, expected_chars: int, where: str) -> np.nd
   return ids_N
 
 
-def load_splits(name: str, *, data_dir: str = "", zip_path: str = ""
-                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """(train, validation, test) uint8 id streams of enwik8 or text8, preparing them on first use."""
+def load_splits(name: str, *, data_dir: str = "", zip_path: str = "",
+                splits: tuple[str, ...] = SPLITS) -> tuple[np.ndarray, ...]:
+  """uint8 id streams of enwik8 or text8 (train, validation, test), preparing them on first use."""
   builder = BUILDERS[name](data_dir=data_dir or None, zip_path=zip_path, file_format="array_record")
   # try_download_gcs=False: TFDS would otherwise ask GCS for a prebuilt copy, over the network.
   builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
   sources = builder.as_data_source()
   expected = split_sizes(ZIPS[name].member_size)
   where = os.fspath(builder.data_dir)
-  return tuple(_read_split(sources[s], split=s, expected_chars=expected[s], where=where) for s in SPLITS)
+  return tuple(_read_split(sources[s], split=s, expected_chars=expected[s], where=where) for s in splits)
