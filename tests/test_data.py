@@ -1,7 +1,10 @@
 """The data layer: vocabularies, text files, TFDS builders for enwik8/text8, training batches."""
 
+import functools
 import hashlib
+import http.server
 import pathlib
+import threading
 import zipfile
 
 import ml_collections
@@ -287,6 +290,44 @@ def test_missing_zip_says_what_to_get_and_where_to_put_it(tmp_path, monkeypatch)
   assert "\n" not in message
   assert _nothing_prepared(data_dir, "enwik8")
   assert not list((data_dir / "downloads").glob("enwik8.zip*"))  # No partial download left.
+
+
+@pytest.fixture
+def http_dir(tmp_path):
+  """A local HTTP server over a directory: the official URL, without the network."""
+  served = tmp_path / "served"
+  served.mkdir()
+  handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
+  handler.log_message = lambda *args: None
+  server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+  thread = threading.Thread(target=server.serve_forever, kwargs=dict(poll_interval=0.01), daemon=True)
+  thread.start()
+  yield served, f"http://127.0.0.1:{server.server_address[1]}"
+  server.shutdown()
+  server.server_close()
+
+
+def test_downloads_the_zip_when_the_network_allows(tmp_path, monkeypatch, http_dir):
+  served, base_url = http_dir
+  content = _enwik8_like(2000)
+  zip_path = _official_zip(served / "enwik8.zip", "enwik8", content)
+  _register(monkeypatch, "enwik8", zip_path, len(content), url=f"{base_url}/enwik8.zip")
+  data_dir = tmp_path / "tfds"
+  corpus = data.load_corpus(_data_config(name="enwik8", data_dir=str(data_dir)))
+  assert corpus.validation.tobytes() == content[1800:1900]
+  assert (data_dir / "downloads" / "enwik8.zip").read_bytes() == zip_path.read_bytes()
+
+
+def test_a_wrong_download_is_refused_and_not_kept(tmp_path, monkeypatch, http_dir):
+  served, base_url = http_dir
+  _register(monkeypatch, "enwik8", _official_zip(tmp_path / "real.zip", "enwik8", _enwik8_like(2000)),
+            2000, url=f"{base_url}/enwik8.zip")
+  _official_zip(served / "enwik8.zip", "enwik8", _enwik8_like(1999) + b"!")  # Not the pinned file.
+  data_dir = tmp_path / "tfds"
+  with pytest.raises(UserError, match="SHA-256"):
+    data.load_corpus(_data_config(name="enwik8", data_dir=str(data_dir)))
+  assert not list((data_dir / "downloads").glob("enwik8.zip*"))
+  assert _nothing_prepared(data_dir, "enwik8")
 
 
 def test_missing_zip_at_data_path_names_the_key(tmp_path, monkeypatch):

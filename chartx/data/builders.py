@@ -104,17 +104,18 @@ def read_member(path: epath.Path, spec: ZipSpec) -> np.ndarray:
   return np.frombuffer(data, dtype=np.uint8)
 
 
-def _download(url: str, dest: epath.Path) -> str:
-  """Downloads url to dest via a .part file; returns "" on success, else why it failed."""
+def _download(spec: ZipSpec, dest: epath.Path) -> str:
+  """Downloads and verifies spec.url as dest (via a .part file); returns "" or why it failed."""
   part = dest.with_name(dest.name + ".part")
   try:
     dest.parent.mkdir(parents=True, exist_ok=True)
     # urllib rather than TFDS's downloader: that one has no timeout, and a firewalled machine
     # would hang instead of falling back to the manual_dir instructions.
-    with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response, part.open("wb") as f:
+    with urllib.request.urlopen(spec.url, timeout=DOWNLOAD_TIMEOUT_S) as response, part.open("wb") as f:
       while block := response.read(1 << 20):
         f.write(block)
-  except (urllib.error.URLError, OSError) as e:
+    verify_zip(part, spec)  # A bad download is never kept where the next run would find it.
+  except (urllib.error.URLError, OSError, UserError) as e:
     part.unlink(missing_ok=True)
     return str(getattr(e, "reason", e))
   part.rename(dest)
@@ -166,7 +167,7 @@ class _MahoneyZipBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True
     for path in (manual, downloaded):
       if path.is_file():
         return path
-    why = _download(spec.url, downloaded) if spec.url else "downloading is off"
+    why = _download(spec, downloaded) if spec.url else "downloading is off"
     if not why:
       return downloaded
     raise UserError(
