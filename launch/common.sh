@@ -1,5 +1,6 @@
 # Shared by the launch scripts (sourced, not run): flag parsing, the dry-run wrapper, and the
 # shell lines that install chartx and start chartx.main on a host.
+# shellcheck shell=bash disable=SC2034  # ROOT and EXTRA_ARGS are for the scripts that source this file
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 PYTHON_VERSION=3.12  # what uv installs into the venv; chartx needs >= 3.11, TPU VM images ship 3.10
@@ -64,14 +65,15 @@ quote() {
 # run CMD ARGS...: runs the command, or under --dry-run prints it as one line of shell.
 run() { if dry_run; then quote "$@"; else "$@"; fi; }
 
-# install_line DIR JAX_EXTRA: a shell line that puts chartx (checked out in DIR) and
-# jax[JAX_EXTRA] into the venv DIR/.venv, fetching uv and a recent Python when missing.
+# install_line DIR JAX_EXTRA: a shell line that puts chartx (checked out in DIR, a path with a
+# slash), its gs:// support and jax[JAX_EXTRA] into the venv DIR/.venv, fetching uv and a recent
+# Python when missing.
 install_line() {
   local dir=$1 extra=$2
   echo "export PATH=\"\$HOME/.local/bin:\$PATH\";" \
     "command -v uv >/dev/null || curl -LsSf https://astral.sh/uv/install.sh | sh;" \
     "uv venv --allow-existing --python $PYTHON_VERSION $(quote "$dir/.venv") &&" \
-    "uv pip install --python $(quote "$dir/.venv/bin/python") $(quote "jax[$extra]") -e $(quote "$dir")"
+    "uv pip install --python $(quote "$dir/.venv/bin/python") $(quote "jax[$extra]") -e $(quote "$dir[gcs]")"
 }
 
 # main_line DIR PYTHON ARGS...: a shell line that runs chartx.main with ARGS from DIR, its

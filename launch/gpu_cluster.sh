@@ -18,6 +18,7 @@
 # must be storage that every host sees (a shared filesystem or a gs:// bucket).
 
 set -euo pipefail
+# shellcheck source-path=SCRIPTDIR
 source "$(dirname "$0")/common.sh"
 FLAGS=(hosts config workdir coordinator remote-dir python jax-extra)
 SWITCHES=(install dry-run)

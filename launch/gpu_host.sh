@@ -13,6 +13,7 @@
 # Words after -- are passed to chartx.main, e.g. -- --mode=eval --config.train.batch_size=32.
 
 set -euo pipefail
+# shellcheck source-path=SCRIPTDIR
 source "$(dirname "$0")/common.sh"
 FLAGS=(config workdir jax-extra python)
 SWITCHES=(install dry-run)

@@ -16,6 +16,7 @@
 # --config is a path inside the repository; --workdir is read by every worker, so a gs:// path.
 
 set -euo pipefail
+# shellcheck source-path=SCRIPTDIR
 source "$(dirname "$0")/common.sh"
 FLAGS=(name tpu-type zone project runtime-version config workdir)
 SWITCHES=(spot keep dry-run)
@@ -27,10 +28,10 @@ require CHARTX_NAME CHARTX_TPU_TYPE CHARTX_ZONE CHARTX_PROJECT CHARTX_CONFIG CHA
 
 # Software versions from https://cloud.google.com/tpu/docs/runtimes.
 case $CHARTX_TPU_TYPE in
-  v6e-*) default_runtime=v2-alpha-tpuv6e ;;
-  v5p-*) default_runtime=v2-alpha-tpuv5 ;;
-  v5litepod-*) default_runtime=v2-alpha-tpuv5-lite ;;
-  *) default_runtime=tpu-ubuntu2204-base ;;
+  v6e-*) default_runtime="v2-alpha-tpuv6e" ;;
+  v5p-*) default_runtime="v2-alpha-tpuv5" ;;
+  v5litepod-*) default_runtime="v2-alpha-tpuv5-lite" ;;
+  *) default_runtime="tpu-ubuntu2204-base" ;;
 esac
 tpu=(gcloud compute tpus tpu-vm)
 where=(--zone="$CHARTX_ZONE" --project="$CHARTX_PROJECT")
@@ -44,7 +45,7 @@ fi
 run git -C "$ROOT" archive --format=tar.gz --prefix=chartx/ -o "$tarball" HEAD
 run "${tpu[@]}" scp "$tarball" "$CHARTX_NAME:chartx.tar.gz" "${where[@]}" --worker=all
 run "${tpu[@]}" ssh "$CHARTX_NAME" "${where[@]}" --worker=all \
-  --command="set -e; tar xzf chartx.tar.gz; $(install_line chartx tpu)"
+  --command="set -e; tar xzf chartx.tar.gz; $(install_line ./chartx tpu)"
 # Every worker runs the same command; chartx.main finds the others by itself on a TPU VM.
-run "${tpu[@]}" ssh "$CHARTX_NAME" "${where[@]}" --worker=all --command="$(main_line chartx \
+run "${tpu[@]}" ssh "$CHARTX_NAME" "${where[@]}" --worker=all --command="$(main_line ./chartx \
   .venv/bin/python --config="$CHARTX_CONFIG" --workdir="$CHARTX_WORKDIR" "${EXTRA_ARGS[@]}")"
