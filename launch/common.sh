@@ -73,7 +73,7 @@ install_line() {
   echo "export PATH=\"\$HOME/.local/bin:\$PATH\";" \
     "command -v uv >/dev/null || curl -LsSf https://astral.sh/uv/install.sh | sh;" \
     "uv venv --allow-existing --python $PYTHON_VERSION $(quote "$dir/.venv") &&" \
-    "uv pip install --python $(quote "$dir/.venv/bin/python") $(quote "jax[$extra]") -e $(quote "$dir[gcs]")"
+    "uv pip install --python $(quote "$dir/.venv/bin/python") $(quote "jax[$extra]") -e $(quote "${dir}[gcs]")"
 }
 
 # main_line DIR PYTHON ARGS...: a shell line that runs chartx.main with ARGS from DIR, its

@@ -35,7 +35,10 @@ if [[ ${CHARTX_INSTALL:-} == 1 ]]; then
   done
 fi
 # prefix HOST: copies stdin to stdout with [HOST] before each line (and no \r from the terminal).
-prefix() { local line; while IFS= read -r line; do printf '[%s] %s\n' "$1" "${line%$'\r'}"; done; }
+prefix() {
+  local line
+  while IFS= read -r line || [[ -n $line ]]; do printf '[%s] %s\n' "$1" "${line%$'\r'}"; done
+}
 
 pids=()
 # Killing an ssh that holds a terminal (-tt) hangs up its remote process: when one host fails
@@ -53,5 +56,5 @@ for i in "${!hosts[@]}"; do
   fi
 done
 for _ in "${pids[@]}"; do
-  wait -n  # the first failure ends the script (set -e), and the trap
+  wait -n  # a failed host exits here with its status (set -e); the trap then stops the others
 done
