@@ -1,5 +1,6 @@
 """TrainState, the pure train step, and the training loop."""
 
+import contextlib
 import dataclasses
 import functools
 import time
@@ -99,7 +100,7 @@ def train_step(task: Task, state: TrainState, windows_BxS: jax.Array,
   params = optax.apply_updates(state.params, updates)
   next_step = state.step + 1
   out = {"loss": loss, "bpc": losses.bits(nll_LxK[-1, 0]), "nll": nll_LxK,
-         "loss_weights": state.loss_weights, "grad_norm": optax.global_norm(grads),
+         "loss_weights": state.loss_weights, "grad_norm": optax.tree.norm(grads),
          "learning_rate": task.schedule(state.step)}
   return TrainState(step=next_step, params=params, opt_state=opt_state,
                     loss_weights=losses.loss_weights(next_step, task.loss_cfg)), out
@@ -168,8 +169,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   nll_jit = jax.jit(nll)
 
   writer = metrics.MetricWriter(workdir, enabled=jax.process_index() == 0)
-  chars_per_step = config.train.batch_size * seq_len
-  pending, last_time, last_step = None, time.time(), start_step
+  report = _Reporter(config, task, writer, start_step, model_lib.count_params(state.params))
+  pending = None
   with jax.set_mesh(mesh), flax.linen.logical_axis_rules(rules):
     for step in range(start_step, config.train.num_steps):
       local_BxS = data.train_batch(corpus.train, seed=config.seed, step=step,
@@ -177,39 +178,108 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                                    process_index=jax.process_index(),
                                    process_count=jax.process_count())
       state, out = step_fn(state, sharding.global_batch(local_BxS, mesh), dropout_rng)
-      # Read the previous step's metrics only now that this step is queued on the device.
+      # Wait for the previous step (and read its metrics) only now that this one is queued.
       if pending is not None:
-        _log(writer, *pending, task.loss_cfg)
-        pending = None
+        report.step_done(*pending)
       done = step + 1
-      if done % config.train.log_every == 0 or done == config.train.num_steps:
-        now = time.time()
-        pending = (done, out, (done - last_step) * chars_per_step / (now - last_time))
-        last_time, last_step = now, done
+      pending = (done, out)
       if config.train.eval_every and (done % config.train.eval_every == 0
                                       or done == config.train.num_steps):
-        result = validation_bpc(task, state, eval_ids, config, nll_jit)
-        writer.write(done, result)
-        if writer.enabled:
-          print(f"step {done}: {config.eval.split} bpc {result[f'{config.eval.split}_bpc']:.4f}", flush=True)
+        report.step_done(*pending)  # Its log line comes before the validation result.
+        pending = None
+        with report.paused():
+          result = validation_bpc(task, state, eval_ids, config, nll_jit)
+        report.validation(done, result)
       if config.train.checkpoint_every and (done % config.train.checkpoint_every == 0
                                             or done == config.train.num_steps):
         checkpoint.save(manager, done, state)
     if pending is not None:
-      _log(writer, *pending, task.loss_cfg)
+      report.step_done(*pending)
   manager.wait_until_finished()
   manager.close()
-  writer.close()
+  report.close()
   return state
 
 
-def _log(writer: metrics.MetricWriter, step: int, out: dict, chars_per_sec: float,
-         loss_cfg: losses.LossConfig) -> None:
-  scalars = flatten_metrics(jax.device_get(out), loss_cfg)
-  if not np.isfinite(scalars["loss"]):
-    raise UserError(f"the loss is {scalars['loss']} at step {step}; stopping "
-                    "(the last checkpoint is intact)")
-  writer.write(step, {"chars_per_sec": chars_per_sec, **scalars})
-  if writer.enabled:
-    print(f"step {step}: loss {scalars['loss']:.4f}  bpc {scalars['bpc']:.4f}  "
-          f"chars/s {chars_per_sec:,.0f}", flush=True)
+class _Reporter:
+  """What the loop tells the user: a progress bar or lines, metric records, throughput and MFU.
+
+  chars/s is measured between log steps from when each step's results are ready, leaving out
+  the first step (compilation) and validation; mfu needs a known peak (metrics.peak_flops).
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict, task: Task, writer: metrics.MetricWriter,
+               start_step: int, num_params: int):
+    self._writer, self._loss_cfg, self._split = writer, task.loss_cfg, config.eval.split
+    self._log_every, self._num_steps, self._start_step = (config.train.log_every,
+                                                          config.train.num_steps, start_step)
+    seq_len = config.data.seq_len
+    self._chars_per_step = config.train.batch_size * seq_len
+    flops_per_char = metrics.flops_per_char(task.model_cfg, seq_len, task.loss_cfg.intermediate_layers)
+    self._flops_per_step = flops_per_char * self._chars_per_step
+    device = jax.devices()[0]
+    peak = metrics.peak_flops(device)
+    self._peak = peak * jax.device_count() if peak else None
+    self._mark_step, self._mark_time = start_step, time.perf_counter()
+    self._last: dict[str, float] = {}
+    self._progress = metrics.Progress(self._num_steps, "train", unit="step", initial=start_step,
+                                      every_secs=60.0, enabled=writer.enabled)
+    cfg = task.model_cfg
+    peak_text = (f"{metrics.format_number(peak)} FLOP/s bf16 peak each" if peak
+                 else "no known peak, so no MFU")
+    count = jax.device_count()
+    self._progress.write(
+        f"train: {num_params:,} parameters ({cfg.num_layers} layers, d_model {cfg.d_model}), "
+        f"{metrics.format_number(flops_per_char)} FLOPs/char; {config.train.batch_size} x {seq_len} "
+        f"chars a step; {count} {device.device_kind} device{'s' if count > 1 else ''} ({peak_text})")
+    if start_step >= self._num_steps:
+      self._progress.write(f"train: already at step {start_step} of {self._num_steps}; nothing to do")
+    elif start_step:
+      self._progress.write(f"train: resuming at step {start_step} of {self._num_steps}")
+
+  def step_done(self, step: int, out: dict) -> None:
+    """Called in step order once step `step` is queued after it; waits for its results."""
+    jax.block_until_ready(out)
+    self._progress.update(1)
+    if step % self._log_every == 0 or step == self._num_steps:
+      self._log(step, out)
+    elif step == self._start_step + 1:
+      self._mark_step, self._mark_time = step, time.perf_counter()  # Leave out compilation.
+
+  def _log(self, step: int, out: dict) -> None:
+    scalars = flatten_metrics(jax.device_get(out), self._loss_cfg)
+    if not np.isfinite(scalars["loss"]):
+      raise UserError(f"the loss is {scalars['loss']} at step {step}; stopping "
+                      "(the last checkpoint is intact)")
+    now = time.perf_counter()
+    steps_per_sec = (step - self._mark_step) / max(now - self._mark_time, 1e-9)
+    self._mark_step, self._mark_time = step, now
+    scalars["chars_per_sec"] = steps_per_sec * self._chars_per_step
+    postfix = {"bpc": f"{scalars['bpc']:.4f}", "loss": f"{scalars['loss']:.4f}",
+               "chars/s": metrics.format_number(scalars["chars_per_sec"])}
+    if self._peak:
+      scalars["mfu"] = steps_per_sec * self._flops_per_step / self._peak
+      postfix["mfu"] = f"{100 * scalars['mfu']:.1f}%"
+    self._writer.write(step, scalars)
+    self._last.update(bpc=scalars["bpc"])
+    self._progress.update(0, line=True, **postfix)
+
+  @contextlib.contextmanager
+  def paused(self):
+    """Time spent inside does not count against training throughput."""
+    start = time.perf_counter()
+    yield
+    self._mark_time += time.perf_counter() - start
+
+  def validation(self, step: int, result: dict[str, float]) -> None:
+    self._writer.write(step, result)
+    bpc, chars = result[f"{self._split}_bpc"], result[f"{self._split}_chars"]
+    self._last[f"{self._split} bpc"] = bpc
+    self._progress.write(f"step {step}  {self._split} bpc {bpc:.4f}  ({chars:,} chars)")
+
+  def close(self) -> None:
+    if self._last:
+      summary = ", ".join(f"{k} {v:.4f}" for k, v in self._last.items())
+      self._progress.write(f"train: step {self._progress.n}: {summary}")
+    self._progress.close()
+    self._writer.close()
