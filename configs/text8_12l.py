@@ -14,6 +14,7 @@ from configs import default
 def get_config():
   config = default.get_config()
   config.data.name = "text8"
+  config.sample.prompt = "the "  # text8 has no capitals or punctuation.
   config.model.num_layers = 12
   config.train.num_steps = 2_500_000
   return config

@@ -15,6 +15,7 @@ from configs import default
 def get_config():
   config = default.get_config()
   config.data.name = "text8"
+  config.sample.prompt = "the "  # text8 has no capitals or punctuation.
   config.model.num_layers = 64
   config.model.remat = "dots"  # 64 layers of activations do not fit without rematerialization.
   config.train.num_steps = 4_000_000
