@@ -168,7 +168,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     return evaluate.nll_fn(make_logits_fn(task, params))(inputs_BxT, targets_BxT)
   nll_jit = jax.jit(nll)
 
-  writer = metrics.MetricWriter(workdir, enabled=jax.process_index() == 0)
+  writer = metrics.MetricWriter(workdir, enabled=jax.process_index() == 0, start_step=start_step)
   report = _Reporter(config, task, writer, start_step, model_lib.count_params(state.params))
   pending = None
   with jax.set_mesh(mesh), flax.linen.logical_axis_rules(rules):
@@ -255,11 +255,11 @@ class _Reporter:
     steps_per_sec = (step - self._mark_step) / max(now - self._mark_time, 1e-9)
     self._mark_step, self._mark_time = step, now
     scalars["chars_per_sec"] = steps_per_sec * self._chars_per_step
-    postfix = {"bpc": f"{scalars['bpc']:.4f}", "loss": f"{scalars['loss']:.4f}",
-               "chars/s": metrics.format_number(scalars["chars_per_sec"])}
+    postfix = {"bpc": f"{scalars['bpc']:.4f}", "chars/s": metrics.format_number(scalars["chars_per_sec"])}
     if self._peak:
       scalars["mfu"] = steps_per_sec * self._flops_per_step / self._peak
       postfix["mfu"] = f"{100 * scalars['mfu']:.1f}%"
+    postfix["loss"] = f"{scalars['loss']:.4f}"  # Last: a narrow terminal cuts the bar's end.
     self._writer.write(step, scalars)
     self._last.update(bpc=scalars["bpc"])
     self._progress.update(0, line=True, **postfix)
