@@ -1,20 +1,41 @@
 """Bits per character on a split: the paper's sliding-window protocol (stride 1) or strided.
 
-Every character after the first is scored exactly once. A window holds seq_len characters of
-input; it scores the last `stride` of its targets, so each has at least seq_len - stride
-characters of context (the first window scores all of its targets, with the context they have).
+A window holds seq_len = T characters of input and scores the last `stride` = S of its T
+targets, then slides by S, so every scored character has at least T - S + 1 characters of
+context. S = 1 is the paper's protocol: each character is predicted from the full T before it,
+at the cost of one forward pass per character. S = T is T times faster, and a character's
+context is anything from 1 to T. The first window scores all of its targets with the context
+they have, and the last window is moved back to end at the split's end; so every character but
+the first (nothing predicts it: there is no start symbol) is scored exactly once.
+
+    python -m chartx.main --config=configs/tiny.py --workdir=DIR --mode=eval \
+        --config.eval.stride=1 --config.eval.split=test
 """
 
+import dataclasses
+import functools
+import json
 import math
-from typing import Callable
+import os
+import time
+from typing import Any, Callable
 
+import flax
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
+
+from chartx import checkpoint, data, metrics, sharding
+from chartx import model as model_lib
+from chartx.errors import UserError
+
+# (params, windows_BxS, first_B) -> (nats, count): summed nll of the scored targets, in float32.
+ScoreFn = Callable[[Any, jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
 
 
 def window_starts(num_chars: int, seq_len: int, stride: int) -> tuple[np.ndarray, np.ndarray]:
-  """(starts_W, first_scored_W): window input starts, and each window's first scored target offset."""
+  """(starts_W, first_W): window input starts, and each window's first scored target offset."""
   num_targets = num_chars - 1
   if num_targets <= seq_len:
     return np.zeros(1, np.int64), np.zeros(1, np.int64)
@@ -34,22 +55,175 @@ def nll_fn(logits_fn: Callable[[jax.Array], jax.Array]) -> Callable[[jax.Array, 
   return fn
 
 
-def evaluate_bits(nll: Callable[[jax.Array, jax.Array], jax.Array], ids_N: np.ndarray, *, seq_len: int,
-                  stride: int, batch_size: int) -> tuple[float, int]:
-  """Total bits and the number of characters scored over the stream ids_N."""
+def make_score_fn(logits_fn: Callable[[Any, jax.Array], jax.Array]) -> ScoreFn:
+  """A ScoreFn from (params, tokens_BxT) -> logits_BxTxV.
+
+  Window row b scores its targets at offsets >= first_B[b]; a padding row has first = T.
+  """
+  def score(params, windows_BxS, first_B):
+    inputs_BxT, targets_BxT = windows_BxS[:, :-1], windows_BxS[:, 1:]
+    nll_BxT = nll_fn(functools.partial(logits_fn, params))(inputs_BxT, targets_BxT)
+    mask_BxT = jnp.arange(inputs_BxT.shape[1])[None, :] >= first_B[:, None]
+    return jnp.where(mask_BxT, nll_BxT, 0.0).sum(), mask_BxT.sum()
+  return score
+
+
+def model_score_fn(model: model_lib.Transformer) -> ScoreFn:
+  """The ScoreFn of a model: its last layer's next-character prediction, without dropout."""
+  net = model.clone(deterministic=True, all_layers=False)
+  return make_score_fn(lambda params, tokens_BxT: net.apply(
+      {"params": params}, tokens_BxT, method=model_lib.Transformer.logits))
+
+
+def jit_score_fn(score: ScoreFn, mesh: jax.sharding.Mesh) -> ScoreFn:
+  """score compiled with the batch split over the mesh's data axes and the sums replicated."""
+  batch = sharding.batch_sharding(mesh)
+  return jax.jit(score, in_shardings=(None, batch, batch), out_shardings=sharding.replicated(mesh))
+
+
+def evaluate_bits(score: ScoreFn, params: Any, ids_N: np.ndarray, *, seq_len: int, stride: int,
+                  batch_size: int, mesh: jax.sharding.Mesh, progress: bool = False,
+                  desc: str = "eval") -> tuple[float, int]:
+  """(total bits, characters scored) over the stream ids_N; score comes from jit_score_fn.
+
+  Every process passes the whole stream and the same arguments; each feeds its own rows of each
+  global batch. The last batch is padded with unscored rows, so score compiles once.
+  """
   ids_N = np.asarray(ids_N, np.int32)
   seq_len = min(seq_len, len(ids_N) - 1)
   starts_W, first_W = window_starts(len(ids_N), seq_len, stride)
-  offsets_T = np.arange(seq_len)
+  num_batches = -(-len(starts_W) // batch_size)
+  pad = num_batches * batch_size - len(starts_W)
+  starts_W = np.concatenate([starts_W, np.zeros(pad, np.int64)])
+  first_W = np.concatenate([first_W, np.full(pad, seq_len, np.int64)])
+  rows = batch_size // jax.process_count()
+  mine = slice(jax.process_index() * rows, (jax.process_index() + 1) * rows)
+  offsets_S = np.arange(seq_len + 1)
   total_nats, count = 0.0, 0
-  for lo in range(0, len(starts_W), batch_size):
-    starts_B, first_B = starts_W[lo:lo + batch_size], first_W[lo:lo + batch_size]
-    real = len(starts_B)
-    # Pad the last batch to a full one so the function compiles once.
-    starts_B = np.pad(starts_B, (0, batch_size - real), mode="edge")
-    windows_BxS = ids_N[starts_B[:, None] + np.arange(seq_len + 1)]
-    nll_BxT = np.asarray(nll(windows_BxS[:, :-1], windows_BxS[:, 1:]))[:real]
-    mask_BxT = offsets_T[None, :] >= first_B[:, None]
-    total_nats += float(nll_BxT[mask_BxT].sum(dtype=np.float64))
-    count += int(mask_BxT.sum())
+  pending = None
+  with metrics.Progress(len(ids_N) - 1, desc, unit="char",
+                        enabled=progress and jax.process_index() == 0) as bar:
+    for lo in range(0, len(starts_W), batch_size):
+      starts_B, first_B = starts_W[lo:lo + batch_size][mine], first_W[lo:lo + batch_size][mine]
+      windows_BxS = ids_N[starts_B[:, None] + offsets_S]
+      out = score(params, jax.make_array_from_process_local_data(sharding.batch_sharding(mesh), windows_BxS),
+                  jax.make_array_from_process_local_data(sharding.batch_sharding(mesh),
+                                                         first_B.astype(np.int32)))
+      # Read the previous batch only now that this one is queued: the device never waits on us.
+      if pending is not None:
+        count += _accumulate(pending, bar)
+        total_nats += float(pending[0])
+      pending = out
+    count += _accumulate(pending, bar)
+    total_nats += float(pending[0])
+    bar.update(0, bpc=f"{total_nats / math.log(2) / max(count, 1):.4f}")
   return total_nats / math.log(2), count
+
+
+def _accumulate(out: tuple[jax.Array, jax.Array], bar: metrics.Progress) -> int:
+  count = int(out[1])
+  bar.update(count)
+  return count
+
+
+def check_eval_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:
+  """The eval keys, checked before anything slow; bad values raise UserError naming the key."""
+  e = config.eval
+  if not 1 <= e.stride <= config.data.seq_len:
+    raise UserError(f"config.eval.stride={e.stride} must be in [1, data.seq_len={config.data.seq_len}]")
+  if e.max_chars < 0:
+    raise UserError(f"config.eval.max_chars must be >= 0 (0: the whole split), got {e.max_chars}")
+  if e.batch_size < 1:
+    raise UserError(f"config.eval.batch_size must be >= 1, got {e.batch_size}")
+  sharding.check_batch(e.batch_size, mesh, "config.eval.batch_size")
+
+
+def eval_ids(config: ml_collections.ConfigDict, corpus: data.Corpus) -> np.ndarray:
+  """The prefix of config.eval.split that evaluation reads (eval.max_chars; 0 is all of it)."""
+  ids_N = data.eval_stream(corpus, config.eval.split)
+  ids_N = ids_N[:config.eval.max_chars or len(ids_N)]
+  if len(ids_N) < 2:
+    raise UserError(f"config.eval.split={config.eval.split!r} has {len(ids_N)} characters "
+                    "(with eval.max_chars); evaluation needs at least 2")
+  return ids_N
+
+
+@dataclasses.dataclass(frozen=True)
+class Restored:
+  """A model restored from a workdir for evaluation or sampling."""
+  model: model_lib.Transformer  # Deterministic, last layer only.
+  params: Any
+  step: int
+  mesh: jax.sharding.Mesh
+  rules: tuple
+
+
+def restore(config: ml_collections.ConfigDict, workdir: str, vocab_size: int,
+            step: int = -1) -> Restored:
+  """The parameters of checkpoint `step` in WORKDIR/checkpoints (-1: the newest), sharded as in training.
+
+  Nothing is initialized: the state's shapes and shardings come from jax.eval_shape.
+  """
+  from chartx import train  # pylint: disable=import-outside-toplevel  (train imports this module)
+  task = train.make_task(config, vocab_size)
+  mesh = sharding.make_mesh(config)
+  rules = sharding.logical_rules(config)
+  manager = checkpoint.make_manager(workdir, config)
+  try:
+    steps = sorted(manager.all_steps())
+    if not steps:
+      raise UserError(f"no checkpoint in {os.path.join(workdir, 'checkpoints')}: train first "
+                      "(--mode=train) or pass the workdir of a trained run")
+    if step == -1:
+      step = steps[-1]
+    elif step not in steps:
+      raise UserError(f"config.eval.step={step}: no such checkpoint in {workdir} "
+                      f"(steps: {', '.join(map(str, steps))}; -1 means the newest)")
+    init = functools.partial(train.init_state, task, seq_len=config.data.seq_len)
+    boxed = jax.eval_shape(init, jax.random.key(0))
+    shardings = sharding.logical_shardings(boxed, mesh, rules)
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                            flax.linen.unbox(boxed), shardings)
+    try:
+      state = checkpoint.restore(manager, abstract, step)
+    except (ValueError, KeyError, TypeError) as e:
+      raise UserError(f"checkpoint {step} in {workdir} does not match the config's model "
+                      f"(model.*, loss.multiple_targets or optimizer.* differ?): {str(e).splitlines()[0]}")
+  finally:
+    manager.close()
+  return Restored(model=task.model.clone(deterministic=True, all_layers=False), params=state.params,
+                  step=step, mesh=mesh, rules=rules)
+
+
+def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """--mode=eval: bpc of a checkpoint on eval.split; writes WORKDIR/eval_<split>.json and a
+  metrics.jsonl record, and returns the result."""
+  mesh = sharding.make_mesh(config)
+  check_eval_config(config, mesh)
+  corpus = data.load_corpus(config.data)
+  ids_N = eval_ids(config, corpus)
+  restored = restore(config, workdir, corpus.vocab.size, config.eval.step)
+  split, seq_len, stride = config.eval.split, config.data.seq_len, config.eval.stride
+  score = jit_score_fn(model_score_fn(restored.model), restored.mesh)
+  start = time.time()
+  with jax.set_mesh(restored.mesh), flax.linen.logical_axis_rules(restored.rules):
+    bits, count = evaluate_bits(score, restored.params, ids_N, seq_len=seq_len, stride=stride,
+                                batch_size=config.eval.batch_size, mesh=restored.mesh, progress=True,
+                                desc=f"eval {split}")
+  seconds = time.time() - start
+  window = min(seq_len, len(ids_N) - 1)
+  result = {"split": split, "step": restored.step, "bpc": bits / count, "num_chars": count,
+            "stride": stride, "context": window, "min_context": window - min(stride, window) + 1,
+            "bits": bits, "max_chars": config.eval.max_chars, "seconds": round(seconds, 3),
+            "chars_per_sec": count / seconds}
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, f"eval_{split}.json"), "w", encoding="utf-8") as f:
+      json.dump(result, f, indent=2)
+      f.write("\n")
+    writer = metrics.MetricWriter(workdir)
+    writer.write(restored.step, {f"eval_{split}_bpc": result["bpc"], f"eval_{split}_chars": count,
+                                 f"eval_{split}_stride": stride})
+    writer.close()
+    print(f"step {restored.step}: {split} bpc {result['bpc']:.4f} over {count:,} characters "
+          f"(stride {stride}, context {window})", flush=True)
+  return result

@@ -11,18 +11,33 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file with a ge
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results.")
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "sample"], "What to do.")
+# Several processes (GPU hosts): the three flags together start jax.distributed. On a Cloud TPU
+# VM it starts by itself and finds the pod slice's workers; a single-process run needs neither.
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None,
-                                   "Multi-host GPU: host:port of process 0 (jax.distributed).")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-host GPU: number of processes.")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-host GPU: this process's index.")
+                                   "Multi-process (GPU hosts): HOST:PORT of process 0 (jax.distributed).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-process: number of processes.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-process: this process's index, 0..N-1.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def run(argv) -> None:
   if len(argv) > 1:
     raise UserError(f"unexpected arguments: {' '.join(argv[1:])}")
-  from chartx import train  # Imported late so --help and flag errors do not wait for JAX.
-  train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  # Imported late so --help and flag errors do not wait for JAX.
+  import jax
+  from chartx import sharding
+  sharding.initialize_processes(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  if jax.process_index() != 0:
+    logging.set_verbosity(logging.ERROR)  # Process 0 alone logs, prints and writes metrics.
+  if _MODE.value == "eval":
+    from chartx import evaluate
+    evaluate.evaluate_checkpoint(_CONFIG.value, _WORKDIR.value)
+  elif _MODE.value == "sample":
+    from chartx import sample
+    print(sample.sample_checkpoint(_CONFIG.value, _WORKDIR.value), flush=True)
+  else:
+    from chartx import train
+    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 
 def parse_flags(argv: list[str]) -> list[str]:

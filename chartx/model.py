@@ -90,20 +90,26 @@ def _init(initializer, *names: str):
 _normal_002 = nn.initializers.normal(stddev=0.02)
 
 
+# One layer's decoding cache: (key_BxCxNxH, value_BxCxNxH, index), where rows [0, index) hold
+# the keys and values of the characters already seen, at positions 0..index-1.
+LayerCache = tuple[jax.Array, jax.Array, jax.Array]
+
+
 class Block(nn.Module):
   """One layer: [own positions] -> attention -> feed-forward, pre-LayerNorm residuals."""
   cfg: ModelConfig
   deterministic: bool
 
   @nn.compact
-  def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
+  def __call__(self, x_BxTxD: jax.Array, cache: LayerCache | None = None):
+    """x_BxTxD -> x_BxTxD; with a cache (decoding), -> (x_BxTxD, the updated (key, value) cache)."""
     cfg = self.cfg
     dtype = cfg.compute_dtype
     seq_len = x_BxTxD.shape[1]
     if cfg.per_layer_positions:
       pos_PxD = self.param("pos_embedding", _init(_normal_002, "length", "embed"),
                            (cfg.max_len, cfg.d_model))
-      x_BxTxD = x_BxTxD + pos_PxD[:seq_len].astype(dtype)
+      x_BxTxD = x_BxTxD + _positions(pos_PxD, seq_len, None if cache is None else cache[2]).astype(dtype)
 
     norm = functools.partial(nn.LayerNorm, epsilon=1e-6, dtype=dtype,
                              scale_init=_init(nn.initializers.ones, "embed"),
@@ -117,7 +123,10 @@ class Block(nn.Module):
     q_BxTxNxH, k_BxTxNxH, v_BxTxNxH = (
         jnp.einsum("btd,dnh->btnh", h_BxTxD, self.param(name, in_init, (D, N, H)).astype(dtype))
         for name in ("query", "key", "value"))
-    a_BxTxNxH = attention.causal_attention(q_BxTxNxH, k_BxTxNxH, v_BxTxNxH, impl=cfg.attention)
+    if cache is None:
+      a_BxTxNxH = attention.causal_attention(q_BxTxNxH, k_BxTxNxH, v_BxTxNxH, impl=cfg.attention)
+    else:
+      a_BxTxNxH, cache = _cached_attention(q_BxTxNxH, k_BxTxNxH, v_BxTxNxH, cache)
     out_init = _init(nn.initializers.lecun_normal(in_axis=(0, 1), out_axis=2), "heads", "head_dim", "embed")
     a_BxTxD = jnp.einsum("btnh,nhd->btd", a_BxTxNxH,
                          self.param("attention_out", out_init, (N, H, D)).astype(dtype))
@@ -130,7 +139,30 @@ class Block(nn.Module):
     h_BxTxD = nn.Dense(cfg.d_model, use_bias=False, dtype=dtype,
                        kernel_init=_init(dense_init, "mlp", "embed"), name="mlp_out")(h_BxTxF)
     x_BxTxD = x_BxTxD + nn.Dropout(cfg.dropout)(h_BxTxD, deterministic=self.deterministic)
-    return nn.with_logical_constraint(x_BxTxD, ("batch", "length", "embed"))
+    x_BxTxD = nn.with_logical_constraint(x_BxTxD, ("batch", "length", "embed"))
+    return x_BxTxD if cache is None else (x_BxTxD, cache[:2])
+
+
+def _positions(pos_PxD: jax.Array, seq_len: int, index: jax.Array | None) -> jax.Array:
+  """Rows [0, T) of a positional table, or [index, index + T) when decoding with a cache."""
+  if index is None:
+    return pos_PxD[:seq_len]
+  return jax.lax.dynamic_slice_in_dim(pos_PxD, index, seq_len, axis=0)
+
+
+def _cached_attention(q_BxTxNxH: jax.Array, k_BxTxNxH: jax.Array, v_BxTxNxH: jax.Array,
+                      cache: LayerCache) -> tuple[jax.Array, LayerCache]:
+  """Writes the T new keys/values at rows [index, index + T) and attends causally over the cache."""
+  k_BxCxNxH, v_BxCxNxH, index = cache
+  k_BxCxNxH = jax.lax.dynamic_update_slice_in_dim(k_BxCxNxH, k_BxTxNxH.astype(k_BxCxNxH.dtype), index, 1)
+  v_BxCxNxH = jax.lax.dynamic_update_slice_in_dim(v_BxCxNxH, v_BxTxNxH.astype(v_BxCxNxH.dtype), index, 1)
+  # Query t sits at position index + t and sees cache rows 0..index + t; later rows are stale.
+  query_T = index + jnp.arange(q_BxTxNxH.shape[1])
+  mask_TxC = jnp.arange(k_BxCxNxH.shape[1])[None, :] <= query_T[:, None]
+  a_BxTxNxH = jax.nn.dot_product_attention(q_BxTxNxH, k_BxCxNxH.astype(q_BxTxNxH.dtype),
+                                           v_BxCxNxH.astype(q_BxTxNxH.dtype),
+                                           mask=mask_TxC[None, None], implementation="xla")
+  return a_BxTxNxH, (k_BxCxNxH, v_BxCxNxH, index)
 
 
 class _ScanBody(nn.Module):
@@ -140,8 +172,12 @@ class _ScanBody(nn.Module):
   keep_all_layers: bool
 
   @nn.compact
-  def __call__(self, x_BxTxD: jax.Array, _) -> tuple[jax.Array, jax.Array | None]:
-    x_BxTxD = _block_cls(self.cfg)(self.cfg, self.deterministic, name="block")(x_BxTxD)
+  def __call__(self, x_BxTxD: jax.Array, cache: LayerCache | None) -> tuple[jax.Array, Any]:
+    """cache is None in training; when decoding, y is the layer's updated (key, value)."""
+    block = _block_cls(self.cfg)(self.cfg, self.deterministic, name="block")
+    if cache is not None:
+      return block(x_BxTxD, cache)
+    x_BxTxD = block(x_BxTxD)
     return x_BxTxD, (x_BxTxD if self.keep_all_layers else None)
 
 
@@ -223,10 +259,46 @@ class Transformer(nn.Module):
     """Inference: the last layer's next-character logits, float32 BxTxV."""
     h = self(tokens_BxT)
     h_BxTxD = h[-1] if self.all_layers else h
+    return head_logits(self.cfg, self._last_head(), h_BxTxD, target=0)
+
+  def decode(self, tokens_BxT: jax.Array, cache: dict[str, jax.Array],
+             index: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Cached inference: tokens_BxT sit at positions [index, index + T); rows [0, index) of the
+    cache (init_cache) hold the earlier characters. Returns (next-character logits_BxTxV, cache).
+
+    T = 1 is one decoding step; a larger T fills (prefills) the cache. The logits equal those of
+    logits() on the whole prefix. Call it on a deterministic module (no dropout when decoding).
+    """
+    cfg = self.cfg
+    index = jnp.asarray(index, jnp.int32)
+    x_BxTxD = self.embedding[tokens_BxT].astype(cfg.compute_dtype)
+    if not cfg.per_layer_positions:
+      x_BxTxD = x_BxTxD + _positions(self.pos_embedding, tokens_BxT.shape[1], index).astype(
+          cfg.compute_dtype)
+    if cfg.scan_layers:
+      index_L = jnp.full((cfg.num_layers,), index)
+      x_BxTxD, (k_LxBxCxNxH, v_LxBxCxNxH) = self.layers(x_BxTxD, (cache["key"], cache["value"], index_L))
+    else:
+      keys, values = [], []
+      for layer, block in enumerate(self.layers):
+        x_BxTxD, (k_BxCxNxH, v_BxCxNxH) = block(x_BxTxD, (cache["key"][layer], cache["value"][layer], index))
+        keys.append(k_BxCxNxH)
+        values.append(v_BxCxNxH)
+      k_LxBxCxNxH, v_LxBxCxNxH = jnp.stack(keys), jnp.stack(values)
+    logits_BxTxV = head_logits(cfg, self._last_head(), x_BxTxD, target=0)
+    return logits_BxTxV, {"key": k_LxBxCxNxH, "value": v_LxBxCxNxH}
+
+  def _last_head(self) -> dict[str, jax.Array]:
     last = jax.tree.map(lambda p: p[-1], {k: v for k, v in self.heads().items() if k != "embedding"})
     if self.cfg.tie_embeddings:
       last["embedding"] = self.embedding
-    return head_logits(self.cfg, last, h_BxTxD, target=0)
+    return last
+
+
+def init_cache(cfg: ModelConfig, batch_size: int, length: int) -> dict[str, jax.Array]:
+  """An empty decoding cache for Transformer.decode: keys and values of `length` positions per layer."""
+  shape = (cfg.num_layers, batch_size, length, cfg.num_heads, cfg.head_dim)
+  return {"key": jnp.zeros(shape, cfg.compute_dtype), "value": jnp.zeros(shape, cfg.compute_dtype)}
 
 
 def head_logits(cfg: ModelConfig, head: dict[str, jax.Array], h_BxTxD: jax.Array,

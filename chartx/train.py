@@ -135,12 +135,12 @@ def make_logits_fn(task: Task, params: Any) -> Callable[[jax.Array], jax.Array]:
                                       method=model_lib.Transformer.logits)
 
 
-def validation_bpc(task: Task, state: TrainState, ids_N: np.ndarray, config: ml_collections.ConfigDict,
-                   nll: Callable) -> dict[str, float]:
-  max_chars = config.eval.max_chars or len(ids_N)
-  bits, count = evaluate.evaluate_bits(functools.partial(nll, state.params), ids_N[:max_chars],
-                                       seq_len=config.data.seq_len, stride=config.eval.stride,
-                                       batch_size=config.eval.batch_size)
+def validation_bpc(score: evaluate.ScoreFn, params: Any, ids_N: np.ndarray,
+                   config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> dict[str, float]:
+  """Strided bpc on ids_N (evaluate.eval_ids) as the eval.* keys say, for the training logs."""
+  bits, count = evaluate.evaluate_bits(score, params, ids_N, seq_len=config.data.seq_len,
+                                       stride=config.eval.stride, batch_size=config.eval.batch_size,
+                                       mesh=mesh)
   return {f"{config.eval.split}_bpc": bits / count, f"{config.eval.split}_chars": count}
 
 
@@ -151,6 +151,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   mesh = sharding.make_mesh(config)
   rules = sharding.logical_rules(config)
   sharding.check_batch(config.train.batch_size, mesh, "config.train.batch_size")
+  if config.train.eval_every:
+    evaluate.check_eval_config(config, mesh)
   seq_len, num_targets = config.data.seq_len, task.model_cfg.num_targets
 
   rng = jax.random.key(config.seed)
@@ -162,11 +164,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   start_step = int(state.step)
 
   step_fn = jit_train_step(task, mesh, shardings)
-  eval_ids = data.eval_stream(corpus, config.eval.split)
-
-  def nll(params, inputs_BxT, targets_BxT):
-    return evaluate.nll_fn(make_logits_fn(task, params))(inputs_BxT, targets_BxT)
-  nll_jit = jax.jit(nll)
+  eval_ids = evaluate.eval_ids(config, corpus) if config.train.eval_every else None
+  score = evaluate.jit_score_fn(evaluate.model_score_fn(task.model), mesh)
 
   writer = metrics.MetricWriter(workdir, enabled=jax.process_index() == 0, start_step=start_step)
   report = _Reporter(config, task, writer, start_step, model_lib.count_params(state.params))
@@ -188,7 +187,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         report.step_done(*pending)  # Its log line comes before the validation result.
         pending = None
         with report.paused():
-          result = validation_bpc(task, state, eval_ids, config, nll_jit)
+          result = validation_bpc(score, state.params, eval_ids, config, mesh)
         report.validation(done, result)
       if config.train.checkpoint_every and (done % config.train.checkpoint_every == 0
                                             or done == config.train.num_steps):

@@ -16,3 +16,27 @@ from configs import tiny  # noqa: E402
 def tiny_config():
   """A fresh, unlocked copy of configs/tiny.py for a test to override."""
   return tiny.get_config()
+
+
+@pytest.fixture(scope="session")
+def trained_workdir(tmp_path_factory):
+  """(workdir, overrides): configs/tiny.py trained 20 steps through chartx.main on a fixed text.
+
+  The text is generated, not the repository's sources, so that it cannot change while tests run;
+  pass the same overrides to --mode=eval/sample. Checkpoints at steps 10 and 20; validation at 20.
+  """
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  root = tmp_path_factory.mktemp("trained")
+  words = ("the of and to in is was for that on with as by at from his an are which "
+           "character model layer attention window context predict").split()
+  text = " ".join(np.random.default_rng(0).choice(words, size=6000)) + "\n"
+  (root / "text.txt").write_text(text)
+  overrides = [f"--config.data.path={root / 'text.txt'}"]
+  workdir = str(root / "workdir")
+  proc = subprocess.run([sys.executable, "-m", "chartx.main", "--config=configs/tiny.py",
+                         f"--workdir={workdir}", *overrides, "--config.train.num_steps=20",
+                         "--config.train.checkpoint_every=10", "--config.train.eval_every=20",
+                         "--config.train.log_every=10"], cwd=ROOT, capture_output=True, text=True)
+  assert proc.returncode == 0, proc.stderr
+  return workdir, overrides

@@ -1,0 +1,179 @@
+"""Autoregressive generation with a KV cache: temperature, top-k, top-p and greedy decoding.
+
+The sampler sees the model only through a callback (as in Flax's lm1b example), so it can be
+tested with fake logits:
+
+    tokens_to_logits(variables, tokens_BxT, cache, index) -> (logits_BxTxV, cache)
+
+where tokens_BxT sit at positions [index, index + T) and the cache holds positions [0, index).
+T = 1 is one decoding step; T = context fills a fresh cache (prefill).
+
+The positions are absolute (a learned table per layer), so the context cannot simply roll. When
+the cache is full (`context` characters), the last context // 2 characters are re-encoded into
+a fresh cache at positions 0.. and generation goes on: each new character sees between
+context // 2 and context characters. The whole loop of num_chars characters is one jitted
+lax.fori_loop; the prompt enters as a fixed-size padded block, so prompts of any length share
+one compilation.
+
+    python -m chartx.main --config=configs/tiny.py --workdir=DIR --mode=sample \
+        --config.sample.prompt="def " --config.sample.temperature=0.8
+"""
+
+import dataclasses
+import sys
+import time
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from chartx import data, evaluate
+from chartx import model as model_lib
+from chartx.data import vocab as vocab_lib
+from chartx.errors import UserError
+
+TokensToLogits = Callable[[Any, jax.Array, Any, jax.Array], tuple[jax.Array, Any]]
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+  """How a character is chosen from the logits. temperature 0 is greedy (argmax)."""
+  temperature: float = 1.0
+  top_k: int = 0  # 0 keeps every character.
+  top_p: float = 1.0  # 1 keeps every character.
+
+  @classmethod
+  def from_config(cls, config: ml_collections.ConfigDict, vocab_size: int) -> "SamplingConfig":
+    s = config.sample
+    if s.temperature < 0:
+      raise UserError(f"config.sample.temperature must be >= 0 (0 is greedy), got {s.temperature}")
+    if not 0 <= s.top_k <= vocab_size:
+      raise UserError(f"config.sample.top_k must be in [0, {vocab_size}] (0 keeps all), got {s.top_k}")
+    if not 0 < s.top_p <= 1:
+      raise UserError(f"config.sample.top_p must be in (0, 1] (1 keeps all), got {s.top_p}")
+    return cls(temperature=float(s.temperature), top_k=int(s.top_k), top_p=float(s.top_p))
+
+
+def filter_logits(logits_BxV: jax.Array, cfg: SamplingConfig) -> jax.Array:
+  """Temperature, then top-k, then top-p: the characters left out get -inf."""
+  logits_BxV = logits_BxV.astype(jnp.float32) / cfg.temperature
+  sorted_BxV = jnp.sort(logits_BxV, axis=-1)[:, ::-1]
+  if cfg.top_k:
+    logits_BxV = jnp.where(logits_BxV >= sorted_BxV[:, cfg.top_k - 1:cfg.top_k], logits_BxV, -jnp.inf)
+    sorted_BxV = jnp.where(jnp.arange(sorted_BxV.shape[1]) < cfg.top_k, sorted_BxV, -jnp.inf)
+  if cfg.top_p < 1:
+    probs_BxV = jax.nn.softmax(sorted_BxV, axis=-1)
+    # Keep the most likely characters until their mass reaches top_p (always at least one).
+    keep_BxV = jnp.cumsum(probs_BxV, axis=-1) - probs_BxV < cfg.top_p
+    threshold_Bx1 = jnp.min(jnp.where(keep_BxV, sorted_BxV, jnp.inf), axis=-1, keepdims=True)
+    logits_BxV = jnp.where(logits_BxV >= threshold_Bx1, logits_BxV, -jnp.inf)
+  return logits_BxV
+
+
+def choose(logits_BxV: jax.Array, rng: jax.Array, cfg: SamplingConfig) -> jax.Array:
+  """The next ids_B: argmax if temperature is 0, else a draw from the filtered distribution."""
+  if cfg.temperature == 0:
+    return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+  return jax.random.categorical(rng, filter_logits(logits_BxV, cfg), axis=-1).astype(jnp.int32)
+
+
+def make_generate(tokens_to_logits: TokensToLogits, *, context: int, num_chars: int,
+                  sampling: SamplingConfig) -> Callable[..., jax.Array]:
+  """A jitted generate(variables, cache, prompt_C, prompt_len, rng) -> ids_N of num_chars.
+
+  prompt_C holds the prompt's (last at most `context`) ids left-aligned, padded to `context`;
+  cache is an empty cache of `context` positions (its contents are overwritten).
+  """
+  refill = max(1, context // 2)
+
+  def prefill(variables, cache, block_1xC, length):
+    """Encodes block[:length] at positions 0..length-1; the logits predict the character after."""
+    logits_1xCxV, cache = tokens_to_logits(variables, block_1xC, cache, jnp.zeros((), jnp.int32))
+    return jax.lax.dynamic_index_in_dim(logits_1xCxV, length - 1, axis=1, keepdims=False), cache
+
+  def generate(variables, cache, prompt_C, prompt_len, rng):
+    logits_1xV, cache = prefill(variables, cache, prompt_C[None], prompt_len)
+    # The text so far, right-aligned: its last `context` characters (a re-encoding's source).
+    window_C = jnp.roll(prompt_C, context - prompt_len)
+
+    def body(i, carry):
+      logits_1xV, cache, index, window_C, rng, ids_N = carry
+      rng, draw = jax.random.split(rng)
+      next_1 = choose(logits_1xV, draw, sampling)
+      ids_N = ids_N.at[i].set(next_1[0])
+      window_C = jnp.concatenate([window_C[1:], next_1])
+
+      def step(cache):
+        logits_1x1xV, cache = tokens_to_logits(variables, next_1[None], cache, index)
+        return logits_1x1xV[:, 0], cache, index + 1
+
+      def slide(cache):
+        block_C = jnp.concatenate([window_C[context - refill:], jnp.zeros(context - refill, jnp.int32)])
+        logits_1xV, cache = prefill(variables, cache, block_C[None], refill)
+        return logits_1xV, cache, jnp.int32(refill)
+
+      logits_1xV, cache, index = jax.lax.cond(index < context, step, slide, cache)
+      return logits_1xV, cache, index, window_C, rng, ids_N
+
+    carry = (logits_1xV, cache, prompt_len, window_C, rng, jnp.zeros(num_chars, jnp.int32))
+    return jax.lax.fori_loop(0, num_chars, body, carry)[-1]
+
+  return jax.jit(generate)
+
+
+def prompt_block(prompt_ids: np.ndarray, context: int) -> tuple[np.ndarray, int]:
+  """(prompt_C, length): the prompt's last `context` ids, left-aligned and zero-padded."""
+  ids = np.asarray(prompt_ids, np.int32)[-context:]
+  return np.pad(ids, (0, context - len(ids))), len(ids)
+
+
+def model_tokens_to_logits(model: model_lib.Transformer) -> TokensToLogits:
+  net = model.clone(deterministic=True, all_layers=False)
+  return lambda variables, tokens_BxT, cache, index: net.apply(
+      variables, tokens_BxT, cache, index, method=model_lib.Transformer.decode)
+
+
+def encode_prompt(vocab: data.Vocab, prompt: str) -> np.ndarray:
+  """The prompt's ids; characters outside the vocabulary raise UserError naming sample.prompt."""
+  if not prompt:
+    raise UserError("config.sample.prompt is empty; generation needs at least one character")
+  if vocab.name == "text8":
+    return vocab_lib.text8_ids_from_bytes(np.frombuffer(prompt.encode("utf-8"), np.uint8),
+                                          source="config.sample.prompt").astype(np.int32)
+  return vocab.encode(prompt)
+
+
+def vocab_for(data_config: ml_collections.ConfigDict) -> data.Vocab:
+  """The vocabulary of data.name, without loading the corpus."""
+  if data_config.name == "text8":
+    return data.TEXT8
+  if data_config.name in ("enwik8", "text_files"):
+    return data.BYTES
+  raise UserError(f"data.name={data_config.name!r}: expected 'enwik8', 'text8' or 'text_files'")
+
+
+def sample_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """--mode=sample: the prompt and its continuation, from checkpoint eval.step (-1: newest)."""
+  vocab = vocab_for(config.data)
+  prompt_ids = encode_prompt(vocab, config.sample.prompt)
+  sampling = SamplingConfig.from_config(config, vocab.size)
+  if config.sample.num_chars < 1:
+    raise UserError(f"config.sample.num_chars must be >= 1, got {config.sample.num_chars}")
+  restored = evaluate.restore(config, workdir, vocab.size, config.eval.step)
+  context = config.data.seq_len  # The positions the model was trained on.
+  generate = make_generate(model_tokens_to_logits(restored.model), context=context,
+                           num_chars=config.sample.num_chars, sampling=sampling)
+  prompt_C, length = prompt_block(prompt_ids, context)
+  cache = model_lib.init_cache(restored.model.cfg, 1, context)
+  start = time.time()
+  with jax.set_mesh(restored.mesh), flax.linen.logical_axis_rules(restored.rules):
+    ids_N = np.asarray(generate({"params": restored.params}, cache, prompt_C, length,
+                                jax.random.key(config.sample.seed)))
+  seconds = time.time() - start
+  if jax.process_index() == 0:
+    print(f"sample: step {restored.step}, {len(ids_N)} characters in {seconds:.1f}s "
+          "(compilation included)", file=sys.stderr, flush=True)
+  return config.sample.prompt + vocab.decode(ids_N)
