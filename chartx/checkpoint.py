@@ -1,26 +1,393 @@
-"""Orbax checkpoints of the train state in WORKDIR/checkpoints: save, restore, resume."""
+"""Orbax checkpoints of the train state in WORKDIR/checkpoints: save, resume, restore, stop on signals.
 
+WORKDIR/checkpoints/<step>/ holds one TrainState (step, params, opt_state, loss_weights). Batches
+are a pure function of (seed, step) and dropout keys are fold_in(rng, step), so that state is all
+a run needs to continue bit for bit. Orbax writes a save into <step>.orbax-checkpoint-tmp-<time>/
+and renames it once complete, so a crash in the middle of a save leaves only such a directory.
+
+Training (Checkpoints) keeps the newest config.train.keep_checkpoints and the one with the lowest
+validation bpc; evaluation and sampling read parameters with restore_params, which writes nothing.
+"""
+
+import math
 import os
-from typing import Any
+import signal
+import threading
+import time
+from typing import Any, Mapping
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
+from absl import logging
+from etils import epath
+from jax.experimental import multihost_utils
+
+from chartx.errors import UserError
+
+# The metric that ranks checkpoints for keep-best; lower is better. Saved with a checkpoint
+# taken at an eval step of the validation split.
+BEST_METRIC = "validation_bpc"
 
 
-def make_manager(workdir: str, config: ml_collections.ConfigDict) -> ocp.CheckpointManager:
-  options = ocp.CheckpointManagerOptions(max_to_keep=config.train.keep_checkpoints,
-                                         enable_async_checkpointing=True, create=True)
-  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"), options=options)
+def checkpoint_dir(workdir: str) -> epath.Path:
+  path = workdir if "://" in workdir else os.path.abspath(workdir)  # gs:// stays as it is.
+  return epath.Path(path) / "checkpoints"
 
 
-def save(manager: ocp.CheckpointManager, step: int, state: Any) -> None:
-  """Starts an asynchronous save; manager.wait_until_finished() blocks until it is on disk."""
-  manager.save(step, args=ocp.args.StandardSave(state), force=True)
+def make_manager(workdir: str, config: ml_collections.ConfigDict | None = None) -> ocp.CheckpointManager:
+  """A CheckpointManager on WORKDIR/checkpoints; it writes nothing until save is called.
+
+  With a config (training), saves are asynchronous, and each save removes the checkpoints that are
+  neither among the newest config.train.keep_checkpoints (0: all) nor the best by validation bpc.
+  Raises UserError if the workdir is a file or cannot be read.
+  """
+  directory = _checked_directory(workdir)
+  if config is None:
+    options = ocp.CheckpointManagerOptions(create=False, save_interval_steps=0,
+                                           best_fn=_best_metric, best_mode="min")
+  else:
+    if config.train.keep_checkpoints < 0:
+      raise UserError(f"config.train.keep_checkpoints must be >= 0 (0 keeps all), "
+                      f"got {config.train.keep_checkpoints}")
+    policies = ocp.checkpoint_managers
+    keep = policies.AnyPreservationPolicy([
+        policies.LatestN(n=config.train.keep_checkpoints or None),
+        # reverse=True sorts by descending bpc, and BestN keeps the last n: the lowest.
+        policies.BestN(get_metric_fn=_best_metric, reverse=True, n=1,
+                       keep_checkpoints_without_metrics=False)])
+    options = ocp.CheckpointManagerOptions(preservation_policy=keep, best_fn=_best_metric,
+                                           best_mode="min", enable_async_checkpointing=True)
+  try:
+    return ocp.CheckpointManager(directory, options=options,
+                                 item_handlers=ocp.PyTreeCheckpointHandler())
+  except OSError as e:
+    raise UserError(f"cannot use {directory} for checkpoints: {e}") from e
+
+
+def save(manager: ocp.CheckpointManager, step: int, state: Any,
+         metrics: Mapping[str, Any] | None = None) -> None:
+  """Starts an asynchronous save of `state` as checkpoint `step`; manager.wait_until_finished() waits.
+
+  metrics: the loop's validation results at `step`, if any; their validation_bpc ranks the
+  checkpoint for keep-best. Raises UserError instead of saving a state that holds a NaN or Inf.
+  """
+  if not bool(_all_finite(state)):
+    raise UserError(f"the train state after step {step} holds NaN or Inf values, so it is not "
+                    f"saved; {_newest(manager)}")
+  kept = {BEST_METRIC: float(metrics[BEST_METRIC])} if metrics and BEST_METRIC in metrics else None
+  manager.save(step, args=ocp.args.PyTreeSave(state), metrics=kept, force=True)
 
 
 def restore(manager: ocp.CheckpointManager, state_like: Any, step: int | None = None) -> Any:
-  """Restores `step` (default: newest) with the shardings and dtypes of state_like's arrays."""
+  """Checkpoint `step` (default: the newest) with the shapes, dtypes and shardings of state_like.
+
+  state_like's leaves are arrays or jax.ShapeDtypeStruct; the mesh may differ from the saving
+  run's. Raises UserError if the checkpoint holds another model.
+  """
   step = manager.latest_step() if step is None else step
-  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state_like)
-  return manager.restore(step, args=ocp.args.StandardRestore(abstract))
+  return _read(manager, step, state_like, params_only=False)
+
+
+def restore_params(workdir: str, params_like: Any, step: int | str | None = None) -> tuple[Any, int]:
+  """(params, step) from WORKDIR/checkpoints, for evaluation, sampling and fine-tuning.
+
+  params_like: the model's parameters (arrays or jax.ShapeDtypeStruct), whose shapes and shardings
+  the restored ones take, on any mesh. step: None for the newest readable checkpoint (newer ones
+  that cannot be read are skipped with a warning), an int for that step, "best" for the lowest
+  validation bpc. Writes nothing. Raises UserError if there is no such checkpoint, it cannot be
+  read, or it holds another model.
+  """
+  manager = make_manager(workdir)
+  try:
+    steps = manager.all_steps()
+    if not steps:
+      raise UserError(f"no checkpoint in {manager.directory}: train first (--mode=train) "
+                      "or pass the workdir of a trained run")
+    if step is None:
+      candidates = sorted(steps, reverse=True)
+    elif step == "best":
+      best = manager.best_step()
+      if best is None:
+        raise UserError(f"no checkpoint in {manager.directory} has a {BEST_METRIC} (checkpoints "
+                        "taken at eval steps of the validation split have one)")
+      candidates = [best]
+    elif step in steps:
+      candidates = [step]
+    else:
+      raise UserError(f"no checkpoint {step} in {manager.directory} "
+                      f"(steps: {', '.join(map(str, sorted(steps)))})")
+    params, found, failures = _read_newest(manager, candidates, params_like, params_only=True)
+    _warn_unreadable(manager, failures, "skipping")
+    if found is None:
+      raise UserError(_unreadable_message(manager, failures))
+    return params, found
+  finally:
+    manager.close()
+
+
+class Checkpoints:
+  """The train loop's checkpoints: resume or initialize, then save on schedule, at a new best
+  validation bpc and on request. As a context manager, waits for the last save on exit."""
+
+  def __init__(self, workdir: str, config: ml_collections.ConfigDict):
+    self._config = config
+    if not config.checkpoint.resume:
+      _set_aside_run(_checked_directory(workdir))
+    self.manager = make_manager(workdir, config)
+    self._best = math.inf  # The lowest validation bpc among the checkpoints.
+
+  def restore_or_init(self, state: Any) -> Any:
+    """The newest readable checkpoint restored onto state's shardings; else state, with the
+    parameters of config.checkpoint.init_from's newest checkpoint if that is set.
+
+    Half-written saves (Orbax temporary directories) are removed and newer checkpoints that cannot
+    be read are set aside, each with a warning naming it. If checkpoints exist but none can be
+    read, raises UserError rather than start over.
+    """
+    self._remove_temporary()
+    steps = sorted(self.manager.all_steps(), reverse=True)
+    restored, step, failures = _read_newest(self.manager, steps, state, params_only=False)
+    if failures and step is None:
+      raise UserError(_unreadable_message(self.manager, failures) + "; training does not start "
+                      "over them: move them away, or set config.checkpoint.resume=False")
+    if failures:
+      self._set_aside_unreadable(failures)
+    if step is not None:
+      best = self.manager.best_step()
+      metrics = self.manager.metrics(best) if best is not None else None
+      self._best = metrics[BEST_METRIC] if metrics else math.inf
+      return restored
+    init_from = self._config.checkpoint.init_from
+    if not init_from:
+      return state
+    try:
+      params, init_step = restore_params(init_from, state.params)
+    except UserError as e:
+      raise UserError(f"config.checkpoint.init_from={init_from}: {e}") from e
+    if jax.process_index() == 0:
+      print(f"train: parameters from {checkpoint_dir(init_from) / str(init_step)}; "
+            "step 0 with a fresh optimizer state", flush=True)
+    return state.replace(params=params)
+
+  def due(self, step: int, validation: Mapping[str, Any] | None, stop: bool) -> bool:
+    """Whether the loop saves after `step`: every train.checkpoint_every steps, at the last step,
+    at an eval step with a new lowest validation bpc, and when stopping on a signal (a
+    checkpoint_every of 0 turns all of them off)."""
+    every = self._config.train.checkpoint_every
+    if not every:
+      return False
+    return (stop or step % every == 0 or step == self._config.train.num_steps
+            or (validation is not None and validation.get(BEST_METRIC, math.inf) < self._best))
+
+  def save(self, step: int, state: Any, validation: Mapping[str, Any] | None = None) -> None:
+    save(self.manager, step, state, validation)
+    if validation is not None:
+      self._best = min(self._best, validation.get(BEST_METRIC, math.inf))
+
+  def newest(self) -> str:
+    return _newest(self.manager)
+
+  def __enter__(self) -> "Checkpoints":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.manager.close()  # Waits for a save in flight, even when the loop raised.
+
+  def _remove_temporary(self) -> None:
+    directory = self.manager.directory
+    temporary = [t.get() for t in ocp.path.step.all_temporary_paths(directory)]
+    for path in temporary:
+      logging.warning("removing %s: a checkpoint that was still being written when a run stopped",
+                      path)
+    if temporary and jax.process_index() == 0:
+      for path in temporary:
+        path.rmtree()
+    _sync("chartx_checkpoint_remove_temporary")
+
+  def _set_aside_unreadable(self, failures: list[tuple[int, Exception]]) -> None:
+    """Renames checkpoints that failed to read out of Orbax's sight: a later save of the same
+    step must not collide with them, and a transient error leaves nothing lost."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    _warn_unreadable(self.manager, failures, f"renaming it to <step>.unreadable-{stamp} and skipping")
+    if jax.process_index() == 0:
+      for step, _ in failures:
+        path = self.manager.directory / str(step)
+        path.rename(path.parent / f"{step}.unreadable-{stamp}")
+    _sync("chartx_checkpoint_set_aside")
+    self.manager.reload()
+
+
+class StopSignal:
+  """SIGTERM and SIGINT: the loop finishes its step, saves, waits for the write and returns.
+
+  Orbax sees neither signal in a single process. Use as `with StopSignal(manager) as stop:` and
+  ask stop(step) once per step; its answer is the same on every process. One process: a flag set
+  by the handlers. Several (jax.distributed): JAX's preemption service catches SIGTERM and agrees
+  on a step at which every process stops (manager.reached_preemption); SIGINT is forwarded to it
+  as a SIGTERM. After the first signal the previous handlers are back, so a second one acts at once.
+  """
+
+  def __init__(self, manager: ocp.CheckpointManager):
+    self._manager = manager
+    self._previous: dict[int, Any] = {}
+    self.received: str | None = None  # The name of the signal that asked to stop.
+
+  def __enter__(self) -> "StopSignal":
+    if threading.current_thread() is not threading.main_thread():
+      return self  # Python delivers signals to the main thread only.
+    if jax.process_count() == 1:
+      handlers = {signal.SIGTERM: self._handle, signal.SIGINT: self._handle}
+    else:
+      handlers = {signal.SIGINT: self._forward}
+    self._previous = {sig: signal.signal(sig, handler) for sig, handler in handlers.items()}
+    return self
+
+  def __call__(self, step: int) -> bool:
+    if jax.process_count() == 1:
+      return self.received is not None
+    if self._manager.reached_preemption(step):
+      self.received = "SIGTERM (preemption)"
+    return self.received is not None
+
+  def __exit__(self, *exc) -> None:
+    self._restore()
+
+  def _handle(self, signum: int, frame: Any) -> None:
+    del frame
+    self.received = signal.Signals(signum).name
+    self._restore()
+
+  def _forward(self, signum: int, frame: Any) -> None:
+    del signum, frame
+    self._restore()
+    os.kill(os.getpid(), signal.SIGTERM)
+
+  def _restore(self) -> None:
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+    self._previous = {}
+
+
+def _checked_directory(workdir: str) -> epath.Path:
+  """WORKDIR/checkpoints, after checking that it and the workdir can be used."""
+  directory = checkpoint_dir(workdir)
+  _check_directory(directory.parent, "--workdir")
+  _check_directory(directory, "the checkpoint directory")
+  return directory
+
+
+def _check_directory(path: epath.Path, what: str) -> None:
+  """UserError unless `path` is missing (it will be created) or a directory that can be listed."""
+  try:
+    if not path.exists():
+      return
+    if not path.is_dir():
+      raise UserError(f"{what} {path} is a file, not a directory")
+    next(iter(path.iterdir()), None)
+  except OSError as e:
+    raise UserError(f"{what} {path} cannot be read: {e.strerror or e}") from e
+
+
+def _best_metric(metrics: Mapping[str, Any]) -> float:
+  return metrics[BEST_METRIC]
+
+
+@jax.jit
+def _all_finite(tree: Any) -> jax.Array:
+  leaves = [jnp.isfinite(x).all() for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(leaves))
+
+
+def _newest(manager: ocp.CheckpointManager) -> str:
+  step = manager.latest_step()
+  if step is None:
+    return f"no checkpoint is in {manager.directory}"
+  return f"the newest checkpoint, {manager.directory / str(step)}, is intact"
+
+
+def _read(manager: ocp.CheckpointManager, step: int, target: Any, *, params_only: bool) -> Any:
+  """Checkpoint `step` restored onto target (a state, or params if params_only).
+
+  UserError if it holds another model; any other exception means it cannot be read.
+  """
+  item = jax.tree.map(ocp.utils.to_shape_dtype_struct, {"params": target} if params_only else target)
+  saved = manager.item_metadata(step).tree
+  if params_only:
+    saved = {"params": saved.get("params", {})}
+  mismatch = _shape_mismatch(saved, item)
+  if mismatch:
+    raise UserError(f"{manager.directory / str(step)} holds another model: {mismatch}")
+  restored = manager.restore(step, args=ocp.args.PyTreeRestore(
+      item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+      partial_restore=params_only))
+  return restored["params"] if params_only else restored
+
+
+def _read_newest(manager: ocp.CheckpointManager, steps: list[int], target: Any, *,
+                 params_only: bool) -> tuple[Any, int | None, list[tuple[int, Exception]]]:
+  """(restored, step, failures): the first of `steps` that reads, and those before it that did not."""
+  failures = []
+  for step in steps:
+    try:
+      return _read(manager, step, target, params_only=params_only), step, failures
+    except UserError:
+      raise
+    except Exception as e:  # Orbax and TensorStore raise many types for a damaged checkpoint.
+      failures.append((step, e))
+  return None, None, failures
+
+
+def _shape_mismatch(saved: Any, item: Any) -> str | None:
+  """The first parameter (then optimizer state) whose saved shape differs from item's, as text."""
+  saved_flat = ocp.tree.to_flat_dict(saved, sep="/")
+  item_flat = ocp.tree.to_flat_dict(item, sep="/")
+  for key, leaf in item_flat.items():  # A TrainState's params come before its optimizer state.
+    if key not in saved_flat:
+      return f"it has no {key}, which this config's model has with shape {tuple(leaf.shape)}"
+    if tuple(saved_flat[key].shape) != tuple(leaf.shape):
+      return (f"{key} has shape {tuple(saved_flat[key].shape)} there but {tuple(leaf.shape)} "
+              "with this config")
+  for key, leaf in saved_flat.items():
+    if key not in item_flat:
+      return f"it has {key} with shape {tuple(leaf.shape)}, which this config's model has not"
+  return None
+
+
+def _describe(e: Exception) -> str:
+  lines = str(e).strip().splitlines()
+  text = f"{type(e).__name__}: {lines[0] if lines else ''}"
+  return text if len(text) <= 200 else text[:197] + "..."
+
+
+def _warn_unreadable(manager: ocp.CheckpointManager, failures: list[tuple[int, Exception]],
+                     action: str) -> None:
+  for step, e in failures:
+    logging.warning("checkpoint %s cannot be read (%s); %s", manager.directory / str(step),
+                    _describe(e), action)
+
+
+def _unreadable_message(manager: ocp.CheckpointManager, failures: list[tuple[int, Exception]]) -> str:
+  steps = ", ".join(str(step) for step, _ in failures)
+  return (f"no checkpoint in {manager.directory} can be read (steps {steps}; "
+          f"step {failures[0][0]}: {_describe(failures[0][1])})")
+
+
+def _set_aside_run(directory: epath.Path) -> None:
+  """config.checkpoint.resume=False: renames an earlier run's checkpoints, never deletes them."""
+  if not directory.exists() or not any(directory.iterdir()):
+    return
+  target = directory.parent / f"checkpoints.replaced-{time.strftime('%Y%m%d-%H%M%S')}"
+  logging.warning("config.checkpoint.resume=False: moving the existing %s to %s and starting "
+                  "at step 0", directory, target)
+  if jax.process_index() == 0:
+    directory.rename(target)
+  _sync("chartx_checkpoint_replace")
+
+
+def _sync(name: str) -> None:
+  """All processes wait here, so none reads a directory that process 0 is still changing."""
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)

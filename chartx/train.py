@@ -145,7 +145,12 @@ def validation_bpc(score: evaluate.ScoreFn, params: Any, ids_N: np.ndarray,
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
-  """Trains config.train.num_steps steps, resuming from the newest checkpoint in workdir."""
+  """Trains config.train.num_steps steps, resuming from the newest checkpoint in workdir.
+
+  SIGTERM or SIGINT ends the loop after the current step with a checkpoint of it; a NaN or Inf
+  loss ends it with a UserError naming the step, and no checkpoint of that state.
+  """
+  ckpts = checkpoint.Checkpoints(workdir, config)  # First: a bad workdir fails before anything slow.
   corpus = data.load_corpus(config.data)
   task = make_task(config, corpus.vocab.size)
   mesh = sharding.make_mesh(config)
@@ -158,9 +163,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   rng = jax.random.key(config.seed)
   init_rng, dropout_rng = jax.random.split(rng)
   state, shardings = create_train_state(task, init_rng, seq_len, mesh, rules)
-  manager = checkpoint.make_manager(workdir, config)
-  if manager.latest_step() is not None:
-    state = checkpoint.restore(manager, state)
+  state = ckpts.restore_or_init(state)
   start_step = int(state.step)
 
   step_fn = jit_train_step(task, mesh, shardings)
@@ -170,7 +173,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   writer = metrics.MetricWriter(workdir, enabled=jax.process_index() == 0, start_step=start_step)
   report = _Reporter(config, task, writer, start_step, model_lib.count_params(state.params))
   pending = None
-  with jax.set_mesh(mesh), flax.linen.logical_axis_rules(rules):
+  unchecked = None  # (step, out) of the newest step whose loss is not yet known to be finite.
+  with (checkpoint.StopSignal(ckpts.manager) as stop_requested, ckpts, jax.set_mesh(mesh),
+        flax.linen.logical_axis_rules(rules)):
     for step in range(start_step, config.train.num_steps):
       local_BxS = data.train_batch(corpus.train, seed=config.seed, step=step,
                                    batch_size=config.train.batch_size, length=seq_len + num_targets,
@@ -178,10 +183,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                                    process_count=jax.process_count())
       state, out = step_fn(state, sharding.global_batch(local_BxS, mesh), dropout_rng)
       # Wait for the previous step (and read its metrics) only now that this one is queued.
+      if unchecked is not None:
+        _check_finite(*unchecked, ckpts)
       if pending is not None:
         report.step_done(*pending)
       done = step + 1
-      pending = (done, out)
+      pending = unchecked = (done, out)
+      validation = None
       if config.train.eval_every and (done % config.train.eval_every == 0
                                       or done == config.train.num_steps):
         report.step_done(*pending)  # Its log line comes before the validation result.
@@ -189,15 +197,32 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         with report.paused():
           result = validation_bpc(score, state.params, eval_ids, config, mesh)
         report.validation(done, result)
-      if config.train.checkpoint_every and (done % config.train.checkpoint_every == 0
-                                            or done == config.train.num_steps):
-        checkpoint.save(manager, done, state)
+        validation = result
+      stop = stop_requested(done)
+      if ckpts.due(done, validation, stop):
+        _check_finite(*unchecked, ckpts)  # Never save the state of a step that went non-finite.
+        unchecked = None
+        with report.paused():
+          ckpts.save(done, state, validation)
+      if stop:
+        if jax.process_index() == 0:
+          print(f"train: {stop_requested.received}: stopped after step {done}; "
+                f"{ckpts.newest()}", flush=True)
+        break
+    if unchecked is not None:
+      _check_finite(*unchecked, ckpts)
     if pending is not None:
       report.step_done(*pending)
-  manager.wait_until_finished()
-  manager.close()
   report.close()
   return state
+
+
+def _check_finite(step: int, out: dict[str, jax.Array], ckpts: checkpoint.Checkpoints) -> None:
+  """UserError if step `step`'s loss or gradient norm is NaN or Inf (then so is the next state)."""
+  loss, grad_norm = float(out["loss"]), float(out["grad_norm"])
+  if not (np.isfinite(loss) and np.isfinite(grad_norm)):
+    raise UserError(f"the loss is {loss} (gradient norm {grad_norm}) at step {step}; stopping: "
+                    f"{ckpts.newest()}")
 
 
 class _Reporter:
@@ -246,10 +271,7 @@ class _Reporter:
       self._mark_step, self._mark_time = step, time.perf_counter()  # Leave out compilation.
 
   def _log(self, step: int, out: dict) -> None:
-    scalars = flatten_metrics(jax.device_get(out), self._loss_cfg)
-    if not np.isfinite(scalars["loss"]):
-      raise UserError(f"the loss is {scalars['loss']} at step {step}; stopping "
-                      "(the last checkpoint is intact)")
+    scalars = flatten_metrics(jax.device_get(out), self._loss_cfg)  # Finite: the loop checked.
     now = time.perf_counter()
     steps_per_sec = (step - self._mark_step) / max(now - self._mark_time, 1e-9)
     self._mark_step, self._mark_time = step, now

@@ -59,8 +59,19 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.num_steps = 2_500_000  # Steps to train; also the horizon of the intermediate-layer schedule.
   config.train.log_every = 100  # Steps between metric lines in metrics.jsonl and TensorBoard.
   config.train.eval_every = 10_000  # Steps between validation runs (strided, eval.max_chars); 0 turns them off.
-  config.train.checkpoint_every = 10_000  # Steps between checkpoints; 0 turns them off.
-  config.train.keep_checkpoints = 3  # Newest checkpoints kept on disk.
+  # Steps between checkpoints (also saved: the last step, an eval step with a new best validation
+  # bpc, and the step a SIGTERM/SIGINT stops at); 0 turns all of them off.
+  config.train.checkpoint_every = 10_000
+  config.train.keep_checkpoints = 3  # Newest checkpoints kept on disk (0: all), plus the best by validation bpc.
+
+  config.checkpoint = ml_collections.ConfigDict()
+  # Resume from the newest readable checkpoint in WORKDIR/checkpoints. False starts at step 0 and
+  # renames existing checkpoints to WORKDIR/checkpoints.replaced-<time> (never deletes them); keep
+  # it True on preemptible machines, where a restart with False would start over every time.
+  config.checkpoint.resume = True
+  # Fine-tuning: a workdir whose newest checkpoint gives this run its first parameters (step 0,
+  # fresh optimizer state; the model shapes must match). Used only while WORKDIR has no checkpoint.
+  config.checkpoint.init_from = ""
 
   config.mesh = ml_collections.ConfigDict()
   config.mesh.shape = (-1, 1, 1)  # Devices along (data, fsdp, tensor); one -1 takes the rest.

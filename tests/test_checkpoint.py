@@ -1,0 +1,421 @@
+"""Checkpoints and failures: exact resume after SIGKILL, SIGTERM, damaged checkpoints, other
+meshes, NaN, keep-best, fine-tuning, and bad workdirs. Real signals, real Orbax files on disk."""
+
+import glob
+import json
+import logging
+import os
+import random
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from chartx import checkpoint, data, sharding, train
+from chartx.errors import UserError
+from configs import tiny
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# tiny trains on chartx's own sources, which may change while the tests run; runs that are
+# compared bit for bit need a text that does not.
+_WORDS = ("the of and to in is was for that on with as by at from his an are which character "
+          "model layer attention window context predict checkpoint resume signal").split()
+
+
+@pytest.fixture(scope="module")
+def text(tmp_path_factory):
+  path = tmp_path_factory.mktemp("text") / "text.txt"
+  path.write_text(" ".join(np.random.default_rng(0).choice(_WORDS, size=8000)) + "\n")
+  return str(path)
+
+
+def _config(text, **train_keys):
+  """tiny on `text`, without validation runs (they cost time and change no state)."""
+  config = tiny.get_config()
+  config.data.path = text
+  config.train.eval_every = 0
+  config.train.update(train_keys)
+  return config
+
+
+def _steps(workdir):
+  """The finalized checkpoint steps on disk (Orbax's own view, read afresh)."""
+  manager = checkpoint.make_manager(str(workdir))
+  try:
+    return sorted(manager.all_steps())
+  finally:
+    manager.close()
+
+
+def _fresh_state(config):
+  corpus = data.load_corpus(config.data)
+  task = train.make_task(config, corpus.vocab.size)
+  mesh = sharding.make_mesh(config)
+  state, _ = train.create_train_state(task, jax.random.key(config.seed), config.data.seq_len, mesh,
+                                      sharding.logical_rules(config))
+  return state
+
+
+def _restore(workdir, config, step):
+  manager = checkpoint.make_manager(str(workdir))
+  try:
+    return checkpoint.restore(manager, _fresh_state(config), step)
+  finally:
+    manager.close()
+
+
+def _assert_bitwise_equal(a, b):
+  leaves_a, tree_a = jax.tree.flatten(a)
+  leaves_b, tree_b = jax.tree.flatten(b)
+  assert tree_a == tree_b
+  for x, y in zip(leaves_a, leaves_b):
+    x, y = np.asarray(x), np.asarray(y)
+    assert x.dtype == y.dtype and x.shape == y.shape
+    assert x.tobytes() == y.tobytes()
+
+
+def _env(devices=1):
+  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu",
+             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  return env
+
+
+def _cli(workdir, text, **overrides):
+  """Starts `python -m chartx.main` on configs/tiny.py with --config.KEY=VALUE overrides."""
+  args = [sys.executable, "-m", "chartx.main", "--config=configs/tiny.py", f"--workdir={workdir}",
+          f"--config.data.path={text}"]
+  args += [f"--config.{key}={value}" for key, value in overrides.items()]
+  return subprocess.Popen(args, cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+
+
+def _logged_steps(workdir):
+  """The steps of the training records in metrics.jsonl, in order."""
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return []
+  with open(path, encoding="utf-8") as f:
+    lines = f.read().splitlines()
+  # The last line may be half-written while the run goes on.
+  records = [json.loads(line) for line in lines if line.endswith("}")]
+  return [r["step"] for r in records if "loss" in r]
+
+
+def _wait_for_step(proc, workdir, step, timeout=120):
+  """Waits until metrics.jsonl shows `step`; fails if the process ends first."""
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    if max(_logged_steps(workdir), default=0) >= step:
+      return
+    assert proc.poll() is None, f"the run ended before step {step}: {proc.communicate()[0]}"
+    time.sleep(0.01)
+  raise AssertionError(f"no step {step} in {workdir}/metrics.jsonl after {timeout} s")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, text):
+  """A tiny run of 20 steps with every checkpoint kept (5, 10, 15, 20); copy before changing."""
+  workdir = str(tmp_path_factory.mktemp("trained"))
+  config = _config(text, num_steps=20, checkpoint_every=5, keep_checkpoints=0)
+  final = train.train_and_evaluate(config, workdir)
+  return workdir, config, jax.device_get(final)
+
+
+def _copy(trained, tmp_path):
+  workdir = str(tmp_path / "run")
+  shutil.copytree(trained[0], workdir)
+  return workdir
+
+
+def test_sigkill_at_a_random_step_then_resume_is_bitwise_exact(tmp_path, text):
+  """SIGKILL at a random step (mid-step or mid-save), restart: the final state, parameters and
+  optimizer state, is bitwise that of an uninterrupted run of the same length."""
+  num_steps, every = 150, 10
+  kill_at = random.randint(3 * every, 100)
+  overrides = {"train.num_steps": num_steps, "train.checkpoint_every": every,
+               "train.log_every": 1, "train.eval_every": 0}
+  reference_dir, victim_dir = str(tmp_path / "reference"), str(tmp_path / "victim")
+  reference, victim = _cli(reference_dir, text, **overrides), _cli(victim_dir, text, **overrides)
+  _wait_for_step(victim, victim_dir, kill_at)
+  victim.send_signal(signal.SIGKILL)
+  victim.communicate()
+  assert victim.returncode == -signal.SIGKILL, f"kill at step {kill_at}"
+  saved = _steps(victim_dir)
+  assert saved and saved[-1] < num_steps, f"kill at step {kill_at}: checkpoints {saved}"
+  logged = len(_logged_steps(victim_dir))
+
+  restart = _cli(victim_dir, text, **overrides)
+  out, _ = restart.communicate(timeout=300)
+  assert restart.returncode == 0, out
+  # The restart continued from the newest complete checkpoint, not from scratch.
+  assert _logged_steps(victim_dir)[logged] == saved[-1] + 1, f"kill at step {kill_at}"
+  out, _ = reference.communicate(timeout=300)
+  assert reference.returncode == 0, out
+
+  config = _config(text)
+  _assert_bitwise_equal(jax.device_get(_restore(victim_dir, config, num_steps)),
+                        jax.device_get(_restore(reference_dir, config, num_steps)))
+
+
+def test_sigterm_finishes_the_step_saves_and_exits_zero(tmp_path, text):
+  workdir = str(tmp_path / "run")
+  proc = _cli(workdir, text, **{"train.num_steps": 100_000, "train.checkpoint_every": 100_000,
+                          "train.log_every": 1, "train.eval_every": 0})
+  _wait_for_step(proc, workdir, 5)
+  proc.send_signal(signal.SIGTERM)
+  out, _ = proc.communicate(timeout=120)
+  assert proc.returncode == 0, out
+  stopped = int(re.search(r"SIGTERM: stopped after step (\d+)", out).group(1))
+  assert 5 <= stopped < 100_000
+  assert _steps(workdir) == [stopped]  # The only checkpoint: the one the signal asked for.
+  assert int(_restore(workdir, _config(text), stopped).step) == stopped
+  assert max(_logged_steps(workdir)) <= stopped
+
+
+def test_a_half_written_checkpoint_is_removed_with_a_warning_and_the_run_stays_exact(
+    trained, tmp_path, caplog):
+  workdir = _copy(trained, tmp_path)
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  half = os.path.join(ckpt_dir, "20.orbax-checkpoint-tmp-1234567")  # What Orbax writes into.
+  os.rename(os.path.join(ckpt_dir, "20"), half)
+  with caplog.at_level(logging.WARNING):
+    state = train.train_and_evaluate(trained[1], workdir)
+  assert any(half in r.getMessage() for r in caplog.records)
+  assert not os.path.exists(half)
+  assert _steps(workdir) == [5, 10, 15, 20]
+  # Resumed from 15, and the redone steps 16..20 are bitwise the original ones.
+  _assert_bitwise_equal(jax.device_get(state), trained[2])
+
+
+def test_a_truncated_checkpoint_is_set_aside_with_a_warning_and_the_newest_good_one_used(
+    trained, tmp_path, caplog):
+  workdir = _copy(trained, tmp_path)
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  chunks = glob.glob(os.path.join(ckpt_dir, "20", "default", "ocdbt.process_0", "d", "*"))
+  assert chunks
+  for path in chunks:  # Array data cut short, as by a full disk or a crash of the file system.
+    os.truncate(path, os.path.getsize(path) // 2)
+  config = trained[1]
+  checkpoints = checkpoint.Checkpoints(workdir, config)
+  with caplog.at_level(logging.WARNING), checkpoints:
+    state = checkpoints.restore_or_init(_fresh_state(config))
+  assert int(state.step) == 15
+  assert any(os.path.join(ckpt_dir, "20") in r.getMessage() and "cannot be read" in r.getMessage()
+             for r in caplog.records)
+  assert _steps(workdir) == [5, 10, 15]
+  assert len(glob.glob(os.path.join(ckpt_dir, "20.unreadable-*"))) == 1  # Kept, out of the way.
+
+
+def test_unreadable_checkpoints_stop_training_instead_of_starting_over(trained, tmp_path):
+  workdir = _copy(trained, tmp_path)
+  for path in glob.glob(os.path.join(workdir, "checkpoints", "*", "default", "manifest.ocdbt")):
+    os.truncate(path, 10)
+  with pytest.raises(UserError, match=r"no checkpoint in .*checkpoints can be read"):
+    train.train_and_evaluate(trained[1], workdir)
+  assert _steps(workdir) == [5, 10, 15, 20]  # Nothing renamed, nothing new.
+
+
+def test_a_nan_loss_stops_the_run_naming_the_step_and_keeps_the_last_checkpoint(
+    trained, tmp_path, text):
+  """A learning rate of 1e30 makes the resumed run diverge within a few steps; it checkpoints
+  every step, and logs too rarely for the log to be what notices."""
+  workdir = _copy(trained, tmp_path)
+  config = _config(text, num_steps=40, checkpoint_every=1, keep_checkpoints=0, log_every=1000)
+  config.optimizer.learning_rate = 1e30
+  with pytest.raises(UserError, match=r"step \d+") as raised:
+    train.train_and_evaluate(config, workdir)
+  message = str(raised.value)
+  bad_step = int(re.search(r"step (\d+)", message).group(1))
+  assert bad_step > 20
+  saved = _steps(workdir)
+  # Every step before the bad one was saved, the bad one's state was not.
+  assert saved[-1] == bad_step - 1
+  assert os.path.join(workdir, "checkpoints", str(saved[-1])) in message and "intact" in message
+  newest = jax.device_get(_restore(workdir, config, saved[-1]))
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(newest))
+
+
+def test_keep_the_newest_n_plus_the_best_by_validation_bpc(tmp_path, text):
+  config = _config(text, keep_checkpoints=2)
+  manager = checkpoint.make_manager(str(tmp_path), config)
+  bpcs = {1: 3.0, 2: 1.0, 3: 2.0, 4: 4.0, 5: None}
+  for step, bpc in bpcs.items():
+    state = {"step": np.int32(step), "params": {"w": np.full((3,), step, np.float32)}}
+    checkpoint.save(manager, step, state, None if bpc is None else {"validation_bpc": bpc})
+  manager.wait_until_finished()
+  manager.close()
+  assert _steps(tmp_path) == [2, 4, 5]  # The best (2), and the newest two.
+  params, step = checkpoint.restore_params(str(tmp_path), {"w": np.zeros(3, np.float32)}, "best")
+  assert step == 2 and np.asarray(params["w"]).tolist() == [2.0, 2.0, 2.0]
+  params, step = checkpoint.restore_params(str(tmp_path), {"w": np.zeros(3, np.float32)})
+  assert step == 5 and np.asarray(params["w"]).tolist() == [5.0, 5.0, 5.0]
+  with pytest.raises(UserError, match=r"no checkpoint 3 in .*steps: 2, 4, 5"):
+    checkpoint.restore_params(str(tmp_path), {"w": np.zeros(3, np.float32)}, 3)
+
+
+def test_a_new_best_validation_bpc_is_saved_between_scheduled_checkpoints(tmp_path, text):
+  config = _config(text, checkpoint_every=10, num_steps=100)
+  with checkpoint.Checkpoints(str(tmp_path), config) as checkpoints:
+    assert checkpoints.due(10, None, stop=False) and checkpoints.due(100, None, stop=False)
+    assert checkpoints.due(3, None, stop=True)
+    assert not checkpoints.due(3, None, stop=False)
+    assert checkpoints.due(3, {"validation_bpc": 2.0}, stop=False)  # The first is the best yet.
+    checkpoints.save(3, {"params": {"w": np.zeros(2, np.float32)}}, {"validation_bpc": 2.0})
+    assert not checkpoints.due(5, {"validation_bpc": 2.5}, stop=False)
+    assert checkpoints.due(5, {"validation_bpc": 1.5}, stop=False)
+  config.train.checkpoint_every = 0  # Off means off, signals included.
+  assert not checkpoint.Checkpoints(str(tmp_path / "off"), config).due(100, None, stop=True)
+
+
+def test_init_from_another_run_takes_its_params_at_step_0_with_fresh_optimizer_state(
+    trained, tmp_path, text):
+  config = _config(text, num_steps=20)
+  config.checkpoint.init_from = trained[0]
+  fresh = _fresh_state(config)
+  with checkpoint.Checkpoints(str(tmp_path / "finetune"), config) as checkpoints:
+    state = jax.device_get(checkpoints.restore_or_init(fresh))
+  assert int(state.step) == 0
+  _assert_bitwise_equal(state.params, trained[2].params)
+  _assert_bitwise_equal(state.opt_state, jax.device_get(fresh.opt_state))
+  assert _steps(tmp_path / "finetune") == []
+
+
+def test_resume_false_starts_over_and_keeps_the_old_checkpoints_aside(trained, tmp_path, text):
+  workdir = _copy(trained, tmp_path)
+  config = _config(text, num_steps=20)
+  config.checkpoint.resume = False
+  with checkpoint.Checkpoints(workdir, config) as checkpoints:
+    state = checkpoints.restore_or_init(_fresh_state(config))
+  assert int(state.step) == 0
+  assert _steps(workdir) == []
+  aside = glob.glob(os.path.join(workdir, "checkpoints.replaced-*"))
+  assert len(aside) == 1 and sorted(os.listdir(aside[0])) == ["10", "15", "20", "5"]
+
+
+def test_a_workdir_of_another_model_shape_names_the_parameter(trained, tmp_path, text):
+  workdir = _copy(trained, tmp_path)
+  config = _config(text, num_steps=20)
+  config.model.num_layers = 3
+  with pytest.raises(UserError) as raised:
+    train.train_and_evaluate(config, workdir)
+  message = str(raised.value)
+  assert "\n" not in message
+  assert re.search(r"checkpoints/20 holds another model: params/\S+ has shape \(2, .*\) there "
+                   r"but \(3, .*\) with this config", message), message
+  config.model.num_layers, config.model.d_model = 2, 64
+  config.checkpoint.init_from, workdir = trained[0], str(tmp_path / "finetune")
+  with pytest.raises(UserError, match=r"config.checkpoint.init_from=.*params/\S+ has shape"):
+    train.train_and_evaluate(config, workdir)
+
+
+def test_a_workdir_that_is_a_file_is_a_user_error(tmp_path, text):
+  path = tmp_path / "file"
+  path.write_text("not a directory")
+  with pytest.raises(UserError, match=rf"--workdir {re.escape(str(path))} is a file"):
+    train.train_and_evaluate(_config(text), str(path))
+
+
+_UNREADABLE = """
+import sys
+from chartx import train
+from chartx.errors import UserError
+from configs import tiny
+try:
+  train.train_and_evaluate(tiny.get_config(), sys.argv[1])
+except UserError as e:
+  print(e)
+"""
+
+
+def test_an_unreadable_workdir_is_a_user_error(tmp_path):
+  workdir = tmp_path / "locked"
+  workdir.mkdir()
+  command = [sys.executable, "-c", _UNREADABLE, str(workdir)]
+  if os.geteuid() == 0:  # Root reads anything unless it drops the capabilities that allow it.
+    capsh = shutil.which("capsh")
+    if capsh is None:
+      pytest.skip("running as root without capsh: cannot make a directory unreadable")
+    command = [capsh, "--drop=cap_dac_override,cap_dac_read_search", "--", "-c",
+               shlex.join(command)]
+  workdir.chmod(0)
+  try:
+    out = subprocess.run(command, cwd=ROOT, env=_env(), capture_output=True, text=True,
+                         timeout=120).stdout
+  finally:
+    workdir.chmod(0o755)
+  assert f"--workdir {workdir} cannot be read: Permission denied" in out, out
+
+
+_CROSS_MESH = """
+import json, sys
+import jax, numpy as np
+from chartx import checkpoint, data, sharding, train
+from configs import tiny
+
+mesh_shape, workdir, text, out = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+config = tiny.get_config()
+config.data.path = text
+config.mesh.shape = tuple(mesh_shape)
+config.train.update(num_steps=20, checkpoint_every=10, eval_every=0, log_every=10)
+final = train.train_and_evaluate(config, workdir)  # Resumes from step 10 if it is there.
+# Evaluation's restore: parameters only, onto this process's mesh.
+corpus = data.load_corpus(config.data)
+task = train.make_task(config, corpus.vocab.size)
+mesh = sharding.make_mesh(config)
+like, _ = train.create_train_state(task, jax.random.key(1), config.data.seq_len, mesh,
+                                   sharding.logical_rules(config))
+params, step = checkpoint.restore_params(workdir, like.params, step=10)
+assert step == 10
+for restored, target in zip(jax.tree.leaves(params), jax.tree.leaves(like.params)):
+  assert restored.sharding == target.sharding, (restored.sharding, target.sharding)
+flat = lambda prefix, tree: {prefix + jax.tree_util.keystr(k): np.asarray(v)
+                             for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+np.savez(out, **flat("final", final.params), **flat("step10", params))
+print("devices", jax.device_count(), "step", int(final.step))
+"""
+
+
+def test_save_on_8_devices_restore_on_1_and_4_for_training_and_eval(tmp_path, text):
+  """The 8-device run (mesh data 2 x fsdp 2 x tensor 2) trains 20 steps. Copies of its workdir
+  without checkpoint 20 resume from step 10 on 1 device and on 4 (fsdp 4): their step-10
+  parameters are bitwise the 8-device ones, and their step-20 ones match up to float rounding."""
+  def start(devices, mesh_shape, workdir):
+    return subprocess.Popen(
+        [sys.executable, "-c", _CROSS_MESH, json.dumps(mesh_shape), workdir, text,
+         str(tmp_path / f"{devices}.npz")],
+        cwd=ROOT, env=_env(devices), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+  def finish(proc):
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    return out
+
+  source = str(tmp_path / "devices8")
+  assert "devices 8 step 20" in finish(start(8, [2, 2, 2], source))
+  resumed = {}
+  for devices, mesh_shape in ((1, [1, 1, 1]), (4, [1, 4, 1])):
+    workdir = str(tmp_path / f"devices{devices}")
+    shutil.copytree(source, workdir)
+    shutil.rmtree(os.path.join(workdir, "checkpoints", "20"))
+    os.remove(os.path.join(workdir, "metrics.jsonl"))
+    resumed[devices] = start(devices, mesh_shape, workdir)
+  for devices, proc in resumed.items():
+    assert f"devices {devices} step 20" in finish(proc)
+    assert _logged_steps(str(tmp_path / f"devices{devices}")) == [20]  # Not 10: it resumed.
+  results = {d: dict(np.load(tmp_path / f"{d}.npz")) for d in (8, 1, 4)}
+  for devices in (1, 4):
+    for key, value in results[8].items():
+      if key.startswith("step10"):
+        assert value.tobytes() == results[devices][key].tobytes(), (devices, key)
+      else:
+        np.testing.assert_allclose(results[devices][key], value, rtol=1e-4, atol=1e-6,
+                                   err_msg=f"{devices} devices: {key}")
