@@ -250,6 +250,7 @@ class Progress:
       if self._terminal:
         self._bar = tqdm.tqdm(total=self.total, initial=self.n, desc=self.desc, unit=self.unit,
                               file=self._file, dynamic_ncols=True)
+        n = 0  # Already counted in `initial`.
     if self._bar is not None:
       if postfix:
         self._bar.set_postfix_str(_format_postfix(self._postfix, ", "), refresh=False)

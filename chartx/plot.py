@@ -170,7 +170,7 @@ def plot(runs: Sequence[str], out: str, title: str | None = None) -> str:
         bpc_curves.append(ey_N)
     _, train_N = series(rs, "bpc")
     if len(train_N):
-      final.append(f"train {smooth(train_N)[-1]:.3f}")
+      final.append(f"train (smoothed) {smooth(train_N)[-1]:.3f}")
     for key in eval_keys(rs):
       _, ey_N = series(rs, key)
       final.append(f"{key.removesuffix('_bpc').replace('_', ' ')} {ey_N[-1]:.3f}")
