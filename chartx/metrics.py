@@ -312,7 +312,7 @@ def _per_sec(count: float, seconds: float) -> float:
 
 
 def _rate(rate: float, unit: str) -> str:
-  return f"{rate:.3g} {unit}/s" if rate >= 0.1 else f"{format_duration(1 / rate) if rate else '?'}/{unit}"
+  return f"{format_number(rate)} {unit}/s" if rate >= 0.1 else f"{format_duration(1 / rate) if rate else '?'}/{unit}"
 
 
 def _is_terminal(file: TextIO) -> bool:
