@@ -9,6 +9,7 @@
 Workdirs may be local paths or fsspec URLs (gs:// with the `gcs` extra installed).
 """
 
+import itertools
 import json
 import math
 import os
@@ -28,6 +29,7 @@ TIME_KEYS = ("wall_time", "elapsed")
 # A remote object cannot be appended to: it is rewritten whole at most this often (and on close),
 # as tensorboardX does with its event files on GCS.
 _REMOTE_FLUSH_SECS = 60.0
+_writer_ids = itertools.count()
 
 
 def _is_remote(path: str) -> bool:
@@ -52,6 +54,16 @@ def _read_text(path: str) -> str | None:
     return None
   with open(path, encoding="utf-8") as f:
     return f.read()
+
+
+def _read_tail(path: str, size: int) -> str | None:
+  """The last `size` bytes of a local file (from a line start), or None if there is no such file."""
+  if not os.path.exists(path):
+    return None
+  with open(path, "rb") as f:
+    f.seek(0, os.SEEK_END)
+    f.seek(max(f.tell() - size, 0))
+    return f.read().decode("utf-8", errors="replace")
 
 
 def _parse_lines(text: str) -> Iterator[dict[str, Any]]:
@@ -95,11 +107,10 @@ class MetricWriter:
       return
     self._path = os.path.join(workdir, METRICS_FILE)
     self._remote = _is_remote(workdir)
-    text = _read_text(self._path) or ""
-    last = None
-    for last in _parse_lines(text[-(1 << 18):]):
-      pass
-    self._offset = float(last.get("elapsed", 0.0)) if last else 0.0
+    # The end of the file is enough to continue the clock and to see what a restart redoes.
+    text = (_read_text(self._path) if self._remote else _read_tail(self._path, 1 << 20)) or ""
+    tail = list(_parse_lines(text[-(1 << 20):]))
+    self._offset = float(tail[-1].get("elapsed", 0.0)) if tail else 0.0
     self._start = time.time()
     if self._remote:
       # The whole file is rewritten on flush; a partial last line from a killed run is dropped.
@@ -110,9 +121,12 @@ class MetricWriter:
       self._jsonl = open(self._path, "a", encoding="utf-8")
       if text and not text.endswith("\n"):
         self._jsonl.write("\n")  # End a line cut short by a killed run before appending.
-    resumed = start_step is not None and last is not None and last["step"] > start_step
+    resumed = start_step is not None and any(r["step"] > start_step for r in tail)
+    # tensorboardX names event files by the second they open: the suffix keeps two writers
+    # opened within one second from overwriting each other's file.
     self._tb = tensorboardX.SummaryWriter(logdir=workdir, flush_secs=30,
-                                          purge_step=start_step + 1 if resumed else None)
+                                          purge_step=start_step + 1 if resumed else None,
+                                          filename_suffix=f".{os.getpid()}.{next(_writer_ids)}")
     if resumed:
       self._append({"step": int(start_step), "event": "resume"})
 
