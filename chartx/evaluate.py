@@ -158,41 +158,40 @@ class Restored:
   rules: tuple
 
 
-def restore(config: ml_collections.ConfigDict, workdir: str, vocab_size: int,
-            step: int = -1) -> Restored:
-  """The parameters of checkpoint `step` in WORKDIR/checkpoints (-1: the newest), sharded as in training.
+def checkpoint_step(config: ml_collections.ConfigDict) -> int | str | None:
+  """What eval.step and eval.best select, as checkpoint.restore_params takes it."""
+  step, best = config.eval.step, config.eval.best
+  if step < -1:
+    raise UserError(f"config.eval.step must be a checkpoint step or -1 (the newest), got {step}")
+  if best and step != -1:
+    raise UserError(f"config.eval.step={step} and config.eval.best=True both choose a checkpoint; "
+                    "set one of them")
+  return "best" if best else None if step == -1 else step
 
-  Nothing is initialized: the state's shapes and shardings come from jax.eval_shape.
+
+def restore(config: ml_collections.ConfigDict, workdir: str, vocab_size: int) -> Restored:
+  """The parameters of the checkpoint that eval.step/eval.best choose, sharded as in training.
+
+  Only the parameters are read (not the optimizer state), onto shapes and shardings that
+  jax.eval_shape gives, so nothing is initialized and the mesh may differ from training's.
   """
-  from chartx import train  # pylint: disable=import-outside-toplevel  (train imports this module)
-  task = train.make_task(config, vocab_size)
+  step = checkpoint_step(config)
+  model = model_lib.Transformer(model_lib.ModelConfig.from_config(config, vocab_size))
   mesh = sharding.make_mesh(config)
   rules = sharding.logical_rules(config)
-  manager = checkpoint.make_manager(workdir, config)
+  tokens_1xT = jnp.zeros((1, config.data.seq_len), jnp.int32)
+  boxed = jax.eval_shape(lambda rng: model.init(rng, tokens_1xT)["params"], jax.random.key(0))
+  shardings = sharding.logical_shardings(boxed, mesh, rules)
+  params_like = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                             flax.linen.unbox(boxed), shardings)
   try:
-    steps = sorted(manager.all_steps())
-    if not steps:
-      raise UserError(f"no checkpoint in {os.path.join(workdir, 'checkpoints')}: train first "
-                      "(--mode=train) or pass the workdir of a trained run")
-    if step == -1:
-      step = steps[-1]
-    elif step not in steps:
-      raise UserError(f"config.eval.step={step}: no such checkpoint in {workdir} "
-                      f"(steps: {', '.join(map(str, steps))}; -1 means the newest)")
-    init = functools.partial(train.init_state, task, seq_len=config.data.seq_len)
-    boxed = jax.eval_shape(init, jax.random.key(0))
-    shardings = sharding.logical_shardings(boxed, mesh, rules)
-    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                            flax.linen.unbox(boxed), shardings)
-    try:
-      state = checkpoint.restore(manager, abstract, step)
-    except (ValueError, KeyError, TypeError) as e:
-      raise UserError(f"checkpoint {step} in {workdir} does not match the config's model "
-                      f"(model.*, loss.multiple_targets or optimizer.* differ?): {str(e).splitlines()[0]}")
-  finally:
-    manager.close()
-  return Restored(model=task.model.clone(deterministic=True, all_layers=False), params=state.params,
-                  step=step, mesh=mesh, rules=rules)
+    params, step = checkpoint.restore_params(workdir, params_like, step)
+  except UserError as e:
+    if step is None:
+      raise
+    key = "config.eval.best=True" if step == "best" else f"config.eval.step={step}"
+    raise UserError(f"{key}: {e}") from None
+  return Restored(model=model, params=params, step=step, mesh=mesh, rules=rules)
 
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -202,7 +201,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
   check_eval_config(config, mesh)
   corpus = data.load_corpus(config.data)
   ids_N = eval_ids(config, corpus)
-  restored = restore(config, workdir, corpus.vocab.size, config.eval.step)
+  restored = restore(config, workdir, corpus.vocab.size)
   split, seq_len, stride = config.eval.split, config.data.seq_len, config.eval.stride
   score = jit_score_fn(model_score_fn(restored.model), restored.mesh)
   start = time.time()

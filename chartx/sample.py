@@ -156,13 +156,13 @@ def vocab_for(data_config: ml_collections.ConfigDict) -> data.Vocab:
 
 
 def sample_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> str:
-  """--mode=sample: the prompt and its continuation, from checkpoint eval.step (-1: newest)."""
+  """--mode=sample: the prompt and its continuation, from the checkpoint eval.step/eval.best choose."""
   vocab = vocab_for(config.data)
   prompt_ids = encode_prompt(vocab, config.sample.prompt)
   sampling = SamplingConfig.from_config(config, vocab.size)
   if config.sample.num_chars < 1:
     raise UserError(f"config.sample.num_chars must be >= 1, got {config.sample.num_chars}")
-  restored = evaluate.restore(config, workdir, vocab.size, config.eval.step)
+  restored = evaluate.restore(config, workdir, vocab.size)
   context = config.data.seq_len  # The positions the model was trained on.
   generate = make_generate(model_tokens_to_logits(restored.model), context=context,
                            num_chars=config.sample.num_chars, sampling=sampling)

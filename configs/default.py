@@ -95,6 +95,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval.max_chars = 0  # Evaluate only this prefix of the split; 0 means the whole split.
   config.eval.batch_size = 16  # Windows per eval batch (global).
   config.eval.step = -1  # Checkpoint step for --mode=eval/sample; -1 means the newest.
+  config.eval.best = False  # --mode=eval/sample: the checkpoint with the lowest validation bpc instead.
 
   config.sample = ml_collections.ConfigDict()
   config.sample.prompt = "The "  # Text the sample continues.

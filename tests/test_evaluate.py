@@ -92,11 +92,22 @@ def test_bad_eval_keys_raise_user_errors(tiny_config):
     evaluate.check_eval_config(tiny_config, mesh)
 
 
-def test_restore_names_missing_steps(tiny_config, trained_workdir, tmp_path):
+def test_restore_chooses_newest_given_or_best_checkpoint(tiny_config, trained_workdir, tmp_path):
   workdir, _ = trained_workdir
+  assert evaluate.restore(tiny_config, workdir, 256).step == 20
+  tiny_config.eval.step = 10
+  assert evaluate.restore(tiny_config, workdir, 256).step == 10
+  tiny_config.eval.best = True  # Together with a step: ambiguous.
+  with pytest.raises(UserError, match="config.eval.step=10 and config.eval.best=True"):
+    evaluate.restore(tiny_config, workdir, 256)
+  tiny_config.eval.step = -1  # Only step 20 was validated, so it is the best.
+  assert evaluate.restore(tiny_config, workdir, 256).step == 20
+  tiny_config.eval.best = False
+  tiny_config.eval.step = 15
   with pytest.raises(UserError, match=r"config.eval.step=15: .*steps: 10, 20"):
-    evaluate.restore(tiny_config, workdir, 256, step=15)
-  with pytest.raises(UserError, match="no checkpoint"):
+    evaluate.restore(tiny_config, workdir, 256)
+  tiny_config.eval.step = -1
+  with pytest.raises(UserError, match="no checkpoint in"):
     evaluate.restore(tiny_config, str(tmp_path), 256)
 
 
