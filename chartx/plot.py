@@ -144,6 +144,11 @@ def plot(runs: Sequence[str], out: str, title: str | None = None) -> str:
     raise UserError("chartx.plot needs matplotlib: pip install 'chartx[plot]'") from None
 
   records = {run: metrics.read_metrics(run) for run in runs}
+  # Line styles by name, the same in every run and in the legends.
+  held_out = list(dict.fromkeys(k for rs in records.values() for k in eval_keys(rs)))
+  weights = sorted({n for rs in records.values() for n in weight_series(rs)},
+                   key=lambda n: (n != "intermediate layers", n))
+  dashes = ("-", "--", ":", "-.")
   max_elapsed = max((r.get("elapsed", 0.0) for rs in records.values() for r in rs), default=0.0)
   time_scale, time_unit = _time_axis(max_elapsed)
   colors = plt.get_cmap("tab10").colors
@@ -161,12 +166,13 @@ def plot(runs: Sequence[str], out: str, title: str | None = None) -> str:
         ax.plot(x_N, y_N, color=color, alpha=0.2, linewidth=0.8)
         ax.plot(x_N, smooth(y_N), color=color, linewidth=1.4)
         bpc_curves.append(smooth(y_N))  # The raw points may run off the limits.
-      for j, key in enumerate(eval_keys(rs)):
+      for key in eval_keys(rs):
         ex_N, ey_N = series(rs, key, x)
         if x == "elapsed":
           ex_N = ex_N / time_scale
+        j = held_out.index(key)
         ax.plot(ex_N, ey_N, color=color, linewidth=2.2, marker="os^v"[j % 4], markersize=4,
-                linestyle="--" if j else "-")
+                linestyle=dashes[j % 4])
         bpc_curves.append(ey_N)
     _, train_N = series(rs, "bpc")
     if len(train_N):
@@ -174,10 +180,10 @@ def plot(runs: Sequence[str], out: str, title: str | None = None) -> str:
     for key in eval_keys(rs):
       _, ey_N = series(rs, key)
       final.append(f"{key.removesuffix('_bpc').replace('_', ' ')} {ey_N[-1]:.3f}")
-    for j, (name, (x_N, w_N)) in enumerate(weight_series(rs).items()):
+    for name, (x_N, w_N) in weight_series(rs).items():
       # Runs often share a schedule: each later run is drawn thinner on top, so all show.
       ax_weight.step(x_N, w_N, where="post", color=color, linewidth=max(4.5 - 1.2 * i, 1.0),
-                     linestyle=("-", "--", ":", "-.")[j % 4])
+                     linestyle=dashes[weights.index(name) % 4])
     steps = max((r["step"] for r in rs), default=0)
     handles.append(Line2D([], [], color=color, linewidth=2.2,
                           label=f"{label}  (step {steps:,}; bpc {', '.join(final) or 'none logged'})"))
@@ -191,21 +197,21 @@ def plot(runs: Sequence[str], out: str, title: str | None = None) -> str:
       ax.set_ylim(*limits)
   ax_step.set_title("bpc against steps")
   ax_time.set_title("bpc against wall-clock time")
-  ax_step.legend(handles=[Line2D([], [], color="gray", linewidth=1.4, label="train (smoothed; faint: raw)"),
-                          Line2D([], [], color="gray", linewidth=2.2, marker="o", markersize=4,
-                                 label="validation")], loc="upper right", fontsize=8)
+  ax_step.legend(handles=[Line2D([], [], color="gray", linewidth=1.4, label="train (smoothed; faint: raw)")] + [
+      Line2D([], [], color="gray", linewidth=2.2, marker="os^v"[j % 4], markersize=4,
+             linestyle=dashes[j % 4], label=key.removesuffix("_bpc").replace("_", " "))
+      for j, key in enumerate(held_out)], loc="upper right", fontsize=8)
 
   ax_weight.set_title("auxiliary-loss weights")
   ax_weight.set_xlabel("step")
   ax_weight.set_ylabel("weight")
   ax_weight.set_ylim(-0.05, 1.1)
   ax_weight.grid(alpha=0.3)
-  names = sorted({n for rs in records.values() for n in weight_series(rs)}, key=lambda n: n != "intermediate layers")
-  if names:
-    ax_weight.legend(handles=[Line2D([], [], color="gray", linewidth=1.6, linestyle=("-", "--", ":", "-.")[j % 4],
+  if weights:
+    ax_weight.legend(handles=[Line2D([], [], color="gray", linewidth=1.6, linestyle=dashes[j % 4],
                                      label=("intermediate layers: share with loss on" if n == "intermediate layers"
                                             else f"target {n}: weight"))
-                              for j, n in enumerate(names)], loc="upper right", fontsize=8)
+                              for j, n in enumerate(weights)], loc="upper right", fontsize=8)
   else:
     ax_weight.text(0.5, 0.5, "no weight/* metrics logged", ha="center", va="center",
                    transform=ax_weight.transAxes, color="gray")
