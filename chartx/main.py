@@ -24,9 +24,9 @@ def run(argv) -> None:
   if len(argv) > 1:
     raise UserError(f"unexpected arguments: {' '.join(argv[1:])}")
   # Imported late so --help and flag errors do not wait for JAX.
+  from chartx import distributed
+  distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   import jax
-  from chartx import sharding
-  sharding.initialize_processes(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   if jax.process_index() != 0:
     logging.set_verbosity(logging.ERROR)  # Process 0 alone logs, prints and writes metrics.
   if _MODE.value == "eval":

@@ -231,7 +231,11 @@ class Transformer(nn.Module):
   def __call__(self, tokens_BxT: jax.Array) -> jax.Array:
     """Returns h_LxBxTxD if all_layers else h_BxTxD (before the per-layer head norm)."""
     cfg = self.cfg
-    x_BxTxD = self.embedding[tokens_BxT].astype(cfg.compute_dtype)
+    # Gather the table's fsdp-sharded embed axis before the lookup (as FSDP does for any weight):
+    # the lookup and its gradient then stay batch-sharded, where XLA would otherwise move the
+    # activations through a full replication to match the table.
+    table_VxD = nn.with_logical_constraint(self.embedding, ("vocab", None))
+    x_BxTxD = table_VxD[tokens_BxT].astype(cfg.compute_dtype)
     if not cfg.per_layer_positions:
       x_BxTxD = x_BxTxD + self.pos_embedding[:tokens_BxT.shape[1]].astype(cfg.compute_dtype)
     x_BxTxD = self.dropout(x_BxTxD, deterministic=self.deterministic)

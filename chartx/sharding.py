@@ -1,24 +1,34 @@
-"""Device mesh, logical-axis rules and the shardings of the train state and batches.
+"""Device mesh, logical-axis rules, the shardings of the train state and batches, and processes.
 
-The mesh has three axes: "data" (pure data parallelism), "fsdp" (data parallelism whose
-parameters and optimizer state are sharded too) and "tensor" (tensor parallelism inside a
-layer). Parameters carry logical axis names (chartx.model); config.mesh.rules maps them to
-mesh axes, so one config change moves a run from a laptop to a pod.
+The mesh has three axes: "data" (data parallelism, parameters replicated), "fsdp" (data
+parallelism whose parameters and optimizer state are sharded too, and gathered where a layer
+uses them) and "tensor" (tensor parallelism inside a layer: heads, feed-forward units and the
+vocabulary are split). Parameters and activations carry logical axis names (chartx.model);
+config.mesh.rules maps them to mesh axes, so one config change moves a run from a laptop, mesh
+(1, 1, 1), to a pod, e.g. (-1, 8, 1).
+
+Several hosts run the same program over one global mesh (chartx.distributed starts them): each
+process feeds its own rows of the global batch (process_slice, global_batch).
 """
 
+import collections
+import functools
 import math
-from typing import Any
+from typing import Any, Callable, Mapping
 
 import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from absl import logging
+from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionSpec
 
 from chartx.errors import UserError
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
+# (logical axis name, mesh axes): the first rule whose mesh axes an array has not used yet wins.
+Rules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
 
 
 def mesh_shape(config: ml_collections.ConfigDict, num_devices: int) -> tuple[int, ...]:
@@ -40,45 +50,201 @@ def mesh_shape(config: ml_collections.ConfigDict, num_devices: int) -> tuple[int
 
 
 def make_mesh(config: ml_collections.ConfigDict, devices: list[Any] | None = None) -> Mesh:
-  devices = jax.devices() if devices is None else devices
+  """The (data, fsdp, tensor) mesh over `devices`, by default every device of every process.
+
+  jax.make_mesh lays TPU devices out along the physical torus and keeps the order of the others.
+  The axes are Auto: the compiler propagates shardings from the ones chartx sets.
+  """
+  devices = jax.devices() if devices is None else list(devices)
   shape = mesh_shape(config, len(devices))
-  return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
+  try:
+    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
+                         devices=devices)
+  except (ValueError, NotImplementedError) as e:
+    raise UserError(f"config.mesh.shape={shape} does not fit the topology of the "
+                    f"{devices[0].device_kind} devices: {str(e).splitlines()[0]}") from e
 
 
-def logical_rules(config: ml_collections.ConfigDict) -> tuple[tuple[str, Any], ...]:
-  return tuple((name, tuple(axes) if isinstance(axes, (list, tuple)) else axes)
-               for name, axes in config.mesh.rules)
+def logical_rules(config: ml_collections.ConfigDict) -> Rules:
+  """config.mesh.rules, checked: each a (logical name, mesh axis | tuple of them | None) pair."""
+  rules = []
+  for rule in config.mesh.rules:
+    if len(rule) != 2 or not isinstance(rule[0], str):
+      raise UserError(f"config.mesh.rules: {rule!r} is not a (logical axis name, mesh axes) pair")
+    name, axes = rule
+    axes = axes if axes is None or isinstance(axes, str) else tuple(axes)
+    unknown = [a for a in _axis_tuple(axes) if a not in MESH_AXES]
+    if unknown:
+      raise UserError(f"config.mesh.rules: ({name!r}, {axes!r}) names mesh axis {unknown[0]!r}; "
+                      f"the mesh axes are {', '.join(MESH_AXES)}")
+    rules.append((name, axes))
+  return tuple(rules)
 
 
-def data_parallel_size(mesh: Mesh) -> int:
+def _axis_tuple(axes: str | tuple[str, ...] | None) -> tuple[str, ...]:
+  return () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+
+
+def data_parallel_size(mesh: Mesh | AbstractMesh) -> int:
   return math.prod(mesh.shape[a] for a in BATCH_AXES)
 
 
-def check_batch(batch_size: int, mesh: Mesh, key: str) -> None:
-  """The global batch must split evenly over the data-parallel devices and the processes."""
+def check_batch(batch_size: int, mesh: Mesh | AbstractMesh, key: str) -> None:
+  """The global batch must split evenly over the data-parallel devices (so over the processes too)."""
   size = data_parallel_size(mesh)
-  if batch_size % size:
-    raise UserError(f"{key}={batch_size} is not divisible by the {size} data-parallel devices "
-                    f"(mesh data x fsdp = {mesh.shape['data']} x {mesh.shape['fsdp']})")
-  if batch_size % jax.process_count():
-    raise UserError(f"{key}={batch_size} is not divisible by the {jax.process_count()} processes")
+  if batch_size < 1 or batch_size % size:
+    raise UserError(f"{key}={batch_size} is not a positive multiple of the {size} data-parallel "
+                    f"devices (mesh data x fsdp = {mesh.shape['data']} x {mesh.shape['fsdp']})")
 
 
-def batch_sharding(mesh: Mesh) -> NamedSharding:
+def batch_sharding(mesh: Mesh | AbstractMesh) -> NamedSharding:
   """Batches split their leading axis over data and fsdp, and are replicated over tensor."""
   return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
 
 
-def replicated(mesh: Mesh) -> NamedSharding:
+def replicated(mesh: Mesh | AbstractMesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
 
 
-def logical_shardings(abstract_boxed: Any, mesh: Mesh, rules: tuple) -> Any:
-  """NamedShardings for a (possibly nn.Partitioned-boxed) abstract tree; unboxed leaves replicate."""
-  specs = nn.get_partition_spec(abstract_boxed)
-  return nn.logical_to_mesh_sharding(specs, mesh, rules)
+def logical_shardings(abstract_boxed: Any, mesh: Mesh | AbstractMesh, rules: Rules) -> Any:
+  """NamedShardings for a tree whose nn.Partitioned leaves carry logical axis names; the rest replicate.
+
+  The result has a NamedSharding where the tree has an nn.Partitioned box, so it is also the
+  sharding tree of the unboxed state. A dimension that its mesh axes do not divide (text8's 27
+  symbols over tensor=2) stays whole instead of failing to compile, and a warning names it.
+  """
+  def one(path, leaf) -> NamedSharding:
+    if not isinstance(leaf, nn.Partitioned):
+      return NamedSharding(mesh, PartitionSpec())
+    spec = []
+    for name, size, axes in zip(leaf.names, leaf.value.shape, nn.logical_to_mesh_axes(leaf.names, rules)):
+      ways = math.prod(mesh.shape[a] for a in _axis_tuple(axes))
+      if size % ways:
+        logging.warning("%s: its %r dimension (%d) does not divide over mesh axes %s (%d ways); "
+                        "kept whole", jax.tree_util.keystr(path, simple=True, separator="/"),
+                        name, size, axes, ways)
+        axes = None
+      spec.append(axes)
+    return NamedSharding(mesh, PartitionSpec(*spec))
+  return jax.tree_util.tree_map_with_path(one, abstract_boxed,
+                                          is_leaf=lambda x: isinstance(x, nn.Partitioned))
+
+
+def slice_of_process(rows_of_process: Mapping[int, set[tuple[int, int]]], process: int) -> tuple[int, int]:
+  """(index, count) from the row blocks (start, stop) of the global batch that each process's devices hold.
+
+  Processes that hold the same blocks (a tensor axis spanning processes) get the same index.
+  """
+  groups = sorted({frozenset(blocks) for blocks in rows_of_process.values()}, key=min)
+  blocks = [b for group in groups for b in group]
+  if len(blocks) != len(set(blocks)) or len({len(group) for group in groups}) != 1:
+    raise UserError("config.mesh.shape puts parts of the same batch rows on different sets of "
+                    "processes; make the tensor axis divide or be divided by the devices per host")
+  return groups.index(frozenset(rows_of_process[process])), len(groups)
+
+
+@functools.lru_cache(maxsize=None)
+def process_slice(mesh: Mesh, batch_size: int) -> tuple[int, int]:
+  """(index, count): this process feeds slice `index` of `count` equal slices of the global batch.
+
+  Pass them to data.train_batch(process_index=index, process_count=count), then the rows to
+  global_batch. count is the process count when the batch axes span the processes, fewer when
+  processes hold replicas. Where a process's rows are not contiguous in the global array (a TPU
+  torus order), make_array_from_process_local_data places its slice in order: a batch is a
+  set of windows, so the row order does not matter.
+  """
+  check_batch(batch_size, mesh, "the batch size")
+  rows_of_process = collections.defaultdict(set)
+  for device, (rows,) in batch_sharding(mesh).devices_indices_map((batch_size,)).items():
+    rows_of_process[device.process_index].add((rows.start or 0, rows.stop or batch_size))
+  return slice_of_process(rows_of_process, jax.process_index())
 
 
 def global_batch(local_BxS: np.ndarray, mesh: Mesh) -> jax.Array:
-  """Assembles the global batch from this process's rows (its slice of the global batch)."""
+  """Assembles the global batch from this process's rows (its process_slice of the global batch)."""
   return jax.make_array_from_process_local_data(batch_sharding(mesh), local_BxS)
+
+
+class MeshJit:
+  """A jitted function that is traced, lowered and called under its mesh and logical-axis rules.
+
+  flax's with_logical_constraint does nothing unless both are in context when the function is
+  traced, and jit's cache does not see the rules: binding them here makes the activations'
+  shardings independent of where the first call happens, and the cache key the same every call.
+  """
+
+  def __init__(self, fn: Callable, mesh: Mesh, rules: Rules, **jit_kwargs: Any):
+    self._jitted = jax.jit(fn, **jit_kwargs)
+    self.mesh, self.rules = mesh, rules
+
+  def __call__(self, *args: Any) -> Any:
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+      return self._jitted(*args)
+
+  def lower(self, *args: Any) -> Any:
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+      return self._jitted.lower(*args)
+
+
+def jit_sharded(fn: Callable, mesh: Mesh, rules: Rules, *, in_shardings: Any, out_shardings: Any,
+                donate_argnums: int | tuple[int, ...] = ()) -> MeshJit:
+  """jax.jit(fn) with explicit in/out shardings, bound to the mesh and rules (see MeshJit)."""
+  return MeshJit(fn, mesh, rules, in_shardings=in_shardings, out_shardings=out_shardings,
+                 donate_argnums=donate_argnums)
+
+
+def _leaves(tree: Any, shardings: Any) -> list[tuple[str, Any, NamedSharding]]:
+  arrays = jax.tree_util.tree_flatten_with_path(tree)[0]
+  specs = jax.tree.leaves(shardings, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
+  if len(arrays) != len(specs):
+    raise ValueError(f"{len(arrays)} arrays but {len(specs)} shardings")
+  return [(jax.tree_util.keystr(path, simple=True, separator="/"), x, s)
+          for (path, x), s in zip(arrays, specs)]
+
+
+def largest_replicated(tree: Any, shardings: Any) -> tuple[str, tuple[int, ...], int] | None:
+  """(name, shape, bytes) of the largest array that every device holds whole; None if there is none."""
+  whole = [(x.size * x.dtype.itemsize, name, tuple(x.shape))
+           for name, x, s in _leaves(tree, shardings) if s.is_fully_replicated]
+  if not whole:
+    return None
+  nbytes, name, shape = max(whole)
+  return name, shape, nbytes
+
+
+def bytes_per_device(tree: Any, shardings: Any) -> int:
+  """The bytes of `tree` that each device holds (shardings split arrays evenly)."""
+  return sum(math.prod(s.shard_shape(x.shape)) * x.dtype.itemsize
+             for _, x, s in _leaves(tree, shardings))
+
+
+def describe(tree: Any, shardings: Any) -> str:
+  """A table of how `tree` (arrays or jax.ShapeDtypeStructs, e.g. state.params) lies on the mesh.
+
+  shardings is the matching tree of NamedShardings (e.g. create_train_state's shardings.params),
+  whose mesh may be an AbstractMesh: a pod's layout can be read on a laptop.
+  """
+  leaves = _leaves(tree, shardings)
+  mesh = leaves[0][2].mesh
+  total = sum(x.size * x.dtype.itemsize for _, x, _ in leaves)
+  per_device = bytes_per_device(tree, shardings)
+  axes = " ".join(f"{a}={n}" for a, n in mesh.shape.items())
+  lines = [f"mesh {axes} ({mesh.size} devices): {sum(x.size for _, x, _ in leaves):,} parameters, "
+           f"{_bytes(total)} in all, {_bytes(per_device)} on each device"]
+  largest = largest_replicated(tree, shardings)
+  lines.append("largest array every device holds whole: " + (
+      f"{largest[0]} {largest[1]}, {_bytes(largest[2])}" if largest else "none"))
+  width = max(len(name) for name, _, _ in leaves)
+  for name, x, s in leaves:
+    spec = ", ".join(str(a) for a in s.spec) if s.spec else "replicated"
+    lines.append(f"  {name:<{width}}  {str(tuple(x.shape)):<18} {spec:<32} "
+                 f"per device {tuple(s.shard_shape(x.shape))}")
+  return "\n".join(lines)
+
+
+def _bytes(nbytes: float) -> str:
+  """1,234 B, 5.6 KiB, 7.8 MiB or 9.1 GiB."""
+  if nbytes < 1024:
+    return f"{nbytes:,.0f} B"
+  exponent = min(int(math.log(nbytes, 1024)), 3)
+  return f"{nbytes / 1024**exponent:,.1f} {('KiB', 'MiB', 'GiB')[exponent - 1]}"

@@ -122,11 +122,18 @@ def flatten_metrics(out: dict[str, np.ndarray], loss_cfg: losses.LossConfig) -> 
   return scalars
 
 
-def jit_train_step(task: Task, mesh: jax.sharding.Mesh, shardings: TrainState) -> Callable:
-  """The train step compiled once, with explicit shardings and the old state's buffers donated."""
-  return jax.jit(functools.partial(train_step, task),
-                 in_shardings=(shardings, sharding.batch_sharding(mesh), sharding.replicated(mesh)),
-                 out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
+def jit_train_step(task: Task, mesh: jax.sharding.Mesh, shardings: TrainState,
+                   rules: sharding.Rules | None = None) -> sharding.MeshJit:
+  """The train step compiled once, with explicit shardings and the old state's buffers donated.
+
+  It is traced under the mesh and `rules` (None: the logical-axis rules in context now), which
+  the activations' sharding constraints need.
+  """
+  rules = flax.linen.get_logical_axis_rules() if rules is None else rules
+  return sharding.jit_sharded(
+      functools.partial(train_step, task), mesh, rules,
+      in_shardings=(shardings, sharding.batch_sharding(mesh), sharding.replicated(mesh)),
+      out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
 
 
 def make_logits_fn(task: Task, params: Any) -> Callable[[jax.Array], jax.Array]:
@@ -166,7 +173,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   state = ckpts.restore_or_init(state)
   start_step = int(state.step)
 
-  step_fn = jit_train_step(task, mesh, shardings)
+  step_fn = jit_train_step(task, mesh, shardings, rules)
+  # The slice of each global batch this process feeds (processes holding replicas share one).
+  slice_index, slice_count = sharding.process_slice(mesh, config.train.batch_size)
   eval_ids = evaluate.eval_ids(config, corpus) if config.train.eval_every else None
   score = evaluate.jit_score_fn(evaluate.model_score_fn(task.model), mesh)
 
@@ -179,8 +188,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     for step in range(start_step, config.train.num_steps):
       local_BxS = data.train_batch(corpus.train, seed=config.seed, step=step,
                                    batch_size=config.train.batch_size, length=seq_len + num_targets,
-                                   process_index=jax.process_index(),
-                                   process_count=jax.process_count())
+                                   process_index=slice_index, process_count=slice_count)
       state, out = step_fn(state, sharding.global_batch(local_BxS, mesh), dropout_rng)
       # Wait for the previous step (and read its metrics) only now that this one is queued.
       if unchecked is not None:

@@ -1,0 +1,134 @@
+"""The sharded train step on 8 simulated CPU devices, against one device; run by test_sharding.py.
+
+    python tests/sharding_worker.py OUT.json
+
+XLA_FLAGS must be set before JAX is imported, so this runs as its own process. For each mesh
+it records the losses of three steps, the largest difference of the updated parameters from the
+one-device run, which parameters every device holds whole (from the device buffers), and how
+many compilations each step caused; then it checks that bad configs fail before compiling.
+"""
+
+import contextlib
+import json
+import os
+import sys
+import tempfile
+
+# Eight CPU devices; LLVM's optimizations off halves the compile time (it is the test's cost).
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+                           " --xla_backend_optimization_level=0").strip()
+os.environ["JAX_PLATFORMS"] = "cpu"
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from chartx import sharding, train  # noqa: E402
+from chartx.errors import UserError  # noqa: E402
+from configs import tiny  # noqa: E402
+
+MESHES = [(8, 1, 1), (2, 4, 1), (2, 2, 2), (1, 1, 8)]
+VOCAB = 256
+NUM_STEPS = 3
+
+
+def config():
+  c = tiny.get_config()
+  # Every axis the rules shard divides by 8: d_model (embed), heads, d_ff (mlp), vocab 256.
+  c.model.d_model, c.model.num_heads, c.model.d_ff = 64, 8, 128
+  c.model.dropout = 0.1  # The dropout masks must not depend on the sharding either.
+  c.train.batch_size = 8
+  return c
+
+
+@contextlib.contextmanager
+def count_compiles():
+  """Counts XLA compilations and jaxpr traces inside the block: {'compiles': n, 'traces': m}."""
+  counts = {"compiles": 0, "traces": 0}
+  def listener(event, _duration, **_):
+    if event == "/jax/core/compile/backend_compile_duration":
+      counts["compiles"] += 1
+    elif event == "/jax/core/compile/jaxpr_trace_duration":
+      counts["traces"] += 1
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    yield counts
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+
+
+def run(c, devices, windows_NxBxS):
+  """Trains NUM_STEPS steps on `devices` with c.mesh.shape; returns (record, params as numpy)."""
+  mesh = sharding.make_mesh(c, devices)
+  rules = sharding.logical_rules(c)
+  task = train.make_task(c, VOCAB)
+  state, shardings = train.create_train_state(task, jax.random.key(0), c.data.seq_len, mesh, rules)
+  step_fn = train.jit_train_step(task, mesh, shardings, rules)
+  dropout_rng = jax.random.key(1)
+  index, count = sharding.process_slice(mesh, c.train.batch_size)
+  rows = c.train.batch_size // count
+  losses, per_step = [], []
+  for windows_BxS in windows_NxBxS:
+    with count_compiles() as counts:
+      batch = sharding.global_batch(windows_BxS[index * rows:(index + 1) * rows], mesh)
+      state, out = step_fn(state, batch, dropout_rng)
+      losses.append(float(out["loss"]))
+    per_step.append(counts)
+  leaves = jax.tree_util.tree_flatten_with_path(state.params)[0]
+  names = [jax.tree_util.keystr(path, simple=True, separator="/") for path, _ in leaves]
+  whole = {name: x.nbytes for name, (_, x) in zip(names, leaves)
+           if x.addressable_shards[0].data.shape == x.shape}
+  record = {
+      "losses": losses, "per_step": per_step, "slice": [index, count],
+      "param_bytes": {name: x.nbytes for name, (_, x) in zip(names, leaves)},
+      "device_bytes": sum(x.addressable_shards[0].data.nbytes for _, x in leaves),
+      "whole": whole,
+      "largest_replicated": sharding.largest_replicated(state.params, shardings.params),
+      "describe": sharding.describe(state.params, shardings.params),
+  }
+  return record, {name: np.asarray(x) for name, (_, x) in zip(names, leaves)}
+
+
+def error_before_compiling(c, workdir):
+  """(message, compilations) of train_and_evaluate on a bad config."""
+  with count_compiles() as counts:
+    try:
+      train.train_and_evaluate(c, workdir)
+    except UserError as e:
+      return str(e), counts["compiles"]
+  return None, counts["compiles"]
+
+
+def main(out_path):
+  assert jax.device_count() == 8, jax.devices()
+  c = config()
+  length = c.data.seq_len + c.loss.multiple_targets
+  windows_NxBxS = np.random.default_rng(0).integers(0, VOCAB, (NUM_STEPS, c.train.batch_size, length),
+                                                     dtype=np.int32)
+  c.mesh.shape = (1, 1, 1)
+  reference, ref_params = run(c, jax.devices()[:1], windows_NxBxS)
+  result = {"reference": reference, "meshes": {}}
+  for shape in MESHES:
+    c.mesh.shape = shape
+    record, params = run(c, jax.devices(), windows_NxBxS)
+    record["max_param_diff"] = max(float(np.abs(params[k] - ref_params[k]).max()) for k in params)
+    result["meshes"][str(shape)] = record
+
+  with tempfile.TemporaryDirectory() as tmp:
+    text = os.path.join(tmp, "text.txt")
+    with open(text, "w", encoding="utf-8") as f:
+      f.write("a small corpus of characters to train on " * 200)
+    bad = config()
+    bad.data.path = text
+    bad.mesh.shape = (3, 1, 1)
+    result["mesh_error"] = error_before_compiling(bad, os.path.join(tmp, "mesh"))
+    bad.mesh.shape = (8, 1, 1)
+    bad.train.batch_size = 12
+    result["batch_error"] = error_before_compiling(bad, os.path.join(tmp, "batch"))
+  with open(out_path, "w", encoding="utf-8") as f:
+    json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+  main(sys.argv[1])
