@@ -12,6 +12,7 @@ validation bpc; evaluation and sampling read parameters with restore_params, whi
 import math
 import os
 import signal
+import sys
 import threading
 import time
 from typing import Any, Mapping
@@ -46,7 +47,7 @@ def make_manager(workdir: str, config: ml_collections.ConfigDict | None = None) 
   directory = _checked_directory(workdir)
   if config is None:
     options = ocp.CheckpointManagerOptions(create=False, save_interval_steps=0,
-                                           best_fn=_best_metric, best_mode="min")
+                                           best_fn=_bpc, best_mode="min")
   else:
     if config.train.keep_checkpoints < 0:
       raise UserError(f"config.train.keep_checkpoints must be >= 0 (0 keeps all), "
@@ -55,10 +56,11 @@ def make_manager(workdir: str, config: ml_collections.ConfigDict | None = None) 
     keep = policies.AnyPreservationPolicy([
         policies.LatestN(n=config.train.keep_checkpoints or None),
         # reverse=True sorts by descending bpc, and BestN keeps the last n: the lowest.
-        policies.BestN(get_metric_fn=_best_metric, reverse=True, n=1,
+        policies.BestN(get_metric_fn=_bpc, reverse=True, n=1,
                        keep_checkpoints_without_metrics=False)])
-    options = ocp.CheckpointManagerOptions(preservation_policy=keep, best_fn=_best_metric,
-                                           best_mode="min", enable_async_checkpointing=True)
+    # best_fn only makes Orbax write each checkpoint's metrics; `keep` decides what stays.
+    options = ocp.CheckpointManagerOptions(preservation_policy=keep, best_fn=_bpc, best_mode="min",
+                                           enable_async_checkpointing=True)
   try:
     return ocp.CheckpointManager(directory, options=options,
                                  item_handlers=ocp.PyTreeCheckpointHandler())
@@ -76,7 +78,7 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any,
   if not bool(_all_finite(state)):
     raise UserError(f"the train state after step {step} holds NaN or Inf values, so it is not "
                     f"saved; {_newest(manager)}")
-  kept = {BEST_METRIC: float(metrics[BEST_METRIC])} if metrics and BEST_METRIC in metrics else None
+  kept = {BEST_METRIC: float(metrics[BEST_METRIC])} if metrics and BEST_METRIC in metrics else {}
   manager.save(step, args=ocp.args.PyTreeSave(state), metrics=kept, force=True)
 
 
@@ -84,7 +86,7 @@ def restore(manager: ocp.CheckpointManager, state_like: Any, step: int | None = 
   """Checkpoint `step` (default: the newest) with the shapes, dtypes and shardings of state_like.
 
   state_like's leaves are arrays or jax.ShapeDtypeStruct; the mesh may differ from the saving
-  run's. Raises UserError if the checkpoint holds another model.
+  run's. Raises UserError if the checkpoint's shapes differ from state_like's.
   """
   step = manager.latest_step() if step is None else step
   return _read(manager, step, state_like, params_only=False)
@@ -97,7 +99,7 @@ def restore_params(workdir: str, params_like: Any, step: int | str | None = None
   the restored ones take, on any mesh. step: None for the newest readable checkpoint (newer ones
   that cannot be read are skipped with a warning), an int for that step, "best" for the lowest
   validation bpc. Writes nothing. Raises UserError if there is no such checkpoint, it cannot be
-  read, or it holds another model.
+  read, or its shapes differ from params_like's.
   """
   manager = make_manager(workdir)
   try:
@@ -108,20 +110,20 @@ def restore_params(workdir: str, params_like: Any, step: int | str | None = None
     if step is None:
       candidates = sorted(steps, reverse=True)
     elif step == "best":
-      best = manager.best_step()
+      best = _best(manager)
       if best is None:
         raise UserError(f"no checkpoint in {manager.directory} has a {BEST_METRIC} (checkpoints "
                         "taken at eval steps of the validation split have one)")
-      candidates = [best]
+      candidates = [best[0]]
     elif step in steps:
       candidates = [step]
     else:
       raise UserError(f"no checkpoint {step} in {manager.directory} "
                       f"(steps: {', '.join(map(str, sorted(steps)))})")
     params, found, failures = _read_newest(manager, candidates, params_like, params_only=True)
-    _warn_unreadable(manager, failures, "skipping")
     if found is None:
       raise UserError(_unreadable_message(manager, failures))
+    _warn_unreadable(manager, failures, "skipping")
     return params, found
   finally:
     manager.close()
@@ -155,9 +157,8 @@ class Checkpoints:
     if failures:
       self._set_aside_unreadable(failures)
     if step is not None:
-      best = self.manager.best_step()
-      metrics = self.manager.metrics(best) if best is not None else None
-      self._best = metrics[BEST_METRIC] if metrics else math.inf
+      best = _best(self.manager)
+      self._best = math.inf if best is None else best[1]
       return restored
     init_from = self._config.checkpoint.init_from
     if not init_from:
@@ -290,8 +291,19 @@ def _check_directory(path: epath.Path, what: str) -> None:
     raise UserError(f"{what} {path} cannot be read: {e.strerror or e}") from e
 
 
-def _best_metric(metrics: Mapping[str, Any]) -> float:
-  return metrics[BEST_METRIC]
+def _bpc(metrics: Mapping[str, Any]) -> float:
+  """A checkpoint's rank for keep-best; one saved outside an eval step ranks last."""
+  return metrics.get(BEST_METRIC, math.inf)
+
+
+def _best(manager: ocp.CheckpointManager) -> tuple[int, float] | None:
+  """(step, validation bpc) of the checkpoint with the lowest one, if any has one."""
+  scored = [(metrics[BEST_METRIC], step) for step in manager.all_steps()
+            if (metrics := manager.metrics(step)) and BEST_METRIC in metrics]
+  if not scored:
+    return None
+  bpc, step = min(scored)
+  return step, bpc
 
 
 @jax.jit
@@ -311,7 +323,7 @@ def _newest(manager: ocp.CheckpointManager) -> str:
 def _read(manager: ocp.CheckpointManager, step: int, target: Any, *, params_only: bool) -> Any:
   """Checkpoint `step` restored onto target (a state, or params if params_only).
 
-  UserError if it holds another model; any other exception means it cannot be read.
+  UserError if its shapes differ from target's; any other exception means it cannot be read.
   """
   item = jax.tree.map(ocp.utils.to_shape_dtype_struct, {"params": target} if params_only else target)
   saved = manager.item_metadata(step).tree
@@ -319,7 +331,7 @@ def _read(manager: ocp.CheckpointManager, step: int, target: Any, *, params_only
     saved = {"params": saved.get("params", {})}
   mismatch = _shape_mismatch(saved, item)
   if mismatch:
-    raise UserError(f"{manager.directory / str(step)} holds another model: {mismatch}")
+    raise UserError(f"{manager.directory / str(step)} does not fit this config: {mismatch}")
   restored = manager.restore(step, args=ocp.args.PyTreeRestore(
       item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
       partial_restore=params_only))
@@ -330,6 +342,7 @@ def _read_newest(manager: ocp.CheckpointManager, steps: list[int], target: Any, 
                  params_only: bool) -> tuple[Any, int | None, list[tuple[int, Exception]]]:
   """(restored, step, failures): the first of `steps` that reads, and those before it that did not."""
   failures = []
+  _drop_closed_loop_reports()
   for step in steps:
     try:
       return _read(manager, step, target, params_only=params_only), step, failures
@@ -338,6 +351,22 @@ def _read_newest(manager: ocp.CheckpointManager, steps: list[int], target: Any, 
     except Exception as e:  # Orbax and TensorStore raise many types for a damaged checkpoint.
       failures.append((step, e))
   return None, None, failures
+
+
+def _drop_closed_loop_reports() -> None:
+  """When a read fails, TensorStore finishes the other reads Orbax started and reports each to an
+  asyncio loop that Orbax has closed; Python would print a traceback for every one of them."""
+  previous = sys.unraisablehook
+  if getattr(previous, "drops_closed_loop_reports", False):
+    return
+
+  def hook(unraisable: Any) -> None:
+    if not (isinstance(unraisable.exc_value, RuntimeError)
+            and str(unraisable.exc_value) == "Event loop is closed"):
+      previous(unraisable)
+
+  hook.drops_closed_loop_reports = True
+  sys.unraisablehook = hook
 
 
 def _shape_mismatch(saved: Any, item: Any) -> str | None:

@@ -273,7 +273,8 @@ def test_a_new_best_validation_bpc_is_saved_between_scheduled_checkpoints(tmp_pa
     assert not checkpoints.due(5, {"validation_bpc": 2.5}, stop=False)
     assert checkpoints.due(5, {"validation_bpc": 1.5}, stop=False)
   config.train.checkpoint_every = 0  # Off means off, signals included.
-  assert not checkpoint.Checkpoints(str(tmp_path / "off"), config).due(100, None, stop=True)
+  with checkpoint.Checkpoints(str(tmp_path / "off"), config) as checkpoints:
+    assert not checkpoints.due(100, None, stop=True)
 
 
 def test_init_from_another_run_takes_its_params_at_step_0_with_fresh_optimizer_state(
@@ -309,8 +310,8 @@ def test_a_workdir_of_another_model_shape_names_the_parameter(trained, tmp_path,
     train.train_and_evaluate(config, workdir)
   message = str(raised.value)
   assert "\n" not in message
-  assert re.search(r"checkpoints/20 holds another model: params/\S+ has shape \(2, .*\) there "
-                   r"but \(3, .*\) with this config", message), message
+  assert re.search(r"checkpoints/20 does not fit this config: params/\S+ has shape \(2, .*\) "
+                   r"there but \(3, .*\) with this config", message), message
   config.model.num_layers, config.model.d_model = 2, 64
   config.checkpoint.init_from, workdir = trained[0], str(tmp_path / "finetune")
   with pytest.raises(UserError, match=r"config.checkpoint.init_from=.*params/\S+ has shape"):
@@ -358,36 +359,35 @@ def test_an_unreadable_workdir_is_a_user_error(tmp_path):
 _CROSS_MESH = """
 import json, sys
 import jax, numpy as np
-from chartx import checkpoint, data, sharding, train
+from chartx import checkpoint, train
 from configs import tiny
 
 mesh_shape, workdir, text, out = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
 config = tiny.get_config()
 config.data.path = text
 config.mesh.shape = tuple(mesh_shape)
-config.train.update(num_steps=20, checkpoint_every=10, eval_every=0, log_every=10)
+config.train.update(num_steps=12, checkpoint_every=10, eval_every=0, log_every=1)
 final = train.train_and_evaluate(config, workdir)  # Resumes from step 10 if it is there.
-# Evaluation's restore: parameters only, onto this process's mesh.
-corpus = data.load_corpus(config.data)
-task = train.make_task(config, corpus.vocab.size)
-mesh = sharding.make_mesh(config)
-like, _ = train.create_train_state(task, jax.random.key(1), config.data.seq_len, mesh,
-                                   sharding.logical_rules(config))
-params, step = checkpoint.restore_params(workdir, like.params, step=10)
+# Checkpoint 10 onto this process's mesh: the whole state as training reads it, and the
+# parameters alone as evaluation does.
+manager = checkpoint.make_manager(workdir)
+state10 = checkpoint.restore(manager, final, 10)
+params10, step = checkpoint.restore_params(workdir, final.params, step=10)
 assert step == 10
-for restored, target in zip(jax.tree.leaves(params), jax.tree.leaves(like.params)):
+for restored, target in zip(jax.tree.leaves((state10, params10)), jax.tree.leaves((final, final.params))):
   assert restored.sharding == target.sharding, (restored.sharding, target.sharding)
 flat = lambda prefix, tree: {prefix + jax.tree_util.keystr(k): np.asarray(v)
                              for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
-np.savez(out, **flat("final", final.params), **flat("step10", params))
+np.savez(out, **flat("final", final.params), **flat("state10", state10), **flat("params10", params10))
 print("devices", jax.device_count(), "step", int(final.step))
 """
 
 
 def test_save_on_8_devices_restore_on_1_and_4_for_training_and_eval(tmp_path, text):
-  """The 8-device run (mesh data 2 x fsdp 2 x tensor 2) trains 20 steps. Copies of its workdir
-  without checkpoint 20 resume from step 10 on 1 device and on 4 (fsdp 4): their step-10
-  parameters are bitwise the 8-device ones, and their step-20 ones match up to float rounding."""
+  """The 8-device run (mesh data 2 x fsdp 2 x tensor 2) trains 12 steps, saving at 10 and 12.
+  Copies of its workdir without checkpoint 12 resume from 10 on 1 device and on 4 (fsdp 4):
+  checkpoint 10 restores there bitwise (whole state, and parameters alone), and their step-12
+  parameters match the 8-device ones up to float rounding (reductions split differently)."""
   def start(devices, mesh_shape, workdir):
     return subprocess.Popen(
         [sys.executable, "-c", _CROSS_MESH, json.dumps(mesh_shape), workdir, text,
@@ -400,22 +400,24 @@ def test_save_on_8_devices_restore_on_1_and_4_for_training_and_eval(tmp_path, te
     return out
 
   source = str(tmp_path / "devices8")
-  assert "devices 8 step 20" in finish(start(8, [2, 2, 2], source))
+  assert "devices 8 step 12" in finish(start(8, [2, 2, 2], source))
   resumed = {}
   for devices, mesh_shape in ((1, [1, 1, 1]), (4, [1, 4, 1])):
     workdir = str(tmp_path / f"devices{devices}")
     shutil.copytree(source, workdir)
-    shutil.rmtree(os.path.join(workdir, "checkpoints", "20"))
+    shutil.rmtree(os.path.join(workdir, "checkpoints", "12"))
     os.remove(os.path.join(workdir, "metrics.jsonl"))
     resumed[devices] = start(devices, mesh_shape, workdir)
   for devices, proc in resumed.items():
-    assert f"devices {devices} step 20" in finish(proc)
-    assert _logged_steps(str(tmp_path / f"devices{devices}")) == [20]  # Not 10: it resumed.
+    assert f"devices {devices} step 12" in finish(proc)
+    assert _logged_steps(str(tmp_path / f"devices{devices}")) == [11, 12]  # It resumed at 10.
   results = {d: dict(np.load(tmp_path / f"{d}.npz")) for d in (8, 1, 4)}
+  assert any(key.startswith("state10.opt_state") for key in results[8])
   for devices in (1, 4):
+    assert results[devices].keys() == results[8].keys()
     for key, value in results[8].items():
-      if key.startswith("step10"):
-        assert value.tobytes() == results[devices][key].tobytes(), (devices, key)
-      else:
+      if key.startswith("final"):
         np.testing.assert_allclose(results[devices][key], value, rtol=1e-4, atol=1e-6,
                                    err_msg=f"{devices} devices: {key}")
+      else:
+        assert value.tobytes() == results[devices][key].tobytes(), (devices, key)
