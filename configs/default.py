@@ -74,9 +74,18 @@ def get_config() -> ml_collections.ConfigDict:
   config.checkpoint.init_from = ""
 
   config.mesh = ml_collections.ConfigDict()
-  config.mesh.shape = (-1, 1, 1)  # Devices along (data, fsdp, tensor); one -1 takes the rest.
-  # Logical axis name -> mesh axes. Parameters: vocab, embed, heads, head_dim, mlp, length, layers,
-  # targets; activations: batch, length, embed, mlp. A mesh axis is used at most once per array.
+  # Devices along (data, fsdp, tensor), over all processes; one -1 takes the rest. data: plain
+  # data parallelism (every device holds all parameters); fsdp: data parallelism with parameters
+  # and optimizer state split over it; tensor: heads, feed-forward units and vocabulary split.
+  # (-1, 1, 1) fits a laptop or one GPU host; (-1, 8, 1) shards the state 8 ways on a pod, e.g.
+  # --config.mesh.shape="(-1,8,1)". train.batch_size and eval.batch_size: multiples of data x fsdp.
+  config.mesh.shape = (-1, 1, 1)
+  # Logical axis name -> mesh axes (None: not split). Parameters: vocab, embed, heads, head_dim,
+  # mlp, length (positions), layers (the scanned stack's leading axis), targets; activations:
+  # batch, length, embed, mlp. For each array the rules apply in order and a mesh axis is used
+  # once: activations' batch takes fsdp first, so their embed stays whole, while parameters'
+  # embed (no batch axis) is split over fsdp. A dimension its mesh axes do not divide (text8's
+  # 27 symbols over tensor=2) stays whole, with a warning.
   config.mesh.rules = (
       ("batch", ("data", "fsdp")),
       ("embed", "fsdp"),

@@ -8,12 +8,14 @@ own; they start together, in the background, when the first test asks for them.
 import functools
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
 
 import flax
 import jax
+import jax.numpy as jnp
 import pytest
 from jax.sharding import AbstractMesh
 
@@ -182,6 +184,23 @@ def test_a_dimension_its_mesh_axes_do_not_divide_stays_whole():
   assert tuple(shardings.params["embedding"].spec) == (None, "fsdp")
   assert tuple(shardings.params["head_kernel"].spec) == (None, None, "fsdp", None)
   assert tuple(shardings.params["layers"]["block"]["query"].spec) == (None, "fsdp", "tensor", None)
+
+
+def test_activation_constraints_hold_wherever_the_step_is_traced(tiny_config):
+  """flax's with_logical_constraint does nothing unless the mesh and the rules are in context when
+  the step is traced; jit_train_step binds both, so lowering it outside any context keeps them."""
+  task = train.make_task(tiny_config, 256)
+  mesh, rules = sharding.make_mesh(tiny_config), sharding.logical_rules(tiny_config)
+  boxed = _abstract_state(tiny_config, 256)
+  shardings = sharding.logical_shardings(boxed, mesh, rules)
+  windows = jax.ShapeDtypeStruct((8, tiny_config.data.seq_len + 2), jnp.int32)
+  text = train.jit_train_step(task, mesh, shardings, rules).lower(
+      flax.linen.unbox(boxed), windows, jax.random.key(0)).as_text()
+  # The residual stream: batch over (data, fsdp), and embed whole because batch took fsdp first;
+  # the feed-forward hidden units over tensor.
+  constraints = set(re.findall(r"sdy.sharding_constraint %\S+ <@mesh, (\[.*?\])>", text))
+  assert '[{"data", "fsdp"}, {}, {}]' in constraints
+  assert '[{"data", "fsdp"}, {}, {"tensor"}]' in constraints
 
 
 # --- The sharded train step on 8 simulated devices equals one device ----------------------------
