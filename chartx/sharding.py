@@ -117,7 +117,8 @@ def logical_shardings(abstract_boxed: Any, mesh: Mesh | AbstractMesh, rules: Rul
     if not isinstance(leaf, nn.Partitioned):
       return NamedSharding(mesh, PartitionSpec())
     spec = []
-    for name, size, axes in zip(leaf.names, leaf.value.shape, nn.logical_to_mesh_axes(leaf.names, rules)):
+    mesh_axes = nn.logical_to_mesh_axes(leaf.names, rules)
+    for name, size, axes in zip(leaf.names, leaf.value.shape, mesh_axes):
       ways = math.prod(mesh.shape[a] for a in _axis_tuple(axes))
       if size % ways:
         logging.warning("%s: its %r dimension (%d) does not divide over mesh axes %s (%d ways); "
@@ -130,8 +131,9 @@ def logical_shardings(abstract_boxed: Any, mesh: Mesh | AbstractMesh, rules: Rul
                                           is_leaf=lambda x: isinstance(x, nn.Partitioned))
 
 
-def slice_of_process(rows_of_process: Mapping[int, set[tuple[int, int]]], process: int) -> tuple[int, int]:
-  """(index, count) from the row blocks (start, stop) of the global batch that each process's devices hold.
+def slice_of_process(rows_of_process: Mapping[int, set[tuple[int, int]]],
+                     process: int) -> tuple[int, int]:
+  """(index, count) from the row blocks (start, stop) of the global batch each process's devices hold.
 
   Processes that hold the same blocks (a tensor axis spanning processes) get the same index.
   """

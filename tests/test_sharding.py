@@ -118,7 +118,8 @@ def test_batch_must_divide_over_data_and_fsdp():
 
 def test_rules_naming_an_unknown_mesh_axis_are_a_user_error(tiny_config):
   tiny_config.mesh.rules = (("batch", ("data", "fsdp")), ("embed", "model"))
-  with pytest.raises(UserError, match=r"config.mesh.rules: \('embed', 'model'\) names mesh axis 'model'"):
+  with pytest.raises(UserError,
+                     match=r"config.mesh.rules: \('embed', 'model'\) names mesh axis 'model'"):
     sharding.logical_rules(tiny_config)
   tiny_config.mesh.rules = (("batch",),)
   with pytest.raises(UserError, match="not a .logical axis name, mesh axes. pair"):
