@@ -75,10 +75,11 @@ def model_score_fn(model: model_lib.Transformer) -> ScoreFn:
       {"params": params}, tokens_BxT, method=model_lib.Transformer.logits))
 
 
-def jit_score_fn(score: ScoreFn, mesh: jax.sharding.Mesh) -> ScoreFn:
-  """score compiled with the batch split over the mesh's data axes and the sums replicated."""
+def jit_score_fn(score: ScoreFn, mesh: jax.sharding.Mesh, rules: sharding.Rules) -> ScoreFn:
+  """score compiled under the mesh and rules, the batch split over the data axes, the sums replicated."""
   batch = sharding.batch_sharding(mesh)
-  return jax.jit(score, in_shardings=(None, batch, batch), out_shardings=sharding.replicated(mesh))
+  return sharding.jit_sharded(score, mesh, rules, in_shardings=(None, batch, batch),
+                              out_shardings=sharding.replicated(mesh))
 
 
 def evaluate_bits(score: ScoreFn, params: Any, ids_N: np.ndarray, *, seq_len: int, stride: int,
@@ -96,34 +97,31 @@ def evaluate_bits(score: ScoreFn, params: Any, ids_N: np.ndarray, *, seq_len: in
   pad = num_batches * batch_size - len(starts_W)
   starts_W = np.concatenate([starts_W, np.zeros(pad, np.int64)])
   first_W = np.concatenate([first_W, np.full(pad, seq_len, np.int64)])
-  rows = batch_size // jax.process_count()
-  mine = slice(jax.process_index() * rows, (jax.process_index() + 1) * rows)
+  index, count = sharding.process_slice(mesh, batch_size)
+  rows = batch_size // count
+  mine = slice(index * rows, (index + 1) * rows)  # This process's rows of each batch.
   offsets_S = np.arange(seq_len + 1)
-  total_nats, count = 0.0, 0
-  pending = None
+  totals = [0.0, 0]  # Nats and characters of the batches read so far.
   with metrics.Progress(len(ids_N) - 1, desc, unit="char",
                         enabled=progress and jax.process_index() == 0) as bar:
+
+    def read(out: tuple[jax.Array, jax.Array]) -> None:
+      totals[0] += float(out[0])
+      totals[1] += int(out[1])
+      bar.update(int(out[1]), bpc=f"{totals[0] / math.log(2) / max(totals[1], 1):.4f}")
+
+    pending = None
     for lo in range(0, len(starts_W), batch_size):
       starts_B, first_B = starts_W[lo:lo + batch_size][mine], first_W[lo:lo + batch_size][mine]
       windows_BxS = ids_N[starts_B[:, None] + offsets_S]
       out = score(params, jax.make_array_from_process_local_data(sharding.batch_sharding(mesh), windows_BxS),
                   jax.make_array_from_process_local_data(sharding.batch_sharding(mesh),
                                                          first_B.astype(np.int32)))
-      # Read the previous batch only now that this one is queued: the device never waits on us.
-      if pending is not None:
-        count += _accumulate(pending, bar)
-        total_nats += float(pending[0])
+      if pending is not None:  # Read a batch only once the next is queued: the device never idles.
+        read(pending)
       pending = out
-    count += _accumulate(pending, bar)
-    total_nats += float(pending[0])
-    bar.update(0, bpc=f"{total_nats / math.log(2) / max(count, 1):.4f}")
-  return total_nats / math.log(2), count
-
-
-def _accumulate(out: tuple[jax.Array, jax.Array], bar: metrics.Progress) -> int:
-  count = int(out[1])
-  bar.update(count)
-  return count
+    read(pending)
+  return totals[0] / math.log(2), totals[1]
 
 
 def check_eval_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:
@@ -155,7 +153,7 @@ class Restored:
   params: Any
   step: int
   mesh: jax.sharding.Mesh
-  rules: tuple
+  rules: sharding.Rules
 
 
 def checkpoint_step(config: ml_collections.ConfigDict) -> int | str | None:
@@ -203,12 +201,11 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
   ids_N = eval_ids(config, corpus)
   restored = restore(config, workdir, corpus.vocab.size)
   split, seq_len, stride = config.eval.split, config.data.seq_len, config.eval.stride
-  score = jit_score_fn(model_score_fn(restored.model), restored.mesh)
+  score = jit_score_fn(model_score_fn(restored.model), restored.mesh, restored.rules)
   start = time.time()
-  with jax.set_mesh(restored.mesh), flax.linen.logical_axis_rules(restored.rules):
-    bits, count = evaluate_bits(score, restored.params, ids_N, seq_len=seq_len, stride=stride,
-                                batch_size=config.eval.batch_size, mesh=restored.mesh, progress=True,
-                                desc=f"eval {split}")
+  bits, count = evaluate_bits(score, restored.params, ids_N, seq_len=seq_len, stride=stride,
+                              batch_size=config.eval.batch_size, mesh=restored.mesh, progress=True,
+                              desc=f"eval {split}")
   seconds = time.time() - start
   window = min(seq_len, len(ids_N) - 1)
   result = {"split": split, "step": restored.step, "bpc": bits / count, "num_chars": count,

@@ -177,7 +177,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   # The slice of each global batch this process feeds (processes holding replicas share one).
   slice_index, slice_count = sharding.process_slice(mesh, config.train.batch_size)
   eval_ids = evaluate.eval_ids(config, corpus) if config.train.eval_every else None
-  score = evaluate.jit_score_fn(evaluate.model_score_fn(task.model), mesh)
+  score = evaluate.jit_score_fn(evaluate.model_score_fn(task.model), mesh, rules)
 
   writer = metrics.MetricWriter(workdir, enabled=jax.process_index() == 0, start_step=start_step)
   report = _Reporter(config, task, writer, start_step, model_lib.count_params(state.params))
