@@ -52,7 +52,7 @@ def mesh_shape(config: ml_collections.ConfigDict, num_devices: int) -> tuple[int
 def make_mesh(config: ml_collections.ConfigDict, devices: list[Any] | None = None) -> Mesh:
   """The (data, fsdp, tensor) mesh over `devices`, by default every device of every process.
 
-  jax.make_mesh lays TPU devices out along the physical torus and keeps the order of the others.
+  jax.make_mesh lays TPU devices out along the physical torus and orders GPUs by id.
   The axes are Auto: the compiler propagates shardings from the ones chartx sets.
   """
   devices = jax.devices() if devices is None else list(devices)
