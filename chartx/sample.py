@@ -11,9 +11,11 @@ T = 1 is one decoding step; T = context fills a fresh cache (prefill).
 The positions are absolute (a learned table per layer), so the context cannot simply roll. When
 the cache is full (`context` characters), the last context // 2 characters are re-encoded into
 a fresh cache at positions 0.. and generation goes on: each new character sees between
-context // 2 and context characters. The whole loop of num_chars characters is one jitted
-lax.fori_loop; the prompt enters as a fixed-size padded block, so prompts of any length share
-one compilation.
+context // 2 and context characters. The context is data.seq_len, the positions the model was
+trained on; a longer prompt is cut to its last seq_len characters. The whole loop of num_chars
+characters is one jitted lax.fori_loop; the prompt enters as a fixed-size padded block, so
+prompts of any length share one compilation. --mode=sample prints the prompt and its
+continuation on stdout (timing on stderr).
 
     python -m chartx.main --config=configs/tiny.py --workdir=DIR --mode=sample \
         --config.sample.prompt="def " --config.sample.temperature=0.8
