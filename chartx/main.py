@@ -34,7 +34,9 @@ def run(argv) -> None:
     evaluate.evaluate_checkpoint(_CONFIG.value, _WORKDIR.value)
   elif _MODE.value == "sample":
     from chartx import sample
-    print(sample.sample_checkpoint(_CONFIG.value, _WORKDIR.value), flush=True)
+    text = sample.sample_checkpoint(_CONFIG.value, _WORKDIR.value)
+    if jax.process_index() == 0:
+      print(text, flush=True)
   else:
     from chartx import train
     train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
