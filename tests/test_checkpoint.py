@@ -1,6 +1,7 @@
 """Checkpoints and failures: exact resume after SIGKILL, SIGTERM, damaged checkpoints, other
 meshes, NaN, keep-best, fine-tuning, and bad workdirs. Real signals, real Orbax files on disk."""
 
+import gc
 import glob
 import json
 import logging
@@ -84,9 +85,10 @@ def _assert_bitwise_equal(a, b):
 
 
 def _env(devices=1):
-  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu",
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-  return env
+  # Without LLVM's optimizations tiny compiles in half the time; runs compared bit for bit share it.
+  return dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu",
+              XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} "
+                        "--xla_backend_optimization_level=0")
 
 
 def _cli(workdir, text, **overrides):
@@ -139,8 +141,8 @@ def _copy(trained, tmp_path):
 def test_sigkill_at_a_random_step_then_resume_is_bitwise_exact(tmp_path, text):
   """SIGKILL at a random step (mid-step or mid-save), restart: the final state, parameters and
   optimizer state, is bitwise that of an uninterrupted run of the same length."""
-  num_steps, every = 150, 10
-  kill_at = random.randint(3 * every, 100)
+  num_steps, every = 100, 10
+  kill_at = random.randint(3 * every, 70)
   overrides = {"train.num_steps": num_steps, "train.checkpoint_every": every,
                "train.log_every": 1, "train.eval_every": 0}
   reference_dir, victim_dir = str(tmp_path / "reference"), str(tmp_path / "victim")
@@ -196,6 +198,9 @@ def test_a_half_written_checkpoint_is_removed_with_a_warning_and_the_run_stays_e
   _assert_bitwise_equal(jax.device_get(state), trained[2])
 
 
+# Orbax leaves the reads it started for a damaged checkpoint as coroutines that complain when
+# collected; collected here, in this test, they are expected.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_a_truncated_checkpoint_is_set_aside_with_a_warning_and_the_newest_good_one_used(
     trained, tmp_path, caplog):
   workdir = _copy(trained, tmp_path)
@@ -208,6 +213,7 @@ def test_a_truncated_checkpoint_is_set_aside_with_a_warning_and_the_newest_good_
   checkpoints = checkpoint.Checkpoints(workdir, config)
   with caplog.at_level(logging.WARNING), checkpoints:
     state = checkpoints.restore_or_init(_fresh_state(config))
+  gc.collect()
   assert int(state.step) == 15
   assert any(os.path.join(ckpt_dir, "20") in r.getMessage() and "cannot be read" in r.getMessage()
              for r in caplog.records)
