@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 
+import flax
 import jax
 import numpy as np
 import pytest
@@ -57,19 +58,28 @@ def _steps(workdir):
     manager.close()
 
 
-def _fresh_state(config):
+def _init(config, abstract=False):
+  """The state a run of `config` starts from (only shapes and dtypes if abstract)."""
   corpus = data.load_corpus(config.data)
   task = train.make_task(config, corpus.vocab.size)
-  mesh = sharding.make_mesh(config)
-  state, _ = train.create_train_state(task, jax.random.key(config.seed), config.data.seq_len, mesh,
-                                      sharding.logical_rules(config))
+  if abstract:
+    return jax.eval_shape(lambda: flax.linen.unbox(
+        train.init_state(task, jax.random.key(config.seed), config.data.seq_len)))
+  state, _ = train.create_train_state(task, jax.random.key(config.seed), config.data.seq_len,
+                                      sharding.make_mesh(config), sharding.logical_rules(config))
   return state
 
 
-def _restore(workdir, config, step):
+@pytest.fixture(scope="module")
+def fresh(text):
+  """tiny's initial state, as a target to restore onto (restoring leaves it as it is)."""
+  return _init(_config(text))
+
+
+def _restore(workdir, like, step):
   manager = checkpoint.make_manager(str(workdir))
   try:
-    return checkpoint.restore(manager, _fresh_state(config), step)
+    return checkpoint.restore(manager, like, step)
   finally:
     manager.close()
 
@@ -138,7 +148,7 @@ def _copy(trained, tmp_path):
   return workdir
 
 
-def test_sigkill_at_a_random_step_then_resume_is_bitwise_exact(tmp_path, text):
+def test_sigkill_at_a_random_step_then_resume_is_bitwise_exact(tmp_path, text, fresh):
   """SIGKILL at a random step (mid-step or mid-save), restart: the final state, parameters and
   optimizer state, is bitwise that of an uninterrupted run of the same length."""
   num_steps, every = 100, 10
@@ -163,12 +173,11 @@ def test_sigkill_at_a_random_step_then_resume_is_bitwise_exact(tmp_path, text):
   out, _ = reference.communicate(timeout=300)
   assert reference.returncode == 0, out
 
-  config = _config(text)
-  _assert_bitwise_equal(jax.device_get(_restore(victim_dir, config, num_steps)),
-                        jax.device_get(_restore(reference_dir, config, num_steps)))
+  _assert_bitwise_equal(jax.device_get(_restore(victim_dir, fresh, num_steps)),
+                        jax.device_get(_restore(reference_dir, fresh, num_steps)))
 
 
-def test_sigterm_finishes_the_step_saves_and_exits_zero(tmp_path, text):
+def test_sigterm_finishes_the_step_saves_and_exits_zero(tmp_path, text, fresh):
   workdir = str(tmp_path / "run")
   proc = _cli(workdir, text, **{"train.num_steps": 100_000, "train.checkpoint_every": 100_000,
                           "train.log_every": 1, "train.eval_every": 0})
@@ -179,7 +188,7 @@ def test_sigterm_finishes_the_step_saves_and_exits_zero(tmp_path, text):
   stopped = int(re.search(r"SIGTERM: stopped after step (\d+)", out).group(1))
   assert 5 <= stopped < 100_000
   assert _steps(workdir) == [stopped]  # The only checkpoint: the one the signal asked for.
-  assert int(_restore(workdir, _config(text), stopped).step) == stopped
+  assert int(_restore(workdir, fresh, stopped).step) == stopped
   assert max(_logged_steps(workdir)) <= stopped
 
 
@@ -202,7 +211,7 @@ def test_a_half_written_checkpoint_is_removed_with_a_warning_and_the_run_stays_e
 # collected; collected here, in this test, they are expected.
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_a_truncated_checkpoint_is_set_aside_with_a_warning_and_the_newest_good_one_used(
-    trained, tmp_path, caplog):
+    trained, tmp_path, caplog, fresh):
   workdir = _copy(trained, tmp_path)
   ckpt_dir = os.path.join(workdir, "checkpoints")
   chunks = glob.glob(os.path.join(ckpt_dir, "20", "default", "ocdbt.process_0", "d", "*"))
@@ -212,7 +221,7 @@ def test_a_truncated_checkpoint_is_set_aside_with_a_warning_and_the_newest_good_
   config = trained[1]
   checkpoints = checkpoint.Checkpoints(workdir, config)
   with caplog.at_level(logging.WARNING), checkpoints:
-    state = checkpoints.restore_or_init(_fresh_state(config))
+    state = checkpoints.restore_or_init(fresh)
   gc.collect()
   assert int(state.step) == 15
   assert any(os.path.join(ckpt_dir, "20") in r.getMessage() and "cannot be read" in r.getMessage()
@@ -231,7 +240,7 @@ def test_unreadable_checkpoints_stop_training_instead_of_starting_over(trained, 
 
 
 def test_a_nan_loss_stops_the_run_naming_the_step_and_keeps_the_last_checkpoint(
-    trained, tmp_path, text):
+    trained, tmp_path, text, fresh):
   """A learning rate of 1e30 makes the resumed run diverge within a few steps; it checkpoints
   every step, and logs too rarely for the log to be what notices."""
   workdir = _copy(trained, tmp_path)
@@ -246,7 +255,7 @@ def test_a_nan_loss_stops_the_run_naming_the_step_and_keeps_the_last_checkpoint(
   # Every step before the bad one was saved, the bad one's state was not.
   assert saved[-1] == bad_step - 1
   assert os.path.join(workdir, "checkpoints", str(saved[-1])) in message and "intact" in message
-  newest = jax.device_get(_restore(workdir, config, saved[-1]))
+  newest = jax.device_get(_restore(workdir, fresh, saved[-1]))
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(newest))
 
 
@@ -284,10 +293,9 @@ def test_a_new_best_validation_bpc_is_saved_between_scheduled_checkpoints(tmp_pa
 
 
 def test_init_from_another_run_takes_its_params_at_step_0_with_fresh_optimizer_state(
-    trained, tmp_path, text):
+    trained, tmp_path, text, fresh):
   config = _config(text, num_steps=20)
   config.checkpoint.init_from = trained[0]
-  fresh = _fresh_state(config)
   with checkpoint.Checkpoints(str(tmp_path / "finetune"), config) as checkpoints:
     state = jax.device_get(checkpoints.restore_or_init(fresh))
   assert int(state.step) == 0
@@ -296,12 +304,13 @@ def test_init_from_another_run_takes_its_params_at_step_0_with_fresh_optimizer_s
   assert _steps(tmp_path / "finetune") == []
 
 
-def test_resume_false_starts_over_and_keeps_the_old_checkpoints_aside(trained, tmp_path, text):
+def test_resume_false_starts_over_and_keeps_the_old_checkpoints_aside(
+    trained, tmp_path, text, fresh):
   workdir = _copy(trained, tmp_path)
   config = _config(text, num_steps=20)
   config.checkpoint.resume = False
   with checkpoint.Checkpoints(workdir, config) as checkpoints:
-    state = checkpoints.restore_or_init(_fresh_state(config))
+    state = checkpoints.restore_or_init(fresh)
   assert int(state.step) == 0
   assert _steps(workdir) == []
   aside = glob.glob(os.path.join(workdir, "checkpoints.replaced-*"))
@@ -319,9 +328,10 @@ def test_a_workdir_of_another_model_shape_names_the_parameter(trained, tmp_path,
   assert re.search(r"checkpoints/20 does not fit this config: params/\S+ has shape \(2, .*\) "
                    r"there but \(3, .*\) with this config", message), message
   config.model.num_layers, config.model.d_model = 2, 64
-  config.checkpoint.init_from, workdir = trained[0], str(tmp_path / "finetune")
-  with pytest.raises(UserError, match=r"config.checkpoint.init_from=.*params/\S+ has shape"):
-    train.train_and_evaluate(config, workdir)
+  config.checkpoint.init_from = trained[0]
+  with (pytest.raises(UserError, match=r"config.checkpoint.init_from=.*params/\S+ has shape"),
+        checkpoint.Checkpoints(str(tmp_path / "finetune"), config) as checkpoints):
+    checkpoints.restore_or_init(_init(config, abstract=True))
 
 
 def test_a_workdir_that_is_a_file_is_a_user_error(tmp_path, text):
