@@ -12,23 +12,30 @@ StableHLO) plus XLA's compilation, against abstract arguments. Step time is the 
 jax.block_until_ready of its new state. With --torch, the PyTorch reference
 (chartx.torch_reference, CPU) trains the same model on the same windows in the same process,
 one step of each in turn, so that both see the same machine load; chartx_over_torch is the
-ratio of throughputs (torch's step time over chartx's).
+ratio of throughputs (torch's step time over chartx's). On a GPU the per-step block adds a host
+round trip to each step (microseconds, against steps of tens of milliseconds).
 
 Each run prints one JSON object on one line and appends it to --out when given. Its keys:
   what ran     config, overrides, time, host, backend, device_kind, num_devices, jax_version,
-               xla_flags, the model and loss settings (num_layers ... multiple_positions), params
+               xla_flags, glibc_tunables, cpu_count, the model and loss settings (num_layers ...
+               multiple_positions), params
+  machine load load_avg_before, load_avg_after: the 1-minute load average (os.getloadavg) as the
+               run starts and after its timed steps; above cpu_count, other processes competed
   compile      lower_s, compile_s, compile_total_s (seconds)
-  steps        steps, warmup, loss (of the last timed step), step_time_s (median),
-               step_time_mean_s, step_time_min_s, step_cpu_time_s (median CPU seconds of this
-               process per step, all threads), chars_per_sec (batch_size x seq_len / step_time_s)
+  steps        steps, warmup, loss (of the last timed step), step_times_s (each timed step),
+               step_time_s (their median), step_time_mean_s, step_time_min_s, step_cpu_time_s
+               (median CPU seconds of this process per step, all threads), chars_per_sec
+               (batch_size x seq_len / step_time_s)
   FLOPs        flops_per_char (chartx.metrics.flops_per_char: MaxText's causal count),
                flops_per_sec (achieved), peak_flops_per_sec and peak_flops_source (which peak and
                where it came from; null off the known accelerators), mfu (null without a peak)
   memory       peak_memory_bytes, peak_memory_source: the devices' peak_bytes_in_use where JAX
                reports it (GPU, TPU), else the process's max RSS, read before PyTorch is loaded
-  --torch      torch_version, torch_threads, torch_params, torch_loss, torch_step_time_s (median),
-               torch_step_time_mean_s, torch_step_time_min_s, torch_step_cpu_time_s,
-               torch_chars_per_sec, chartx_over_torch
+  --torch      torch_version, torch_threads, torch_params, torch_loss, torch_step_times_s,
+               torch_step_time_s (median), torch_step_time_mean_s, torch_step_time_min_s,
+               torch_step_cpu_time_s, torch_chars_per_sec, chartx_over_torch (the ratio of the
+               medians), chartx_over_torch_paired (the median of the ratios of each chartx step
+               and the torch step right after it, which saw about the same machine load)
 With --compile_only the step, FLOPs and memory keys are absent.
 """
 
@@ -131,7 +138,8 @@ def benchmark(config: ml_collections.ConfigDict, *, steps: int = 10, warmup: int
       "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
       "host": platform.node(), "backend": jax.default_backend(), "device_kind": devices[0].device_kind,
       "num_devices": len(devices), "jax_version": jax.__version__,
-      "xla_flags": os.environ.get("XLA_FLAGS", ""),
+      "xla_flags": os.environ.get("XLA_FLAGS", ""), "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
+      "cpu_count": os.cpu_count(), "load_avg_before": os.getloadavg()[0],
       "num_layers": cfg.num_layers, "d_model": cfg.d_model, "num_heads": cfg.num_heads, "d_ff": cfg.d_ff,
       "seq_len": seq_len, "batch_size": batch_size, "vocab_size": vocab_size, "dtype": cfg.dtype,
       "attention": cfg.attention, "remat": cfg.remat, "scan_layers": cfg.scan_layers,
@@ -188,16 +196,20 @@ def benchmark(config: ml_collections.ConfigDict, *, steps: int = 10, warmup: int
     wall, cpu, loss = _time_steps(chartx_step, steps)
 
   step_s = statistics.median(wall)
-  record.update(steps=steps, warmup=warmup, loss=float(loss), step_time_s=step_s,
+  record.update(steps=steps, warmup=warmup, loss=float(loss), step_times_s=wall, step_time_s=step_s,
                 step_time_mean_s=statistics.fmean(wall), step_time_min_s=min(wall),
                 step_cpu_time_s=statistics.median(cpu), chars_per_sec=batch_size * seq_len / step_s)
   record.update(_flops(cfg, task, seq_len, record["chars_per_sec"], devices))
+  record["load_avg_after"] = os.getloadavg()[0]
   if with_torch:
     torch_s = statistics.median(torch_wall)
-    record.update(torch_loss=torch_loss, torch_step_time_s=torch_s,
+    # Each chartx step's time over the torch step right after it: the two saw about the same load.
+    paired = statistics.median(t / c for t, c in zip(torch_wall, wall))
+    record.update(torch_loss=torch_loss, torch_step_times_s=torch_wall, torch_step_time_s=torch_s,
                   torch_step_time_mean_s=statistics.fmean(torch_wall), torch_step_time_min_s=min(torch_wall),
                   torch_step_cpu_time_s=statistics.median(torch_cpu),
-                  torch_chars_per_sec=batch_size * seq_len / torch_s, chartx_over_torch=torch_s / step_s)
+                  torch_chars_per_sec=batch_size * seq_len / torch_s, chartx_over_torch=torch_s / step_s,
+                  chartx_over_torch_paired=paired)
   return record
 
 

@@ -15,7 +15,7 @@ from chartx.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-STEP_KEYS = ("steps", "warmup", "loss", "step_time_s", "step_time_mean_s", "step_time_min_s",
+STEP_KEYS = ("steps", "warmup", "loss", "step_times_s", "step_time_s", "step_time_mean_s", "step_time_min_s",
              "step_cpu_time_s", "chars_per_sec", "flops_per_char", "flops_per_sec",
              "peak_flops_per_sec", "peak_flops_source", "mfu", "peak_memory_bytes",
              "peak_memory_source")
@@ -29,6 +29,8 @@ def _check_step_record(record: dict, config) -> None:
   for key in COMPILE_KEYS + STEP_KEYS:
     assert key in record, key
   assert record["compile_total_s"] == pytest.approx(record["lower_s"] + record["compile_s"])
+  assert len(record["step_times_s"]) == record["steps"]
+  assert record["step_time_s"] == pytest.approx(np.median(record["step_times_s"]))
   assert 0 < record["step_time_min_s"] <= record["step_time_s"]
   tokens = config.train.batch_size * config.data.seq_len
   assert record["chars_per_sec"] == pytest.approx(tokens / record["step_time_s"])
@@ -91,6 +93,9 @@ def test_torch_side_by_side(tiny_config):
   assert record["torch_params"] == record["params"]
   assert np.isfinite(record["torch_loss"])
   assert record["chartx_over_torch"] == pytest.approx(record["torch_step_time_s"] / record["step_time_s"])
+  assert len(record["torch_step_times_s"]) == len(record["step_times_s"]) == 2
+  assert record["chartx_over_torch_paired"] == pytest.approx(
+      np.median(np.divide(record["torch_step_times_s"], record["step_times_s"])))
 
 
 @pytest.mark.parametrize("kwargs, culprit", [
