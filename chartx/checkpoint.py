@@ -2,8 +2,8 @@
 
 WORKDIR/checkpoints/<step>/ holds one TrainState (step, params, opt_state, loss_weights). Batches
 are a pure function of (seed, step) and dropout keys are fold_in(rng, step), so that state is all
-a run needs to continue bit for bit. Orbax writes a save into <step>.orbax-checkpoint-tmp-<time>/
-and renames it once complete, so a crash in the middle of a save leaves only such a directory.
+a run needs to continue bit for bit. Orbax writes a save into <step>.orbax-checkpoint-tmp/ and
+renames it to <step>/ once complete, so a crash in the middle of a save leaves only the former.
 
 Training (Checkpoints) keeps the newest config.train.keep_checkpoints and the one with the lowest
 validation bpc; evaluation and sampling read parameters with restore_params, which writes nothing.

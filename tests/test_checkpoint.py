@@ -102,12 +102,20 @@ def _env(devices=1):
 
 
 def _cli(workdir, text, **overrides):
-  """Starts `python -m chartx.main` on configs/tiny.py with --config.KEY=VALUE overrides."""
+  """Starts `python -m chartx.main` on configs/tiny.py with --config.KEY=VALUE overrides; its
+  output goes to WORKDIR.log (a file: a pipe nobody reads could fill up and stall the run)."""
   args = [sys.executable, "-m", "chartx.main", "--config=configs/tiny.py", f"--workdir={workdir}",
           f"--config.data.path={text}"]
   args += [f"--config.{key}={value}" for key, value in overrides.items()]
-  return subprocess.Popen(args, cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True)
+  with open(f"{workdir}.log", "a", encoding="utf-8") as log:
+    return subprocess.Popen(args, cwd=ROOT, env=_env(), stdout=log, stderr=subprocess.STDOUT)
+
+
+def _finish(proc, workdir, timeout=300):
+  """(exit status, the output so far) once proc has ended."""
+  proc.wait(timeout=timeout)
+  with open(f"{workdir}.log", encoding="utf-8") as f:
+    return proc.returncode, f.read()
 
 
 def _logged_steps(workdir):
@@ -128,7 +136,7 @@ def _wait_for_step(proc, workdir, step, timeout=120):
   while time.time() < deadline:
     if max(_logged_steps(workdir), default=0) >= step:
       return
-    assert proc.poll() is None, f"the run ended before step {step}: {proc.communicate()[0]}"
+    assert proc.poll() is None, f"the run ended before step {step}: {_finish(proc, workdir)}"
     time.sleep(0.01)
   raise AssertionError(f"no step {step} in {workdir}/metrics.jsonl after {timeout} s")
 
@@ -159,19 +167,18 @@ def test_sigkill_at_a_random_step_then_resume_is_bitwise_exact(tmp_path, text, f
   reference, victim = _cli(reference_dir, text, **overrides), _cli(victim_dir, text, **overrides)
   _wait_for_step(victim, victim_dir, kill_at)
   victim.send_signal(signal.SIGKILL)
-  victim.communicate()
-  assert victim.returncode == -signal.SIGKILL, f"kill at step {kill_at}"
+  assert _finish(victim, victim_dir)[0] == -signal.SIGKILL, f"kill at step {kill_at}"
   saved = _steps(victim_dir)
   assert saved and saved[-1] < num_steps, f"kill at step {kill_at}: checkpoints {saved}"
   logged = len(_logged_steps(victim_dir))
 
   restart = _cli(victim_dir, text, **overrides)
-  out, _ = restart.communicate(timeout=300)
-  assert restart.returncode == 0, out
+  status, out = _finish(restart, victim_dir)
+  assert status == 0, out
   # The restart continued from the newest complete checkpoint, not from scratch.
   assert _logged_steps(victim_dir)[logged] == saved[-1] + 1, f"kill at step {kill_at}"
-  out, _ = reference.communicate(timeout=300)
-  assert reference.returncode == 0, out
+  status, out = _finish(reference, reference_dir)
+  assert status == 0, out
 
   _assert_bitwise_equal(jax.device_get(_restore(victim_dir, fresh, num_steps)),
                         jax.device_get(_restore(reference_dir, fresh, num_steps)))
@@ -183,8 +190,8 @@ def test_sigterm_finishes_the_step_saves_and_exits_zero(tmp_path, text, fresh):
                           "train.log_every": 1, "train.eval_every": 0})
   _wait_for_step(proc, workdir, 5)
   proc.send_signal(signal.SIGTERM)
-  out, _ = proc.communicate(timeout=120)
-  assert proc.returncode == 0, out
+  status, out = _finish(proc, workdir, timeout=120)
+  assert status == 0, out
   stopped = int(re.search(r"SIGTERM: stopped after step (\d+)", out).group(1))
   assert 5 <= stopped < 100_000
   assert _steps(workdir) == [stopped]  # The only checkpoint: the one the signal asked for.
@@ -196,7 +203,7 @@ def test_a_half_written_checkpoint_is_removed_with_a_warning_and_the_run_stays_e
     trained, tmp_path, caplog):
   workdir = _copy(trained, tmp_path)
   ckpt_dir = os.path.join(workdir, "checkpoints")
-  half = os.path.join(ckpt_dir, "20.orbax-checkpoint-tmp-1234567")  # What Orbax writes into.
+  half = os.path.join(ckpt_dir, "20.orbax-checkpoint-tmp")  # Where Orbax 0.12 writes step 20.
   os.rename(os.path.join(ckpt_dir, "20"), half)
   with caplog.at_level(logging.WARNING):
     state = train.train_and_evaluate(trained[1], workdir)
