@@ -266,6 +266,17 @@ def test_a_nan_loss_stops_the_run_naming_the_step_and_keeps_the_last_checkpoint(
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(newest))
 
 
+def test_a_state_holding_nan_or_inf_is_never_saved(tmp_path, text):
+  """The loop's loss check cannot see an update that overflows the parameters; save can."""
+  manager = checkpoint.make_manager(str(tmp_path), _config(text))
+  checkpoint.save(manager, 1, {"params": {"w": np.ones(3, np.float32)}})
+  for bad in (np.nan, np.inf):
+    with pytest.raises(UserError, match=r"after step 2 holds NaN or Inf .*checkpoints/1, is intact"):
+      checkpoint.save(manager, 2, {"params": {"w": np.array([1.0, bad, 1.0], np.float32)}})
+  manager.close()
+  assert _steps(tmp_path) == [1]
+
+
 def test_keep_the_newest_n_plus_the_best_by_validation_bpc(tmp_path, text):
   config = _config(text, keep_checkpoints=2)
   manager = checkpoint.make_manager(str(tmp_path), config)
