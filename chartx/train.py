@@ -44,9 +44,11 @@ class Task:
 
 def make_task(config: ml_collections.ConfigDict, vocab_size: int) -> Task:
   model_cfg = model_lib.ModelConfig.from_config(config, vocab_size)
-  if config.train.num_steps < 1:
-    raise UserError(f"config.train.num_steps must be >= 1, got {config.train.num_steps}")
-  return Task(model=model_lib.Transformer(model_cfg, deterministic=False, all_layers=True), loss_cfg=losses.LossConfig.from_config(config),
+  for key in ("num_steps", "batch_size", "log_every"):
+    if config.train[key] < 1:
+      raise UserError(f"config.train.{key} must be >= 1, got {config.train[key]}")
+  return Task(model=model_lib.Transformer(model_cfg, deterministic=False, all_layers=True),
+              loss_cfg=losses.LossConfig.from_config(config),
               tx=optimizer_lib.make_optimizer(config),
               schedule=optimizer_lib.learning_rate_schedule(config.optimizer, config.train.num_steps))
 
