@@ -12,8 +12,10 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	touch $@
 
+# Trains the quickstart model (validation bpc printed as it falls), then samples from it.
 demo: $(VENV)/.installed
 	$(PY) -m chartx.main --config=configs/quickstart.py --workdir=$(DEMO_DIR)
+	$(PY) -m chartx.main --config=configs/quickstart.py --workdir=$(DEMO_DIR) --mode=sample
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q tests
