@@ -35,7 +35,9 @@ Each run prints one JSON object on one line and appends it to --out when given. 
                torch_step_time_s (median), torch_step_time_mean_s, torch_step_time_min_s,
                torch_step_cpu_time_s, torch_chars_per_sec, chartx_over_torch (the ratio of the
                medians), chartx_over_torch_paired (the median of the ratios of each chartx step
-               and the torch step right after it, which saw about the same machine load)
+               and the torch step right after it, which saw about the same machine load),
+               chartx_over_torch_min (the ratio of the fastest steps: on a shared machine, the
+               estimate least affected by other processes; all three agree on a quiet one)
 With --compile_only the step, FLOPs and memory keys are absent.
 """
 
@@ -209,7 +211,8 @@ def benchmark(config: ml_collections.ConfigDict, *, steps: int = 10, warmup: int
                   torch_step_time_mean_s=statistics.fmean(torch_wall), torch_step_time_min_s=min(torch_wall),
                   torch_step_cpu_time_s=statistics.median(torch_cpu),
                   torch_chars_per_sec=batch_size * seq_len / torch_s, chartx_over_torch=torch_s / step_s,
-                  chartx_over_torch_paired=paired)
+                  chartx_over_torch_paired=paired,
+                  chartx_over_torch_min=min(torch_wall) / min(wall))
   return record
 
 

@@ -93,6 +93,8 @@ def test_torch_side_by_side(tiny_config):
   assert record["torch_params"] == record["params"]
   assert np.isfinite(record["torch_loss"])
   assert record["chartx_over_torch"] == pytest.approx(record["torch_step_time_s"] / record["step_time_s"])
+  assert record["chartx_over_torch_min"] == pytest.approx(
+      record["torch_step_time_min_s"] / record["step_time_min_s"])
   assert len(record["torch_step_times_s"]) == len(record["step_times_s"]) == 2
   assert record["chartx_over_torch_paired"] == pytest.approx(
       np.median(np.divide(record["torch_step_times_s"], record["step_times_s"])))
