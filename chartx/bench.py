@@ -99,9 +99,10 @@ def peak_memory() -> tuple[int, str]:
   stats = [d.memory_stats() for d in jax.local_devices()]
   if all(s and "peak_bytes_in_use" in s for s in stats):
     return max(s["peak_bytes_in_use"] for s in stats), "max over local devices of memory_stats()['peak_bytes_in_use']"
-  # ru_maxrss is in KiB on Linux; a high-water mark of the whole process (Python and JAX included).
+  # ru_maxrss is in KiB on Linux.
   return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-          "process max RSS (resource.getrusage ru_maxrss)")
+          "process max RSS (resource.getrusage ru_maxrss): the most this process has held at once, "
+          "Python, JAX and XLA's compilation included")
 
 
 def _time_steps(step: Callable[[], Any], count: int) -> tuple[list[float], list[float], Any]:
