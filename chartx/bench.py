@@ -42,6 +42,7 @@ With --compile_only the step, FLOPs and memory keys are absent.
 """
 
 import datetime
+import functools
 import importlib.util
 import json
 import os
@@ -63,19 +64,6 @@ from chartx import losses, metrics, sharding, train
 from chartx import model as model_lib
 from chartx.data import vocab as vocab_lib
 from chartx.errors import UserError
-
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file with a get_config().",
-                                          lock_config=True)
-_STEPS = flags.DEFINE_integer("steps", 10, "Timed train steps (the step time is their median).")
-_WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps run after compilation, before timing.")
-_TORCH = flags.DEFINE_bool("torch", False, "Also time the PyTorch reference on the same dims "
-                           "(needs the bench extra: pip install 'chartx[bench]').")
-_OUT = flags.DEFINE_string("out", None, "Append the JSON line to this file as well.")
-_COMPILE_ONLY = flags.DEFINE_bool("compile_only", False, "Only lower and compile the train step.")
-_VOCAB_SIZE = flags.DEFINE_integer("vocab_size", 0, "Vocabulary size; 0: from config.data.name "
-                                   "(27 for text8, 256 bytes otherwise).")
-flags.mark_flags_as_required(["config"])
-
 
 def vocab_size_of(config: ml_collections.ConfigDict, override: int = 0) -> int:
   if override < 0:
@@ -271,14 +259,33 @@ def _jsonable(value: Any) -> Any:
   return value if isinstance(value, (bool, int, float, str, type(None))) else repr(value)
 
 
-def main(argv) -> None:
+def _define_flags() -> dict[str, flags.FlagHolder]:
+  """The command line's flags; defined only when run as a program, so that importing chartx.bench
+  beside chartx.main (which has its own --config) does not define a flag twice."""
+  holders = {
+      "config": config_flags.DEFINE_config_file("config", None, "Config file with a get_config().",
+                                                lock_config=True),
+      "steps": flags.DEFINE_integer("steps", 10, "Timed train steps (the step time is their median)."),
+      "warmup": flags.DEFINE_integer("warmup", 2, "Untimed steps run after compilation, before timing."),
+      "torch": flags.DEFINE_bool("torch", False, "Also time the PyTorch reference on the same dims "
+                                 "(needs the bench extra: pip install 'chartx[bench]')."),
+      "out": flags.DEFINE_string("out", None, "Append the JSON line to this file as well."),
+      "compile_only": flags.DEFINE_bool("compile_only", False, "Only lower and compile the train step."),
+      "vocab_size": flags.DEFINE_integer("vocab_size", 0, "Vocabulary size; 0: from config.data.name "
+                                         "(27 for text8, 256 bytes otherwise)."),
+  }
+  flags.mark_flags_as_required(["config"])
+  return holders
+
+
+def main(argv: list[str], holders: dict[str, flags.FlagHolder]) -> None:
   logging.set_verbosity(logging.WARNING)
   try:
     if len(argv) > 1:
       raise UserError(f"unexpected arguments: {' '.join(argv[1:])}")
-    record = benchmark(_CONFIG.value, steps=_STEPS.value, warmup=_WARMUP.value,
-                       compile_only=_COMPILE_ONLY.value, with_torch=_TORCH.value,
-                       vocab_size=_VOCAB_SIZE.value)
+    record = benchmark(holders["config"].value, steps=holders["steps"].value,
+                       warmup=holders["warmup"].value, compile_only=holders["compile_only"].value,
+                       with_torch=holders["torch"].value, vocab_size=holders["vocab_size"].value)
     record["config"] = config_flags.get_config_filename(flags.FLAGS["config"])
     record["overrides"] = {k: _jsonable(v) for k, v in
                            config_flags.get_override_values(flags.FLAGS["config"]).items()}
@@ -287,10 +294,27 @@ def main(argv) -> None:
     sys.exit(1)
   line = json.dumps(record)
   print(line, flush=True)
-  if _OUT.value:
-    with open(_OUT.value, "a", encoding="utf-8") as f:
+  if holders["out"].value:
+    with open(holders["out"].value, "a", encoding="utf-8") as f:
       f.write(line + "\n")
 
 
+def _parse_flags(argv: list[str], holders: dict[str, flags.FlagHolder]) -> list[str]:
+  """absl's parser, with a bad flag, config file or --config override reported as one line."""
+  try:
+    argv = flags.FLAGS(argv)
+    holders["config"].value.get("seed")  # config_flags defers a config file's errors to first use.
+    return argv
+  except Exception as e:  # absl and config_flags raise many types; all mean a bad command line.
+    overrides = [a.split("=", 1)[0] for a in argv[1:] if a.startswith("--config.")]
+    missing = str(e).strip("\"' ")  # An unknown --config.KEY raises AttributeError('KEY').
+    culprit = next((f"{key}: no such config key; " for key in overrides
+                    if not isinstance(e, flags.Error) and missing in key.split(".")[1:]), "")
+    print(f"error: {culprit}{' '.join(str(e).split())}", file=sys.stderr)
+    sys.exit(1)
+
+
 if __name__ == "__main__":
-  app.run(main)
+  _HOLDERS = _define_flags()
+  app.run(functools.partial(main, holders=_HOLDERS),
+          flags_parser=functools.partial(_parse_flags, holders=_HOLDERS))

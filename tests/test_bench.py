@@ -114,3 +114,12 @@ def test_torch_needs_the_paper_step(tiny_config):
   tiny_config.optimizer.name = "adamw"
   with pytest.raises(UserError, match="config.optimizer.name"):
     bench.benchmark(tiny_config, with_torch=True)
+
+
+def test_cli_bad_override_is_one_line():
+  result = subprocess.run([sys.executable, "-m", "chartx.bench", "--config=configs/tiny.py",
+                           "--config.model.no_such_key=1"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120, check=False)
+  assert result.returncode == 1
+  assert result.stderr.strip().splitlines() == [result.stderr.strip()]
+  assert "--config.model.no_such_key" in result.stderr
