@@ -31,9 +31,10 @@ def _loss_grads(fn):
                           argnums=(0, 1, 2)))
 
 
-# T below, equal to and between multiples of the 64-row query block; the last block of T=129 is
-# one row long.
-@pytest.mark.parametrize("shape", [(2, 7, 2, 8), (2, 64, 2, 16), (1, 129, 3, 8), (2, 200, 2, 4)])
+# T below, equal to and between multiples of the query block (64 rows up to T=256, then 128);
+# the last block of T=129 is one row long.
+@pytest.mark.parametrize("shape", [(2, 7, 2, 8), (2, 64, 2, 16), (1, 129, 3, 8), (2, 200, 2, 4),
+                                   (1, 300, 1, 4)])
 def test_values_and_gradients_match_reference(shape):
   q, k, v, g = _inputs(shape)
   np.testing.assert_allclose(jax.jit(attention.causal_attention)(q, k, v),
