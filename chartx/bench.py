@@ -60,7 +60,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from chartx import losses, metrics, sharding, train
+from chartx import errors, losses, metrics, sharding, train
 from chartx import model as model_lib
 from chartx.data import vocab as vocab_lib
 from chartx.errors import UserError
@@ -299,22 +299,7 @@ def main(argv: list[str], holders: dict[str, flags.FlagHolder]) -> None:
       f.write(line + "\n")
 
 
-def _parse_flags(argv: list[str], holders: dict[str, flags.FlagHolder]) -> list[str]:
-  """absl's parser, with a bad flag, config file or --config override reported as one line."""
-  try:
-    argv = flags.FLAGS(argv)
-    holders["config"].value.get("seed")  # config_flags defers a config file's errors to first use.
-    return argv
-  except Exception as e:  # absl and config_flags raise many types; all mean a bad command line.
-    overrides = [a.split("=", 1)[0] for a in argv[1:] if a.startswith("--config.")]
-    missing = str(e).strip("\"' ")  # An unknown --config.KEY raises AttributeError('KEY').
-    culprit = next((f"{key}: no such config key; " for key in overrides
-                    if not isinstance(e, flags.Error) and missing in key.split(".")[1:]), "")
-    print(f"error: {culprit}{' '.join(str(e).split())}", file=sys.stderr)
-    sys.exit(1)
-
-
 if __name__ == "__main__":
   _HOLDERS = _define_flags()
   app.run(functools.partial(main, holders=_HOLDERS),
-          flags_parser=functools.partial(_parse_flags, holders=_HOLDERS))
+          flags_parser=functools.partial(errors.parse_flags, config=_HOLDERS["config"]))

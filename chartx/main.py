@@ -1,10 +1,12 @@
 """Command line: python -m chartx.main --config=configs/X.py --workdir=DIR [--mode=...] [--config.KEY=V]."""
 
+import functools
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from chartx import errors
 from chartx.errors import UserError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file with a get_config().",
@@ -42,30 +44,6 @@ def run(argv) -> None:
     train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 
-def parse_flags(argv: list[str]) -> list[str]:
-  """absl's parser, with every bad flag or --config override reported as one line."""
-  try:
-    argv = flags.FLAGS(argv)
-    _CONFIG.value.get("seed")  # config_flags defers a config file's load error to first use.
-    return argv
-  except Exception as e:  # absl and config_flags raise many types; all mean a bad command line.
-    culprit = _culprit(argv, e)
-    print(f"error: {culprit}{' '.join(str(e).split())}", file=sys.stderr)
-    sys.exit(1)
-
-
-def _culprit(argv: list[str], e: Exception) -> str:
-  """Names the --config.KEY override an unknown-key error comes from ('foo' -> --config.model.foo)."""
-  if isinstance(e, flags.Error):
-    return ""
-  missing = str(e).strip("\"' ")
-  for arg in argv[1:]:
-    key = arg.split("=", 1)[0]
-    if key.startswith("--config.") and missing in key[len("--config."):].split("."):
-      return f"{key}: no such config key; "
-  return ""
-
-
 def main(argv) -> None:
   logging.set_verbosity(logging.WARNING)
   try:
@@ -76,4 +54,4 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=parse_flags)
+  app.run(main, flags_parser=functools.partial(errors.parse_flags, config=_CONFIG))
