@@ -70,6 +70,10 @@ class ModelConfig:
       raise UserError(f"config.model.dtype must be one of {', '.join(_DTYPES)}; got {m.dtype!r}")
     if m.attention not in ("xla", "cudnn", "auto"):
       raise UserError(f"config.model.attention must be xla, cudnn or auto; got {m.attention!r}")
+    if m.attention == "cudnn" and (m.dtype == "float32" or jax.default_backend() != "gpu"):
+      # cuDNN's flash attention takes only 16-bit inputs, on a GPU; "auto" falls back to xla.
+      raise UserError(f"config.model.attention=cudnn needs a GPU and config.model.dtype=bfloat16 "
+                      f"(here: {jax.default_backend()}, {m.dtype}); use auto or xla")
     if config.data.seq_len > m.max_len:
       raise UserError(f"config.data.seq_len={config.data.seq_len} is larger than the positional "
                       f"table config.model.max_len={m.max_len}")

@@ -63,6 +63,7 @@ def test_cli_trains_tiny_with_falling_loss_and_writes_metrics(tmp_path):
     ("--config.data.path=/nonexistent/file.txt", "/nonexistent/file.txt"),
     ("--config.mesh.shape=(2,1,1)", "config.mesh.shape"),
     ("--config.optimizer.name=rmsprop", "config.optimizer.name"),
+    ("--config.model.attention=cudnn", "config.model.attention"),
 ])
 def test_bad_input_gets_a_one_line_error_naming_the_culprit(tmp_path, override, culprit):
   result = _run_main("--config=configs/tiny.py", f"--workdir={tmp_path / 'run'}", override)
