@@ -62,7 +62,7 @@ from ml_collections import config_flags
 
 from chartx import errors, losses, metrics, sharding, train
 from chartx import model as model_lib
-from chartx.data import vocab as vocab_lib
+from chartx import data
 from chartx.errors import UserError
 
 def vocab_size_of(config: ml_collections.ConfigDict, override: int = 0) -> int:
@@ -70,7 +70,7 @@ def vocab_size_of(config: ml_collections.ConfigDict, override: int = 0) -> int:
     raise UserError(f"--vocab_size must be >= 0 (0: from the config), got {override}")
   if override:
     return override
-  return (vocab_lib.TEXT8 if config.data.name == "text8" else vocab_lib.BYTES).size
+  return data.vocab_for(config.data).size
 
 
 def synthetic_windows(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, vocab_size: int,

@@ -148,18 +148,9 @@ def encode_prompt(vocab: data.Vocab, prompt: str) -> np.ndarray:
   return vocab.encode(prompt)
 
 
-def vocab_for(data_config: ml_collections.ConfigDict) -> data.Vocab:
-  """The vocabulary of data.name, without loading the corpus."""
-  if data_config.name == "text8":
-    return data.TEXT8
-  if data_config.name in ("enwik8", "text_files"):
-    return data.BYTES
-  raise UserError(f"data.name={data_config.name!r}: expected 'enwik8', 'text8' or 'text_files'")
-
-
 def sample_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> str:
   """--mode=sample: the prompt and its continuation, from the checkpoint eval.step/eval.best choose."""
-  vocab = vocab_for(config.data)
+  vocab = data.vocab_for(config.data)
   prompt_ids = encode_prompt(vocab, config.sample.prompt)
   sampling = SamplingConfig.from_config(config, vocab.size)
   if config.sample.num_chars < 1:

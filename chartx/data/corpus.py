@@ -29,15 +29,22 @@ def eval_stream(corpus: Corpus, split: str) -> np.ndarray:
   raise UserError(f"eval.split={split!r}: expected 'validation' or 'test'")
 
 
+def vocab_for(data_config: ml_collections.ConfigDict) -> Vocab:
+  """The vocabulary of data_config.name, without loading anything."""
+  if data_config.name == "text8":
+    return TEXT8
+  if data_config.name in ("enwik8", "text_files"):
+    return BYTES
+  raise UserError(f"data.name={data_config.name!r}: expected 'enwik8', 'text8' or 'text_files'")
+
+
 def load_corpus(data_config: ml_collections.ConfigDict) -> Corpus:
   """Loads data_config.name ("enwik8" | "text8" | "text_files") into memory."""
-  name = data_config.name
-  if name == "text_files":
+  vocab = vocab_for(data_config)
+  if data_config.name == "text_files":
     train, validation, test = text_files.load_splits(
         data_config.path, data_config.get("valid_path", ""), data_config.get("test_path", ""))
-    return Corpus(train=train, validation=validation, test=test, vocab=BYTES)
-  if name in ("enwik8", "text8"):
+  else:
     train, validation, test = builders.load_splits(
-        name, data_dir=data_config.get("data_dir", ""), zip_path=data_config.get("path", ""))
-    return Corpus(train=train, validation=validation, test=test, vocab=BYTES if name == "enwik8" else TEXT8)
-  raise UserError(f"data.name={name!r}: expected 'enwik8', 'text8' or 'text_files'")
+        data_config.name, data_dir=data_config.get("data_dir", ""), zip_path=data_config.get("path", ""))
+  return Corpus(train=train, validation=validation, test=test, vocab=vocab)
