@@ -76,8 +76,10 @@ def vocab_size_of(config: ml_collections.ConfigDict, override: int = 0) -> int:
 def synthetic_windows(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, vocab_size: int,
                       num_targets: int) -> jax.Array:
   """A global batch of random windows, seq_len + num_targets long, sharded like real batches."""
-  rows = config.train.batch_size // jax.process_count()
-  rng = np.random.default_rng([config.seed, jax.process_index()])
+  # Processes that hold replicas of a slice must feed the same rows (sharding.process_slice).
+  index, count = sharding.process_slice(mesh, config.train.batch_size)
+  rows = config.train.batch_size // count
+  rng = np.random.default_rng([config.seed, index])
   local_BxS = rng.integers(0, vocab_size, (rows, config.data.seq_len + num_targets), dtype=np.int32)
   return sharding.global_batch(local_BxS, mesh)
 
