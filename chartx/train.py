@@ -138,12 +138,6 @@ def jit_train_step(task: Task, mesh: jax.sharding.Mesh, shardings: TrainState,
       out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
 
 
-def make_logits_fn(task: Task, params: Any) -> Callable[[jax.Array], jax.Array]:
-  net = task.model.clone(deterministic=True, all_layers=False)
-  return lambda tokens_BxT: net.apply({"params": params}, tokens_BxT,
-                                      method=model_lib.Transformer.logits)
-
-
 def validation_bpc(score: evaluate.ScoreFn, params: Any, ids_N: np.ndarray,
                    config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> dict[str, float]:
   """Strided bpc on ids_N (evaluate.eval_ids) as the eval.* keys say, for the training logs."""
