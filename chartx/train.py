@@ -4,7 +4,7 @@ import contextlib
 import dataclasses
 import functools
 import time
-from typing import Any, Callable
+from typing import Any
 
 import flax
 import jax

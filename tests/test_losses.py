@@ -108,8 +108,8 @@ def test_last_position_only_loss_scores_only_the_last_position(tiny_config):
 def _numpy_forward_nll(params, tokens_BxT, targets_KxBxT, cfg):
   """An independent float64 NumPy implementation of the model and per-layer losses: nll_LxK."""
   p = jax.tree.map(lambda x: np.asarray(x, np.float64), params)
-  B, T = tokens_BxT.shape
-  N, H = cfg.num_heads, cfg.head_dim
+  T = tokens_BxT.shape[1]
+  H = cfg.head_dim
 
   def layer_norm(x, scale, bias):
     mu = x.mean(-1, keepdims=True)
