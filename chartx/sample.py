@@ -34,7 +34,6 @@ import numpy as np
 
 from chartx import data, evaluate
 from chartx import model as model_lib
-from chartx.data import vocab as vocab_lib
 from chartx.errors import UserError
 
 TokensToLogits = Callable[[Any, jax.Array, Any, jax.Array], tuple[jax.Array, Any]]
@@ -142,10 +141,7 @@ def encode_prompt(vocab: data.Vocab, prompt: str) -> np.ndarray:
   """The prompt's ids; characters outside the vocabulary raise UserError naming sample.prompt."""
   if not prompt:
     raise UserError("config.sample.prompt is empty; generation needs at least one character")
-  if vocab.name == "text8":
-    return vocab_lib.text8_ids_from_bytes(np.frombuffer(prompt.encode("utf-8"), np.uint8),
-                                          source="config.sample.prompt").astype(np.int32)
-  return vocab.encode(prompt)
+  return vocab.encode(prompt, source="config.sample.prompt")
 
 
 def sample_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> str:

@@ -27,11 +27,12 @@ class Vocab:
   name: str
   size: int
 
-  def encode(self, text: str) -> np.ndarray:
+  def encode(self, text: str, source: str = "text") -> np.ndarray:
+    """int32 ids; a character outside the vocabulary raises UserError naming `source`."""
     bytes_N = np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
     if self.name == "bytes":
       return bytes_N.astype(np.int32)
-    return text8_ids_from_bytes(bytes_N, source="text").astype(np.int32)
+    return text8_ids_from_bytes(bytes_N, source=source).astype(np.int32)
 
   def decode(self, ids) -> str:
     ids_N = np.asarray(ids).reshape(-1)
