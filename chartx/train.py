@@ -67,8 +67,8 @@ def create_train_state(task: Task, rng: jax.Array, seq_len: int, mesh: jax.shard
   init = functools.partial(init_state, task, seq_len=seq_len)
   abstract = jax.eval_shape(init, rng)
   shardings = sharding.logical_shardings(abstract, mesh, rules)
-  with jax.set_mesh(mesh), flax.linen.logical_axis_rules(rules):
-    boxed = jax.jit(init, out_shardings=shardings)(rng)
+  boxed = sharding.jit_sharded(init, mesh, rules, in_shardings=sharding.replicated(mesh),
+                               out_shardings=shardings)(rng)
   return flax.linen.unbox(boxed), shardings
 
 
@@ -179,8 +179,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   report = _Reporter(config, task, writer, start_step, model_lib.count_params(state.params))
   pending = None
   unchecked = None  # (step, out) of the newest step whose loss is not yet known to be finite.
-  with (checkpoint.StopSignal(ckpts.manager) as stop_requested, ckpts, jax.set_mesh(mesh),
-        flax.linen.logical_axis_rules(rules)):
+  # The jitted step and score bind the mesh and rules themselves (sharding.jit_sharded).
+  with checkpoint.StopSignal(ckpts.manager) as stop_requested, ckpts:
     for step in range(start_step, config.train.num_steps):
       local_BxS = data.train_batch(corpus.train, seed=config.seed, step=step,
                                    batch_size=config.train.batch_size, length=seq_len + num_targets,

@@ -27,8 +27,8 @@ def get_config():
   config.model.d_ff = 512
   config.model.max_len = 128
   config.model.dropout = 0.1
-  # Adam, not the paper's momentum: in 1,500 steps on a CPU it gets much further (measured:
-  # validation bpc 2.80 against 3.76 at step 500-600 on this config).
+  # Adam, not the paper's momentum: in 1,500 steps on a CPU it gets much further (measured on
+  # this config: validation bpc 2.07 against momentum's 3.57 after 1,500 steps).
   config.optimizer.name = "adamw"
   config.optimizer.learning_rate = 0.003
   config.optimizer.momentum = 0.9  # adamw's b1.
