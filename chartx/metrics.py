@@ -3,7 +3,7 @@
   MetricWriter      one JSON object per logged step in WORKDIR/metrics.jsonl, every number also
                     a TensorBoard scalar (tensorboardX: no TensorFlow needed).
   read_metrics      the records of a workdir, with what a resumed run redid counted once.
-  Progress, track   a tqdm bar on a terminal; plain periodic lines elsewhere (CI, cluster logs).
+  Progress          a tqdm bar on a terminal; plain periodic lines elsewhere (CI, cluster logs).
   flops_per_char    model FLOPs of one training character; with peak_flops, the MFU.
 
 Workdirs may be local paths or fsspec URLs (gs:// with the `gcs` extra installed).
@@ -15,7 +15,7 @@ import math
 import os
 import sys
 import time
-from typing import Any, Iterable, Iterator, Mapping, TextIO, TypeVar
+from typing import Any, Iterator, Mapping, TextIO
 
 import numpy as np
 import tensorboardX
@@ -332,20 +332,6 @@ def _rate(rate: float, unit: str) -> str:
 def _is_terminal(file: TextIO) -> bool:
   isatty = getattr(file, "isatty", None)
   return bool(isatty and isatty()) and os.environ.get("TERM") != "dumb"
-
-
-T = TypeVar("T")
-
-
-def track(iterable: Iterable[T], desc: str, total: int | None = None, unit: str = "it",
-          **kwargs: Any) -> Iterator[T]:
-  """Yields from iterable while showing a Progress (total defaults to len(iterable))."""
-  if total is None and hasattr(iterable, "__len__"):
-    total = len(iterable)  # type: ignore[arg-type]
-  with Progress(total, desc, unit, **kwargs) as progress:
-    for item in iterable:
-      yield item
-      progress.update(1)
 
 
 # ---------------------------------------------------------------------------------------------

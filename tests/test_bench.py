@@ -10,7 +10,8 @@ import jax
 import numpy as np
 import pytest
 
-from chartx import bench, metrics, train
+from chartx import metrics, train
+from chartx.tools import bench
 from chartx.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -403,7 +403,7 @@ def test_batch_errors_name_the_problem():
 
 
 def test_loading_benchmark_runs_end_to_end_on_a_small_file(tmp_path, monkeypatch):
-  from chartx.data import bench
+  from chartx.tools import data_bench as bench
   monkeypatch.setitem(builders.ZIPS, "enwik8", builders.ZIPS["enwik8"])  # run() repoints it.
   results = bench.run(str(tmp_path), 20_000)
   assert results["train_chars"] == 18_000

@@ -170,14 +170,12 @@ def test_progress_on_a_terminal_is_a_tqdm_bar(monkeypatch):
       return True
   monkeypatch.setenv("TERM", "xterm")
   out = Terminal()
-  items = list(metrics.track(range(4), "sample", unit="char", file=out))
   progress = metrics.Progress(5, "eval", file=out)
   progress.update(2, bpc="1.2345")
   progress.write("a line above the bar")
   progress.close()
   text = out.getvalue()
-  assert items == [0, 1, 2, 3]
-  assert "\r" in text and "sample: 100%" in text and "4/4" in text
+  assert "\r" in text
   assert "eval:  40%" in text and "bpc 1.2345" in text and "a line above the bar\n" in text
 
 

@@ -8,7 +8,8 @@ import sys
 import numpy as np
 import pytest
 
-from chartx import metrics, plot
+from chartx import metrics
+from chartx.tools import plot
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

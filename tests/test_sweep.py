@@ -5,7 +5,8 @@ import os
 
 import pytest
 
-from chartx import metrics, plot, sweep
+from chartx import metrics
+from chartx.tools import plot, sweep
 from chartx.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -13,7 +13,7 @@ import numpy as np  # noqa: E402
 
 from chartx import losses, train  # noqa: E402
 from chartx import model as model_lib  # noqa: E402
-from chartx import torch_reference  # noqa: E402
+from chartx.tools import torch_reference  # noqa: E402
 
 DIMS = dict(vocab_size=40, num_layers=3, d_model=16, num_heads=2, d_ff=24, max_len=12)
 

@@ -59,10 +59,3 @@ def text8_ids_from_bytes(bytes_N: np.ndarray, *, source: str) -> np.ndarray:
         f"{source}: character {shown} at offset {position} is not in the text8 alphabet (a-z and space)")
   return ids_N.astype(np.uint8)
 
-
-def vocab_by_name(name: str) -> Vocab:
-  if name == "bytes":
-    return BYTES
-  if name == "text8":
-    return TEXT8
-  raise UserError(f"unknown vocabulary {name!r}: expected 'bytes' or 'text8'")
