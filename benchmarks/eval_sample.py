@@ -64,11 +64,11 @@ def benchmark(config, sample_chars: int, recompute_chars: int, eval_windows: int
   @jax.jit
   def recompute(params, window_C, key):
     def body(i, carry):
-      window_C, key, ids_N = carry
+      window_C, key, ids_M = carry
       key, draw = jax.random.split(key)
       logits_1xV = net.apply(params, window_C[None], method=model_lib.Transformer.logits)[:, -1]
       next_1 = sample.choose(logits_1xV, draw, sampling)
-      return jnp.concatenate([window_C[1:], next_1]), key, ids_N.at[i].set(next_1[0])
+      return jnp.concatenate([window_C[1:], next_1]), key, ids_M.at[i].set(next_1[0])
     return jax.lax.fori_loop(0, recompute_chars, body,
                              (window_C, key, jnp.zeros(recompute_chars, jnp.int32)))[-1]
   recompute_s = _timed(lambda: recompute(params, prompt_C, jax.random.key(1)))
@@ -79,9 +79,9 @@ def benchmark(config, sample_chars: int, recompute_chars: int, eval_windows: int
   eval_rates = {}
   for stride in (1, seq_len):
     # Windows start at 0, S, 2S, ...: eval_windows of them.
-    ids_N = rng.integers(0, vocab_size, 1 + seq_len + (eval_windows - 1) * stride).astype(np.int32)
-    run = lambda ids_N=ids_N, stride=stride: evaluate.evaluate_bits(
-        score, params["params"], ids_N, seq_len=seq_len, stride=stride, batch_size=batch_size, mesh=mesh)
+    ids_M = rng.integers(0, vocab_size, 1 + seq_len + (eval_windows - 1) * stride).astype(np.int32)
+    run = lambda ids_M=ids_M, stride=stride: evaluate.evaluate_bits(
+        score, params["params"], ids_M, seq_len=seq_len, stride=stride, batch_size=batch_size, mesh=mesh)
     eval_rates[stride] = eval_windows * stride / _timed(run)
   return {
       "host": platform.node(), "backend": jax.default_backend(), "device_kind": jax.devices()[0].device_kind,

@@ -1,20 +1,16 @@
-"""Orbax checkpoints of the train state in WORKDIR/checkpoints: save, resume, restore, stop on signals.
+"""Orbax checkpoints of the train state in WORKDIR/checkpoints: the manager, save, restore, diagnostics.
 
 WORKDIR/checkpoints/<step>/ holds one TrainState (step, params, opt_state, loss_weights). Batches
 are a pure function of (seed, step) and dropout keys are fold_in(rng, step), so that state is all
 a run needs to continue bit for bit. Orbax writes a save into <step>.orbax-checkpoint-tmp/ and
 renames it to <step>/ once complete, so a crash in the middle of a save leaves only the former.
 
-Training (Checkpoints) keeps the newest config.train.keep_checkpoints and the one with the lowest
-validation bpc; evaluation and sampling read parameters with restore_params, which writes nothing.
+Training (chartx.resume.Checkpoints) keeps the newest config.train.keep_checkpoints and the one with
+the lowest validation bpc; inference reads parameters with restore_params, which writes nothing.
 """
 
 import math
 import os
-import signal
-import sys
-import threading
-import time
 from typing import Any, Mapping
 
 import jax
@@ -44,14 +40,11 @@ def make_manager(workdir: str, config: ml_collections.ConfigDict | None = None) 
   neither among the newest config.train.keep_checkpoints (0: all) nor the best by validation bpc.
   Raises UserError if the workdir is a file or cannot be read.
   """
-  directory = _checked_directory(workdir)
+  directory = checked_directory(workdir)
   if config is None:
     options = ocp.CheckpointManagerOptions(create=False, save_interval_steps=0,
                                            best_fn=_bpc, best_mode="min")
   else:
-    if config.train.keep_checkpoints < 0:
-      raise UserError(f"config.train.keep_checkpoints must be >= 0 (0 keeps all), "
-                      f"got {config.train.keep_checkpoints}")
     policies = ocp.checkpoint_managers
     keep = policies.AnyPreservationPolicy([
         policies.LatestN(n=config.train.keep_checkpoints or None),
@@ -77,7 +70,7 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any,
   """
   if not bool(_all_finite(state)):
     raise UserError(f"the train state after step {step} holds NaN or Inf values, so it is not "
-                    f"saved; {_newest(manager)}")
+                    f"saved; {describe_newest(manager)}")
   kept = {BEST_METRIC: float(metrics[BEST_METRIC])} if metrics and BEST_METRIC in metrics else {}
   manager.save(step, args=ocp.args.PyTreeSave(state), metrics=kept, force=True)
 
@@ -110,7 +103,7 @@ def restore_params(workdir: str, params_like: Any, step: int | str | None = None
     if step is None:
       candidates = sorted(steps, reverse=True)
     elif step == "best":
-      best = _best(manager)
+      best = best_checkpoint(manager)
       if best is None:
         raise UserError(f"no checkpoint in {manager.directory} has a {BEST_METRIC} (checkpoints "
                         "taken at eval steps of the validation split have one)")
@@ -120,158 +113,16 @@ def restore_params(workdir: str, params_like: Any, step: int | str | None = None
     else:
       raise UserError(f"no checkpoint {step} in {manager.directory} "
                       f"(steps: {', '.join(map(str, sorted(steps)))})")
-    params, found, failures = _read_newest(manager, candidates, params_like, params_only=True)
+    params, found, failures = read_newest(manager, candidates, params_like, params_only=True)
     if found is None:
-      raise UserError(_unreadable_message(manager, failures))
-    _warn_unreadable(manager, failures, "skipping")
+      raise UserError(unreadable_message(manager, failures))
+    warn_unreadable(manager, failures, "skipping")
     return params, found
   finally:
     manager.close()
 
 
-class Checkpoints:
-  """The train loop's checkpoints: resume or initialize, then save on schedule, at a new best
-  validation bpc and on request. As a context manager, waits for the last save on exit."""
-
-  def __init__(self, workdir: str, config: ml_collections.ConfigDict):
-    self._config = config
-    if not config.checkpoint.resume:
-      _set_aside_run(_checked_directory(workdir))
-    self.manager = make_manager(workdir, config)
-    self._best = math.inf  # The lowest validation bpc among the checkpoints.
-
-  def restore_or_init(self, state: Any) -> Any:
-    """The newest readable checkpoint restored onto state's shardings; else state, with the
-    parameters of config.checkpoint.init_from's newest checkpoint if that is set.
-
-    Half-written saves (Orbax temporary directories) are removed and newer checkpoints that cannot
-    be read are set aside, each with a warning naming it. If checkpoints exist but none can be
-    read, raises UserError rather than start over.
-    """
-    self._remove_temporary()
-    steps = sorted(self.manager.all_steps(), reverse=True)
-    restored, step, failures = _read_newest(self.manager, steps, state, params_only=False)
-    if failures and step is None:
-      raise UserError(_unreadable_message(self.manager, failures) + "; training does not start "
-                      "over them: move them away, or set config.checkpoint.resume=False")
-    if failures:
-      self._set_aside_unreadable(failures)
-    if step is not None:
-      best = _best(self.manager)
-      self._best = math.inf if best is None else best[1]
-      return restored
-    init_from = self._config.checkpoint.init_from
-    if not init_from:
-      return state
-    try:
-      params, init_step = restore_params(init_from, state.params)
-    except UserError as e:
-      raise UserError(f"config.checkpoint.init_from={init_from}: {e}") from e
-    if jax.process_index() == 0:
-      print(f"train: parameters from {checkpoint_dir(init_from) / str(init_step)}; "
-            "step 0 with a fresh optimizer state", flush=True)
-    return state.replace(params=params)
-
-  def due(self, step: int, validation: Mapping[str, Any] | None, stop: bool) -> bool:
-    """Whether the loop saves after `step`: every train.checkpoint_every steps, at the last step,
-    at an eval step with a new lowest validation bpc, and when stopping on a signal (a
-    checkpoint_every of 0 turns all of them off)."""
-    every = self._config.train.checkpoint_every
-    if not every:
-      return False
-    return (stop or step % every == 0 or step == self._config.train.num_steps
-            or (validation is not None and validation.get(BEST_METRIC, math.inf) < self._best))
-
-  def save(self, step: int, state: Any, validation: Mapping[str, Any] | None = None) -> None:
-    save(self.manager, step, state, validation)
-    if validation is not None:
-      self._best = min(self._best, validation.get(BEST_METRIC, math.inf))
-
-  def newest(self) -> str:
-    return _newest(self.manager)
-
-  def __enter__(self) -> "Checkpoints":
-    return self
-
-  def __exit__(self, *exc) -> None:
-    self.manager.close()  # Waits for a save in flight, even when the loop raised.
-
-  def _remove_temporary(self) -> None:
-    directory = self.manager.directory
-    temporary = [t.get() for t in ocp.path.step.all_temporary_paths(directory)]
-    for path in temporary:
-      logging.warning("removing %s: a checkpoint that was still being written when a run stopped",
-                      path)
-    if temporary and jax.process_index() == 0:
-      for path in temporary:
-        path.rmtree()
-    _sync("chartx_checkpoint_remove_temporary")
-
-  def _set_aside_unreadable(self, failures: list[tuple[int, Exception]]) -> None:
-    """Renames checkpoints that failed to read out of Orbax's sight: a later save of the same
-    step must not collide with them, and a transient error leaves nothing lost."""
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    _warn_unreadable(self.manager, failures, f"renaming it to <step>.unreadable-{stamp} and skipping")
-    if jax.process_index() == 0:
-      for step, _ in failures:
-        path = self.manager.directory / str(step)
-        path.rename(path.parent / f"{step}.unreadable-{stamp}")
-    _sync("chartx_checkpoint_set_aside")
-    self.manager.reload()
-
-
-class StopSignal:
-  """SIGTERM and SIGINT: the loop finishes its step, saves, waits for the write and returns.
-
-  Orbax sees neither signal in a single process. Use as `with StopSignal(manager) as stop:` and
-  ask stop(step) once per step; its answer is the same on every process. One process: a flag set
-  by the handlers. Several (jax.distributed): JAX's preemption service catches SIGTERM and agrees
-  on a step at which every process stops (manager.reached_preemption); SIGINT is forwarded to it
-  as a SIGTERM. After the first signal the previous handlers are back, so a second one acts at once.
-  """
-
-  def __init__(self, manager: ocp.CheckpointManager):
-    self._manager = manager
-    self._previous: dict[int, Any] = {}
-    self.received: str | None = None  # The name of the signal that asked to stop.
-
-  def __enter__(self) -> "StopSignal":
-    if threading.current_thread() is not threading.main_thread():
-      return self  # Python delivers signals to the main thread only.
-    if jax.process_count() == 1:
-      handlers = {signal.SIGTERM: self._handle, signal.SIGINT: self._handle}
-    else:
-      handlers = {signal.SIGINT: self._forward}
-    self._previous = {sig: signal.signal(sig, handler) for sig, handler in handlers.items()}
-    return self
-
-  def __call__(self, step: int) -> bool:
-    if jax.process_count() == 1:
-      return self.received is not None
-    if self._manager.reached_preemption(step):
-      self.received = "SIGTERM (preemption)"
-    return self.received is not None
-
-  def __exit__(self, *exc) -> None:
-    self._restore()
-
-  def _handle(self, signum: int, frame: Any) -> None:
-    del frame
-    self.received = signal.Signals(signum).name
-    self._restore()
-
-  def _forward(self, signum: int, frame: Any) -> None:
-    del signum, frame
-    self._restore()
-    os.kill(os.getpid(), signal.SIGTERM)
-
-  def _restore(self) -> None:
-    for sig, handler in self._previous.items():
-      signal.signal(sig, handler)
-    self._previous = {}
-
-
-def _checked_directory(workdir: str) -> epath.Path:
+def checked_directory(workdir: str) -> epath.Path:
   """WORKDIR/checkpoints, after checking that it and the workdir can be used."""
   directory = checkpoint_dir(workdir)
   _check_directory(directory.parent, "--workdir")
@@ -296,7 +147,7 @@ def _bpc(metrics: Mapping[str, Any]) -> float:
   return metrics.get(BEST_METRIC, math.inf)
 
 
-def _best(manager: ocp.CheckpointManager) -> tuple[int, float] | None:
+def best_checkpoint(manager: ocp.CheckpointManager) -> tuple[int, float] | None:
   """(step, validation bpc) of the checkpoint with the lowest one, if any has one."""
   scored = [(metrics[BEST_METRIC], step) for step in manager.all_steps()
             if (metrics := manager.metrics(step)) and BEST_METRIC in metrics]
@@ -313,7 +164,7 @@ def _all_finite(tree: Any) -> jax.Array:
   return jnp.all(jnp.stack(leaves))
 
 
-def _newest(manager: ocp.CheckpointManager) -> str:
+def describe_newest(manager: ocp.CheckpointManager) -> str:
   step = manager.latest_step()
   if step is None:
     return f"no checkpoint is in {manager.directory}"
@@ -338,11 +189,10 @@ def _read(manager: ocp.CheckpointManager, step: int, target: Any, *, params_only
   return restored["params"] if params_only else restored
 
 
-def _read_newest(manager: ocp.CheckpointManager, steps: list[int], target: Any, *,
+def read_newest(manager: ocp.CheckpointManager, steps: list[int], target: Any, *,
                  params_only: bool) -> tuple[Any, int | None, list[tuple[int, Exception]]]:
   """(restored, step, failures): the first of `steps` that reads, and those before it that did not."""
   failures = []
-  _drop_closed_loop_reports()
   for step in steps:
     try:
       return _read(manager, step, target, params_only=params_only), step, failures
@@ -351,22 +201,6 @@ def _read_newest(manager: ocp.CheckpointManager, steps: list[int], target: Any, 
     except Exception as e:  # Orbax and TensorStore raise many types for a damaged checkpoint.
       failures.append((step, e))
   return None, None, failures
-
-
-def _drop_closed_loop_reports() -> None:
-  """When a read fails, TensorStore finishes the other reads Orbax started and reports each to an
-  asyncio loop that Orbax has closed; Python would print a traceback for every one of them."""
-  previous = sys.unraisablehook
-  if getattr(previous, "drops_closed_loop_reports", False):
-    return
-
-  def hook(unraisable: Any) -> None:
-    if not (isinstance(unraisable.exc_value, RuntimeError)
-            and str(unraisable.exc_value) == "Event loop is closed"):
-      previous(unraisable)
-
-  hook.drops_closed_loop_reports = True
-  sys.unraisablehook = hook
 
 
 def _shape_mismatch(saved: Any, item: Any) -> str | None:
@@ -391,32 +225,20 @@ def _describe(e: Exception) -> str:
   return text if len(text) <= 200 else text[:197] + "..."
 
 
-def _warn_unreadable(manager: ocp.CheckpointManager, failures: list[tuple[int, Exception]],
+def warn_unreadable(manager: ocp.CheckpointManager, failures: list[tuple[int, Exception]],
                      action: str) -> None:
   for step, e in failures:
     logging.warning("checkpoint %s cannot be read (%s); %s", manager.directory / str(step),
                     _describe(e), action)
 
 
-def _unreadable_message(manager: ocp.CheckpointManager, failures: list[tuple[int, Exception]]) -> str:
+def unreadable_message(manager: ocp.CheckpointManager, failures: list[tuple[int, Exception]]) -> str:
   steps = ", ".join(str(step) for step, _ in failures)
   return (f"no checkpoint in {manager.directory} can be read (steps {steps}; "
           f"step {failures[0][0]}: {_describe(failures[0][1])})")
 
 
-def _set_aside_run(directory: epath.Path) -> None:
-  """config.checkpoint.resume=False: renames an earlier run's checkpoints, never deletes them."""
-  if not directory.exists() or not any(directory.iterdir()):
-    return
-  target = directory.parent / f"checkpoints.replaced-{time.strftime('%Y%m%d-%H%M%S')}"
-  logging.warning("config.checkpoint.resume=False: moving the existing %s to %s and starting "
-                  "at step 0", directory, target)
-  if jax.process_index() == 0:
-    directory.rename(target)
-  _sync("chartx_checkpoint_replace")
-
-
-def _sync(name: str) -> None:
+def sync(name: str) -> None:
   """All processes wait here, so none reads a directory that process 0 is still changing."""
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices(name)

@@ -1,6 +1,9 @@
-"""Bad user input: one exception type, and a flag parser that reports every bad flag as one line."""
+"""What a user sees of a failure: one exception type for bad input, a flag parser that reports
+every bad flag as one line, and no tracebacks from TensorStore's late reports."""
 
+import re
 import sys
+from typing import Any
 
 from absl import flags
 
@@ -16,17 +19,39 @@ def parse_flags(argv: list[str], config: flags.FlagHolder) -> list[str]:
     config.value.get("seed")  # config_flags defers a config file's load error to first use.
     return argv
   except Exception as e:  # absl and config_flags raise many types; all mean a bad command line.
-    print(f"error: {_culprit(argv, e)}{' '.join(str(e).split())}", file=sys.stderr)
+    print(f"error: {_unknown_key(argv, e) or ' '.join(str(e).split())}", file=sys.stderr)
     sys.exit(1)
 
 
-def _culprit(argv: list[str], e: Exception) -> str:
-  """Names the override an unknown-key error comes from: AttributeError('foo') -> --config.model.foo."""
-  if isinstance(e, flags.Error):
-    return ""
-  missing = str(e).strip("\"' ")
+def _unknown_key(argv: list[str], e: Exception) -> str | None:
+  """An unknown-key error in plain words, naming its override: KeyError("'nlayers'\nDid you mean
+  \"num_layers\" ...") -> '--config.model.nlayers: no such config key; did you mean num_layers?'."""
+  while e.args and isinstance(e.args[0], Exception):  # AttributeError(KeyError(...)).
+    e = e.args[0]
+  if isinstance(e, flags.Error) or not e.args:
+    return None
+  missing, _, hint = str(e.args[0]).partition("\n")
+  missing = missing.strip("\"' ")
   for arg in argv[1:]:
     key = arg.split("=", 1)[0]
     if key.startswith("--config.") and missing in key[len("--config."):].split("."):
-      return f"{key}: no such config key; "
-  return ""
+      suggestion = re.search(r'Did you mean "([^"]+)"', hint)
+      return f"{key}: no such config key" + (f"; did you mean {suggestion[1]}?" if suggestion else "")
+  return None
+
+
+def drop_closed_loop_reports() -> None:
+  """Silences a process-wide flood; the command line calls it once, at start-up.
+
+  When one read of a damaged checkpoint fails, TensorStore finishes the other reads Orbax
+  started and reports each to an asyncio loop that Orbax has closed; Python's unraisable hook
+  would print a traceback for every one of them, after the one-line error or warning.
+  """
+  previous = sys.unraisablehook
+
+  def hook(unraisable: Any) -> None:
+    if not (isinstance(unraisable.exc_value, RuntimeError)
+            and str(unraisable.exc_value) == "Event loop is closed"):
+      previous(unraisable)
+
+  sys.unraisablehook = hook

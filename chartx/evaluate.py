@@ -21,7 +21,6 @@ stride 1 (5 days per 1M characters: enwik8's 5M test characters need an accelera
         --config.eval.stride=1 --config.eval.split=test
 """
 
-import dataclasses
 import functools
 import json
 import math
@@ -29,13 +28,13 @@ import os
 import time
 from typing import Any, Callable
 
-import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from chartx import checkpoint, data, metrics, sharding
+from chartx import data, inference, metrics, sharding
+from chartx import progress as progress_lib
 from chartx import model as model_lib
 from chartx.errors import UserError
 
@@ -91,17 +90,17 @@ def jit_score_fn(score: ScoreFn, mesh: jax.sharding.Mesh, rules: sharding.Rules)
                               out_shardings=sharding.replicated(mesh))
 
 
-def evaluate_bits(score: ScoreFn, params: Any, ids_N: np.ndarray, *, seq_len: int, stride: int,
+def evaluate_bits(score: ScoreFn, params: Any, ids_M: np.ndarray, *, seq_len: int, stride: int,
                   batch_size: int, mesh: jax.sharding.Mesh, progress: bool = False,
                   desc: str = "eval") -> tuple[float, int]:
-  """(total bits, characters scored) over the stream ids_N; score comes from jit_score_fn.
+  """(total bits, characters scored) over the stream ids_M; score comes from jit_score_fn.
 
   Every process passes the whole stream and the same arguments; each feeds its own rows of each
   global batch. The last batch is padded with unscored rows, so score compiles once.
   """
-  ids_N = np.asarray(ids_N, np.int32)
-  seq_len = min(seq_len, len(ids_N) - 1)
-  starts_W, first_W = window_starts(len(ids_N), seq_len, stride)
+  ids_M = np.asarray(ids_M, np.int32)
+  seq_len = min(seq_len, len(ids_M) - 1)
+  starts_W, first_W = window_starts(len(ids_M), seq_len, stride)
   num_batches = -(-len(starts_W) // batch_size)
   pad = num_batches * batch_size - len(starts_W)
   starts_W = np.concatenate([starts_W, np.zeros(pad, np.int64)])
@@ -111,8 +110,8 @@ def evaluate_bits(score: ScoreFn, params: Any, ids_N: np.ndarray, *, seq_len: in
   mine = slice(index * rows, (index + 1) * rows)  # This process's rows of each batch.
   offsets_S = np.arange(seq_len + 1)
   totals = [0.0, 0]  # Nats and characters of the batches read so far.
-  with metrics.Progress(len(ids_N) - 1, desc, unit="char",
-                        enabled=progress and jax.process_index() == 0) as bar:
+  with progress_lib.Progress(len(ids_M) - 1, desc, unit="char",
+                            enabled=progress and jax.process_index() == 0) as bar:
 
     def read(out: tuple[jax.Array, jax.Array]) -> None:
       totals[0] += float(out[0])
@@ -122,7 +121,7 @@ def evaluate_bits(score: ScoreFn, params: Any, ids_N: np.ndarray, *, seq_len: in
     pending = None
     for lo in range(0, len(starts_W), batch_size):
       starts_B, first_B = starts_W[lo:lo + batch_size][mine], first_W[lo:lo + batch_size][mine]
-      windows_BxS = ids_N[starts_B[:, None] + offsets_S]
+      windows_BxS = ids_M[starts_B[:, None] + offsets_S]
       out = score(params, jax.make_array_from_process_local_data(sharding.batch_sharding(mesh), windows_BxS),
                   jax.make_array_from_process_local_data(sharding.batch_sharding(mesh),
                                                          first_B.astype(np.int32)))
@@ -133,9 +132,11 @@ def evaluate_bits(score: ScoreFn, params: Any, ids_N: np.ndarray, *, seq_len: in
   return totals[0] / math.log(2), totals[1]
 
 
-def check_eval_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:
-  """The eval keys, checked before anything slow; bad values raise UserError naming the key."""
+def check_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:
+  """The eval section's owner: every eval.* key, UserError naming a bad one."""
   e = config.eval
+  if e.split not in ("validation", "test"):
+    raise UserError(f"config.eval.split must be validation or test, got {e.split!r}")
   if not 1 <= e.stride <= config.data.seq_len:
     raise UserError(f"config.eval.stride={e.stride} must be in [1, data.seq_len={config.data.seq_len}]")
   if e.max_chars < 0:
@@ -143,80 +144,34 @@ def check_eval_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh
   if e.batch_size < 1:
     raise UserError(f"config.eval.batch_size must be >= 1, got {e.batch_size}")
   sharding.check_batch(e.batch_size, mesh, "config.eval.batch_size")
+  inference.checkpoint_step(config)  # eval.step and eval.best.
 
 
 def eval_ids(config: ml_collections.ConfigDict, corpus: data.Corpus) -> np.ndarray:
   """The prefix of config.eval.split that evaluation reads (eval.max_chars; 0 is all of it)."""
-  ids_N = data.eval_stream(corpus, config.eval.split)
-  ids_N = ids_N[:config.eval.max_chars or len(ids_N)]
-  if len(ids_N) < 2:
-    raise UserError(f"config.eval.split={config.eval.split!r} has {len(ids_N)} characters "
+  ids_M = data.eval_stream(corpus, config.eval.split)
+  ids_M = ids_M[:config.eval.max_chars or len(ids_M)]
+  if len(ids_M) < 2:
+    raise UserError(f"config.eval.split={config.eval.split!r} has {len(ids_M)} characters "
                     "(with eval.max_chars); evaluation needs at least 2")
-  return ids_N
-
-
-@dataclasses.dataclass(frozen=True)
-class Restored:
-  """A model restored from a workdir for evaluation or sampling."""
-  model: model_lib.Transformer  # Deterministic, last layer only.
-  params: Any
-  step: int
-  mesh: jax.sharding.Mesh
-  rules: sharding.Rules
-
-
-def checkpoint_step(config: ml_collections.ConfigDict) -> int | str | None:
-  """What eval.step and eval.best select, as checkpoint.restore_params takes it."""
-  step, best = config.eval.step, config.eval.best
-  if step < -1:
-    raise UserError(f"config.eval.step must be a checkpoint step or -1 (the newest), got {step}")
-  if best and step != -1:
-    raise UserError(f"config.eval.step={step} and config.eval.best=True both choose a checkpoint; "
-                    "set one of them")
-  return "best" if best else None if step == -1 else step
-
-
-def restore(config: ml_collections.ConfigDict, workdir: str, vocab_size: int) -> Restored:
-  """The parameters of the checkpoint that eval.step/eval.best choose, sharded as in training.
-
-  Only the parameters are read (not the optimizer state), onto shapes and shardings that
-  jax.eval_shape gives, so nothing is initialized and the mesh may differ from training's.
-  """
-  step = checkpoint_step(config)
-  model = model_lib.Transformer(model_lib.ModelConfig.from_config(config, vocab_size))
-  mesh = sharding.make_mesh(config)
-  rules = sharding.logical_rules(config)
-  tokens_1xT = jnp.zeros((1, config.data.seq_len), jnp.int32)
-  boxed = jax.eval_shape(lambda rng: model.init(rng, tokens_1xT)["params"], jax.random.key(0))
-  shardings = sharding.logical_shardings(boxed, mesh, rules)
-  params_like = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                             flax.linen.unbox(boxed), shardings)
-  try:
-    params, step = checkpoint.restore_params(workdir, params_like, step)
-  except UserError as e:
-    if step is None:
-      raise
-    key = "config.eval.best=True" if step == "best" else f"config.eval.step={step}"
-    raise UserError(f"{key}: {e}") from None
-  return Restored(model=model, params=params, step=step, mesh=mesh, rules=rules)
+  return ids_M
 
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """--mode=eval: bpc of a checkpoint on eval.split; writes WORKDIR/eval_<split>.json and a
   metrics.jsonl record, and returns the result."""
-  mesh = sharding.make_mesh(config)
-  check_eval_config(config, mesh)
+  check_config(config, sharding.make_mesh(config))  # Before anything slow.
   corpus = data.load_corpus(config.data)
-  ids_N = eval_ids(config, corpus)
-  restored = restore(config, workdir, corpus.vocab.size)
+  ids_M = eval_ids(config, corpus)
+  restored = inference.restore(config, workdir, corpus.vocab.size)
   split, seq_len, stride = config.eval.split, config.data.seq_len, config.eval.stride
   score = jit_score_fn(model_score_fn(restored.model), restored.mesh, restored.rules)
   start = time.time()
-  bits, count = evaluate_bits(score, restored.params, ids_N, seq_len=seq_len, stride=stride,
+  bits, count = evaluate_bits(score, restored.params, ids_M, seq_len=seq_len, stride=stride,
                               batch_size=config.eval.batch_size, mesh=restored.mesh, progress=True,
                               desc=f"eval {split}")
   seconds = time.time() - start
-  window = min(seq_len, len(ids_N) - 1)
+  window = min(seq_len, len(ids_M) - 1)
   result = {"split": split, "step": restored.step, "bpc": bits / count, "num_chars": count,
             "stride": stride, "context": window, "min_context": window - min(stride, window) + 1,
             "bits": bits, "max_chars": config.eval.max_chars, "seconds": round(seconds, 3),

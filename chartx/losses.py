@@ -1,4 +1,4 @@
-"""The three auxiliary losses of Al-Rfou et al. (2019) and their weights as a function of the step.
+"""The training loss: the three auxiliary losses of Al-Rfou et al. (2019), weighted by the step.
 
   1. multiple positions: the next character is predicted at every position, not just the last;
   2. intermediate layers: layer l < n predicts too, until step l/(2n) of training;
@@ -10,12 +10,14 @@ next-character nll over ln 2. Weights are computed from the step with jnp ops, i
 
 import dataclasses
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 
 from chartx import model as model_lib
+from chartx.errors import UserError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,6 +31,12 @@ class LossConfig:
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict) -> "LossConfig":
+    """The loss section's owner: checks every loss.* key (UserError naming it), then builds."""
+    if int(config.loss.multiple_targets) < 1:
+      raise UserError(f"config.loss.multiple_targets must be >= 1 (1 turns it off), "
+                      f"got {config.loss.multiple_targets}")
+    if not config.loss.aux_target_weight >= 0:
+      raise UserError(f"config.loss.aux_target_weight must be >= 0, got {config.loss.aux_target_weight}")
     return cls(num_layers=config.model.num_layers, num_steps=config.train.num_steps,
                multiple_positions=config.loss.multiple_positions,
                intermediate_layers=config.loss.intermediate_layers,
@@ -67,7 +75,7 @@ def _nll(logits_BxTxV: jax.Array, targets_BxT: jax.Array, position_weights_T: ja
   return (nll_BxT * position_weights_T).sum(-1).mean() / position_weights_T.sum()
 
 
-def layer_nlls(model_cfg: model_lib.ModelConfig, heads: dict[str, jax.Array], h_LxBxTxD: jax.Array,
+def layer_nlls(model_cfg: model_lib.ModelConfig, heads: model_lib.Heads, h_LxBxTxD: jax.Array,
                targets_KxBxT: jax.Array, multiple_positions: bool = True) -> jax.Array:
   """nll_LxK: mean negative log-likelihood (nats) of every layer's every classifier.
 
@@ -77,18 +85,37 @@ def layer_nlls(model_cfg: model_lib.ModelConfig, heads: dict[str, jax.Array], h_
   # Ablation of aux loss 1: score only the last position of each window.
   position_weights_T = (jnp.ones(seq_len) if multiple_positions
                         else jnp.zeros(seq_len).at[-1].set(1.0))
-  shared = {k: v for k, v in heads.items() if k == "embedding"}
-  per_layer = {k: v for k, v in heads.items() if k != "embedding"}
 
   @jax.checkpoint
   def one_layer(args):
     head, h_BxTxD = args
-    head = {**head, **shared}
+    head = head.replace(embedding=heads.embedding)  # Shared by the layers, so not mapped over.
     return jnp.stack([
-        _nll(model_lib.head_logits(model_cfg, head, h_BxTxD, k), targets_KxBxT[k], position_weights_T)
+        _nll(head.logits(model_cfg, h_BxTxD, k), targets_KxBxT[k], position_weights_T)
         for k in range(targets_KxBxT.shape[0])])
 
-  return jax.lax.map(one_layer, (per_layer, h_LxBxTxD))
+  return jax.lax.map(one_layer, (heads.replace(embedding=None), h_LxBxTxD))
+
+
+def compute_loss(model: model_lib.Transformer, cfg: LossConfig, params: Any, windows_BxS: jax.Array,
+                 weights_LxK: jax.Array, rng: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+  """(total loss, nll_LxK) of the windows (S = T + K: inputs, then the K targets past them).
+
+  rng: dropout's key (None: no dropout). Without intermediate layers only the last layer runs
+  its heads (L = 1).
+  """
+  num_targets = model.cfg.num_targets
+  seq_len = windows_BxS.shape[1] - num_targets
+  inputs_BxT = windows_BxS[:, :seq_len]
+  targets_KxBxT = targets(windows_BxS, seq_len, num_targets)
+  variables = {"params": params}
+  net = model.clone(deterministic=rng is None, all_layers=cfg.intermediate_layers)
+  h = net.apply(variables, inputs_BxT, rngs={} if rng is None else {"dropout": rng})
+  heads = model.apply(variables, method=model_lib.Transformer.heads)
+  if not cfg.intermediate_layers:
+    h, weights_LxK, heads = h[None], weights_LxK[-1:], heads.layer(slice(-1, None))
+  nll_LxK = layer_nlls(model.cfg, heads, h, targets_KxBxT, cfg.multiple_positions)
+  return (weights_LxK * nll_LxK).sum(), nll_LxK
 
 
 def bits(nats: jax.Array) -> jax.Array:

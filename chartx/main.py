@@ -25,12 +25,15 @@ flags.mark_flags_as_required(["config", "workdir"])
 def run(argv) -> None:
   if len(argv) > 1:
     raise UserError(f"unexpected arguments: {' '.join(argv[1:])}")
+  errors.drop_closed_loop_reports()
   # Imported late so --help and flag errors do not wait for JAX.
   from chartx import distributed
   distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   import jax
   if jax.process_index() != 0:
     logging.set_verbosity(logging.ERROR)  # Process 0 alone logs, prints and writes metrics.
+  from chartx import config
+  config.check(_CONFIG.value)  # Every key of every section, before anything slow.
   if _MODE.value == "eval":
     from chartx import evaluate
     evaluate.evaluate_checkpoint(_CONFIG.value, _WORKDIR.value)
@@ -40,8 +43,8 @@ def run(argv) -> None:
     if jax.process_index() == 0:
       print(text, flush=True)
   else:
-    from chartx import train
-    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    from chartx import loop
+    loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 
 def main(argv) -> None:

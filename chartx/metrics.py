@@ -1,10 +1,8 @@
-"""Observability: metrics.jsonl and TensorBoard events, reading them back, progress, and MFU.
+"""Metric records: WORKDIR/metrics.jsonl and TensorBoard events, written and read back.
 
   MetricWriter      one JSON object per logged step in WORKDIR/metrics.jsonl, every number also
                     a TensorBoard scalar (tensorboardX: no TensorFlow needed).
   read_metrics      the records of a workdir, with what a resumed run redid counted once.
-  Progress          a tqdm bar on a terminal; plain periodic lines elsewhere (CI, cluster logs).
-  flops_per_char    model FLOPs of one training character; with peak_flops, the MFU.
 
 Workdirs may be local paths or fsspec URLs (gs:// with the `gcs` extra installed).
 """
@@ -13,13 +11,11 @@ import itertools
 import json
 import math
 import os
-import sys
 import time
-from typing import Any, Iterator, Mapping, TextIO
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 import tensorboardX
-import tqdm
 
 from chartx.errors import UserError
 
@@ -185,214 +181,3 @@ def read_metrics(workdir: str) -> list[dict[str, Any]]:
     else:
       records.append(record)
   return records
-
-
-# ---------------------------------------------------------------------------------------------
-# Progress
-
-def format_duration(seconds: float) -> str:
-  """3.2 -> '3s', 125 -> '2m05s', 7384 -> '2h03m', 200000 -> '2d07h'."""
-  if not math.isfinite(seconds):
-    return "?"
-  s = int(round(seconds))
-  if s < 60:
-    return f"{s}s"
-  if s < 3600:
-    return f"{s // 60}m{s % 60:02d}s"
-  if s < 86400:
-    return f"{s // 3600}h{s % 3600 // 60:02d}m"
-  return f"{s // 86400}d{s % 86400 // 3600:02d}h"
-
-
-def format_number(x: float) -> str:
-  """A short human-readable number: 987 -> '987', 35236 -> '35.2k', 2.1e9 -> '2.10G'."""
-  for scale, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
-    if abs(x) >= scale:
-      return f"{x / scale:.3g}{suffix}"
-  return f"{x:.3g}"
-
-
-def _format_postfix(postfix: Mapping[str, Any], sep: str) -> str:
-  def fmt(value):
-    if isinstance(value, str):
-      return value
-    return f"{value:,}" if isinstance(value, int) else f"{value:.4g}"
-  return sep.join(f"{k} {fmt(v)}" for k, v in postfix.items())
-
-
-class Progress:
-  """Progress of long work: a tqdm bar on a terminal, plain lines elsewhere.
-
-      with metrics.Progress(len(batches), "eval", unit="batch") as progress:
-        for batch in batches:
-          ...
-          progress.update(1, bpc=f"{bpc:.4f}")
-
-  Off a terminal (CI, cluster logs, a file) it prints a line like
-      eval 120/500 (24%)  3.10 batch/s  ETA 2m03s  bpc 1.2345
-  every `every_secs` seconds, whenever update(..., line=True) asks for one, and when it closes.
-  Rates and ETAs start after the first update, which often carries start-up (compilation); on a
-  terminal the bar appears then. The rate on a line is the one since the previous line, the
-  ETA uses the average. `postfix` values (strings, or numbers formatted briefly) stay shown
-  until replaced. enabled=False (processes other than 0) prints nothing. Output goes to `file`
-  (stderr by default, like tqdm), so stdout keeps only results.
-  """
-
-  def __init__(self, total: int | None, desc: str, unit: str = "it", *, initial: int = 0,
-               every_secs: float = 30.0, enabled: bool = True, file: TextIO | None = None):
-    self.total, self.desc, self.unit, self.n = total, desc, unit, initial
-    self.enabled = enabled
-    self._file = sys.stderr if file is None else file
-    self._terminal = _is_terminal(self._file)
-    self._every_secs = every_secs
-    self._postfix: dict[str, Any] = {}
-    self._start = time.monotonic()
-    self._start_n = initial
-    self._first: tuple[float, int] | None = None  # (time, n) right after the first update.
-    self._line: tuple[float, int] = (self._start, initial)  # (time, n) at the last line.
-    self._bar: tqdm.tqdm | None = None
-
-  def update(self, n: int = 1, *, line: bool = False, **postfix: Any) -> None:
-    """Advances by n; postfix values are shown from now on; line=True prints a line now."""
-    if not self.enabled:
-      return
-    self.n += n
-    self._postfix.update(postfix)
-    now = time.monotonic()
-    if self._first is None:
-      self._first = (now, self.n)
-      if self._terminal:
-        self._bar = tqdm.tqdm(total=self.total, initial=self.n, desc=self.desc, unit=self.unit,
-                              file=self._file, dynamic_ncols=True)
-        n = 0  # Already counted in `initial`.
-    if self._bar is not None:
-      if postfix:
-        self._bar.set_postfix_str(_format_postfix(self._postfix, ", "), refresh=False)
-      if n:
-        self._bar.update(n)
-      else:
-        self._bar.refresh()
-    elif not self._terminal and (line or now - self._line[0] >= self._every_secs):
-      self._print_line(now)
-
-  def write(self, text: str) -> None:
-    """Prints a line of its own (above the bar on a terminal)."""
-    if not self.enabled:
-      return
-    if self._bar is not None:
-      self._bar.write(text, file=self._file)
-    else:
-      print(text, file=self._file, flush=True)
-
-  def close(self) -> None:
-    if not self.enabled:
-      return
-    self.enabled = False
-    if self._bar is not None:
-      self._bar.close()
-      return
-    elapsed = time.monotonic() - self._start
-    done = f"{self.n:,}/{self.total:,}" if self.total is not None else f"{self.n:,} {self.unit}"
-    first_time, first_n = self._first or (self._start, self._start_n)
-    rate = _per_sec(self.n - first_n, time.monotonic() - first_time)
-    print(f"{self.desc} {done} in {format_duration(elapsed)}  ({_rate(rate, self.unit)})",
-          file=self._file, flush=True)
-
-  def _print_line(self, now: float) -> None:
-    first_time, first_n = self._first
-    since_time, since_n = max(self._line, self._first)
-    rate = _per_sec(self.n - since_n, now - since_time)
-    if self.total:
-      average = _per_sec(self.n - first_n, now - first_time)
-      eta = (self.total - self.n) / average if average > 0 else math.inf
-      parts = [f"{self.desc} {self.n:,}/{self.total:,} ({100 * self.n / self.total:.0f}%)",
-               _rate(rate, self.unit), f"ETA {format_duration(eta)}"]
-    else:
-      parts = [f"{self.desc} {self.n:,} {self.unit}", _rate(rate, self.unit)]
-    if self._postfix:
-      parts.append(_format_postfix(self._postfix, "  "))
-    print("  ".join(parts), file=self._file, flush=True)
-    self._line = (now, self.n)
-
-  def __enter__(self) -> "Progress":
-    return self
-
-  def __exit__(self, *exc) -> None:
-    self.close()
-
-
-def _per_sec(count: float, seconds: float) -> float:
-  return count / seconds if seconds > 0 else 0.0
-
-
-def _rate(rate: float, unit: str) -> str:
-  return f"{format_number(rate)} {unit}/s" if rate >= 0.1 else f"{format_duration(1 / rate) if rate else '?'}/{unit}"
-
-
-def _is_terminal(file: TextIO) -> bool:
-  isatty = getattr(file, "isatty", None)
-  return bool(isatty and isatty()) and os.environ.get("TERM") != "dumb"
-
-
-# ---------------------------------------------------------------------------------------------
-# Model FLOPs utilization
-
-def flops_per_char(model_cfg: Any, seq_len: int, intermediate_layers: bool = True) -> float:
-  """Model FLOPs of one training character (forward and backward), for MFU.
-
-  MaxText's count (calculate_tflops_training_per_device), applied to this model:
-    - 6 x the non-embedding matmul parameters per character: per layer 4 d^2 (query, key, value,
-      output) + 2 d f (feed-forward);
-    - causal attention, 6 x n_layers x seq_len x d per character: the scores and the weighted sum
-      are 2 x 2 seq_len d multiply-adds forward per character, halved by the causal mask, times 3
-      for forward and backward;
-    - the classifiers that really run: 6 d V per character for each of K targets (1 + the extra
-      characters ahead), on every layer when intermediate_layers (their loss stops at l/(2n) of
-      training but the heads keep running), else on the last layer only.
-  Not counted, by the usual convention: recomputation (remat), layer norms, softmaxes, biases.
-  model_cfg is a chartx.model.ModelConfig.
-  """
-  d, f, n = model_cfg.d_model, model_cfg.d_ff, model_cfg.num_layers
-  matmuls = 6 * n * (4 * d * d + 2 * d * f)
-  attention = 6 * n * seq_len * d
-  heads = 6 * (n if intermediate_layers else 1) * model_cfg.num_targets * d * model_cfg.vocab_size
-  return float(matmuls + attention + heads)
-
-
-# Dense bf16 peak FLOP/s per JAX device, matched in order against device_kind (lower case).
-# TPU v2 and v3 expose each of a chip's two TensorCores as a device: half the chip's peak.
-# Sources (per chip): cloud.google.com/tpu/docs/v2 (45 TFLOP/s), /v3 (123), /v4 (275),
-# /v5e (197), /v5p (459), /v6e (918). NVIDIA datasheets give BF16 Tensor Core figures "with
-# sparsity", twice the dense peak: A100 312 dense (nvidia.com/en-us/data-center/a100),
-# H100 SXM 1,979/2, H100 NVL 1,671/2, H100 PCIe 1,513/2 (nvidia.com/en-us/data-center/h100),
-# H200 SXM 1,979/2, H200 NVL 1,671/2 (nvidia.com/en-us/data-center/h200).
-_PEAK_FLOPS = (
-    ("tpu v2", 45e12 / 2),
-    ("tpu v3", 123e12 / 2),
-    ("tpu v4", 275e12),
-    ("tpu v5 lite", 197e12),  # v5e
-    ("tpu v5e", 197e12),
-    ("tpu v5", 459e12),  # v5p ("TPU v5" or "TPU v5p")
-    ("tpu v6 lite", 918e12),  # v6e (Trillium)
-    ("tpu v6e", 918e12),
-    ("a100", 312e12),
-    ("h100 nvl", 1671e12 / 2),
-    ("h100 pcie", 1513e12 / 2),
-    ("h100", 1979e12 / 2),  # SXM ("NVIDIA H100 80GB HBM3")
-    ("h200 nvl", 1671e12 / 2),
-    ("h200", 1979e12 / 2),
-)
-
-
-def peak_flops(device: Any) -> float | None:
-  """Dense bf16 peak FLOP/s of one JAX device, or None when unknown (CPUs, other accelerators).
-
-  MFU = flops_per_char * chars_per_sec / (peak_flops(jax.devices()[0]) * jax.device_count()).
-  """
-  if getattr(device, "platform", "") == "cpu":
-    return None
-  kind = str(getattr(device, "device_kind", "")).lower()
-  for name, peak in _PEAK_FLOPS:
-    if name in kind:
-      return peak
-  return None

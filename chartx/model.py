@@ -2,14 +2,23 @@
 
 A pre-LayerNorm residual stack. Each layer adds its own learned positional table to its
 input (the sinusoid at the bottom would fade over 64 layers), and each layer has its own
-classifiers predicting 1..K characters ahead, so every layer can carry an auxiliary loss.
+classifiers predicting 1..K characters ahead (Heads), so every layer can carry an auxiliary loss.
 Every parameter carries logical axis names; chartx.sharding maps them to mesh axes.
+
+Arrays throughout chartx carry their shape in their names (x_BxTxD), one letter per meaning:
+  B batch rows             T input positions (time)   S a window's characters: T inputs + K targets
+  D model width            N attention heads          H head width (D / N)
+  F feed-forward width     L layers                   K targets per position (1..K ahead)
+  V vocabulary             C cache (key) positions    P positional-table rows (max_len)
+  Q a query block's rows   E the keys a query block sees (attention's blockwise kernel)
+  W evaluation windows     M a stream's characters (a split, a prompt, a sample)
 """
 
 import dataclasses
 import functools
 from typing import Any
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -53,7 +62,7 @@ class ModelConfig:
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict, vocab_size: int) -> "ModelConfig":
-    """Validates the model keys of a run config; bad values raise UserError naming the key."""
+    """The model section's owner: checks every model.* key (UserError naming it), then builds."""
     m = config.model
     for key in ("num_layers", "d_model", "num_heads", "d_ff", "max_len"):
       if int(m[key]) < 1:
@@ -74,15 +83,9 @@ class ModelConfig:
       # cuDNN's flash attention takes only 16-bit inputs, on a GPU; "auto" falls back to xla.
       raise UserError(f"config.model.attention=cudnn needs a GPU and config.model.dtype=bfloat16 "
                       f"(here: {jax.default_backend()}, {m.dtype}); use auto or xla")
-    if config.data.seq_len > m.max_len:
-      raise UserError(f"config.data.seq_len={config.data.seq_len} is larger than the positional "
-                      f"table config.model.max_len={m.max_len}")
-    if int(config.loss.multiple_targets) < 1:
-      raise UserError(f"config.loss.multiple_targets must be >= 1 (1 turns it off), "
-                      f"got {config.loss.multiple_targets}")
     return cls(vocab_size=vocab_size, num_layers=m.num_layers, d_model=m.d_model,
                num_heads=m.num_heads, d_ff=m.d_ff, max_len=m.max_len, dropout=m.dropout,
-               num_targets=int(config.loss.multiple_targets),
+               num_targets=int(config.loss.multiple_targets),  # Checked by losses.LossConfig.
                per_layer_positions=m.per_layer_positions, tie_embeddings=m.tie_embeddings,
                scan_layers=m.scan_layers, remat=m.remat, dtype=m.dtype, attention=m.attention)
 
@@ -97,6 +100,40 @@ _normal_002 = nn.initializers.normal(stddev=0.02)
 # One layer's decoding cache: (key_BxCxNxH, value_BxCxNxH, index), where rows [0, index) hold
 # the keys and values of the characters already seen, at positions 0..index-1.
 LayerCache = tuple[jax.Array, jax.Array, jax.Array]
+
+
+@flax.struct.dataclass
+class Heads:
+  """Every layer's classifiers, stacked on a leading layer axis (layer() takes one layer's slice).
+
+  Target k = 0..K-1 predicts the character k + 1 ahead: a LayerNorm (norm_scale, norm_bias), then
+  kernel[k] and bias[k]; with tied embeddings the next-character classifier (k = 0) is the input
+  embedding instead, shared by every layer, and kernel/bias hold targets 1..K-1 (None if K = 1).
+  """
+  norm_scale: jax.Array  # LxD
+  norm_bias: jax.Array  # LxD
+  kernel: jax.Array | None  # LxKxDxV (Lx(K-1)xDxV when tied)
+  bias: jax.Array | None  # LxKxV
+  embedding: jax.Array | None  # VxD when tied, else None; not per layer.
+
+  def layer(self, index: int | slice) -> "Heads":
+    """Layer `index`'s classifiers (a slice keeps the layer axis), the shared embedding as it is."""
+    per_layer = jax.tree.map(lambda p: p[index], self.replace(embedding=None))
+    return per_layer.replace(embedding=self.embedding)
+
+  def logits(self, cfg: "ModelConfig", h_BxTxD: jax.Array, target: int) -> jax.Array:
+    """One layer's logits_BxTxV (float32) for `target` + 1 characters ahead; self is layer(l)."""
+    mean = h_BxTxD.astype(jnp.float32).mean(-1, keepdims=True)
+    var = jnp.square(h_BxTxD.astype(jnp.float32) - mean).mean(-1, keepdims=True)
+    z_BxTxD = (h_BxTxD - mean) * jax.lax.rsqrt(var + 1e-6) * self.norm_scale + self.norm_bias
+    z_BxTxD = z_BxTxD.astype(cfg.compute_dtype)
+    if cfg.tie_embeddings and target == 0:
+      return jnp.einsum("btd,vd->btv", z_BxTxD, self.embedding.astype(cfg.compute_dtype),
+                        preferred_element_type=jnp.float32)
+    slot = target - 1 if cfg.tie_embeddings else target
+    logits_BxTxV = jnp.einsum("btd,dv->btv", z_BxTxD, self.kernel[slot].astype(cfg.compute_dtype),
+                              preferred_element_type=jnp.float32)
+    return logits_BxTxV + self.bias[slot]
 
 
 class Block(nn.Module):
@@ -254,20 +291,18 @@ class Transformer(nn.Module):
       h_LxBxTxD = jnp.stack(outputs) if self.all_layers else None
     return h_LxBxTxD if self.all_layers else x_BxTxD
 
-  def heads(self) -> dict[str, jax.Array]:
-    """The per-layer head parameters, for head_logits; 'embedding' is there when tied."""
-    heads = {"norm_scale": self.head_norm_scale, "norm_bias": self.head_norm_bias}
-    if self.cfg.num_targets > 1 or not self.cfg.tie_embeddings:
-      heads.update(kernel=self.head_kernel, bias=self.head_bias)
-    if self.cfg.tie_embeddings:
-      heads["embedding"] = self.embedding
-    return heads
+  def heads(self) -> Heads:
+    """Every layer's classifiers (for a loss); inference uses heads().layer(-1)."""
+    own = self.cfg.num_targets > 1 or not self.cfg.tie_embeddings
+    return Heads(norm_scale=self.head_norm_scale, norm_bias=self.head_norm_bias,
+                 kernel=self.head_kernel if own else None, bias=self.head_bias if own else None,
+                 embedding=self.embedding if self.cfg.tie_embeddings else None)
 
   def logits(self, tokens_BxT: jax.Array) -> jax.Array:
     """Inference: the last layer's next-character logits, float32 BxTxV."""
     h = self(tokens_BxT)
     h_BxTxD = h[-1] if self.all_layers else h
-    return head_logits(self.cfg, self._last_head(), h_BxTxD, target=0)
+    return self.heads().layer(-1).logits(self.cfg, h_BxTxD, target=0)
 
   def decode(self, tokens_BxT: jax.Array, cache: dict[str, jax.Array],
              index: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -293,36 +328,14 @@ class Transformer(nn.Module):
         keys.append(k_BxCxNxH)
         values.append(v_BxCxNxH)
       k_LxBxCxNxH, v_LxBxCxNxH = jnp.stack(keys), jnp.stack(values)
-    logits_BxTxV = head_logits(cfg, self._last_head(), x_BxTxD, target=0)
+    logits_BxTxV = self.heads().layer(-1).logits(cfg, x_BxTxD, target=0)
     return logits_BxTxV, {"key": k_LxBxCxNxH, "value": v_LxBxCxNxH}
-
-  def _last_head(self) -> dict[str, jax.Array]:
-    last = jax.tree.map(lambda p: p[-1], {k: v for k, v in self.heads().items() if k != "embedding"})
-    if self.cfg.tie_embeddings:
-      last["embedding"] = self.embedding
-    return last
 
 
 def init_cache(cfg: ModelConfig, batch_size: int, length: int) -> dict[str, jax.Array]:
   """An empty decoding cache for Transformer.decode: keys and values of `length` positions per layer."""
   shape = (cfg.num_layers, batch_size, length, cfg.num_heads, cfg.head_dim)
   return {"key": jnp.zeros(shape, cfg.compute_dtype), "value": jnp.zeros(shape, cfg.compute_dtype)}
-
-
-def head_logits(cfg: ModelConfig, head: dict[str, jax.Array], h_BxTxD: jax.Array,
-                target: int) -> jax.Array:
-  """Logits of one layer's classifier for `target`+1 characters ahead; head is that layer's slice."""
-  mean = h_BxTxD.astype(jnp.float32).mean(-1, keepdims=True)
-  var = jnp.square(h_BxTxD.astype(jnp.float32) - mean).mean(-1, keepdims=True)
-  z_BxTxD = (h_BxTxD - mean) * jax.lax.rsqrt(var + 1e-6) * head["norm_scale"] + head["norm_bias"]
-  z_BxTxD = z_BxTxD.astype(cfg.compute_dtype)
-  if cfg.tie_embeddings and target == 0:
-    return jnp.einsum("btd,vd->btv", z_BxTxD, head["embedding"].astype(cfg.compute_dtype),
-                      preferred_element_type=jnp.float32)
-  slot = target - 1 if cfg.tie_embeddings else target
-  logits_BxTxV = jnp.einsum("btd,dv->btv", z_BxTxD, head["kernel"][slot].astype(cfg.compute_dtype),
-                            preferred_element_type=jnp.float32)
-  return logits_BxTxV + head["bias"][slot]
 
 
 def count_params(params: Any) -> int:

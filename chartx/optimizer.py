@@ -9,14 +9,26 @@ SCHEDULES = ("constant", "rsqrt", "cosine")
 OPTIMIZERS = ("momentum", "adamw")
 
 
-def learning_rate_schedule(opt: ml_collections.ConfigDict, num_steps: int) -> optax.Schedule:
-  """Linear warm-up over warmup_steps to learning_rate, then the named decay."""
-  lr, warmup = opt.learning_rate, int(opt.warmup_steps)
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """The optimizer section's owner: every optimizer.* key, UserError naming a bad one."""
+  opt = config.optimizer
+  if opt.name not in OPTIMIZERS:
+    raise UserError(f"config.optimizer.name must be one of {', '.join(OPTIMIZERS)}; got {opt.name!r}")
   if opt.schedule not in SCHEDULES:
     raise UserError(f"config.optimizer.schedule must be one of {', '.join(SCHEDULES)}; "
                     f"got {opt.schedule!r}")
-  if warmup < 0:
-    raise UserError(f"config.optimizer.warmup_steps must be >= 0, got {warmup}")
+  if not opt.learning_rate > 0:  # Written with `not` so that NaN fails too.
+    raise UserError(f"config.optimizer.learning_rate must be > 0, got {opt.learning_rate}")
+  for key in ("warmup_steps", "grad_clip", "weight_decay"):
+    if not opt[key] >= 0:
+      raise UserError(f"config.optimizer.{key} must be >= 0, got {opt[key]}")
+  if not 0 <= opt.momentum < 1:
+    raise UserError(f"config.optimizer.momentum must be in [0, 1), got {opt.momentum}")
+
+
+def learning_rate_schedule(opt: ml_collections.ConfigDict, num_steps: int) -> optax.Schedule:
+  """Linear warm-up over warmup_steps to learning_rate, then the named decay."""
+  lr, warmup = opt.learning_rate, int(opt.warmup_steps)
   if opt.schedule == "constant":
     decay = optax.constant_schedule(lr)
   elif opt.schedule == "rsqrt":
@@ -31,16 +43,13 @@ def learning_rate_schedule(opt: ml_collections.ConfigDict, num_steps: int) -> op
 
 
 def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  check_config(config)
   opt = config.optimizer
   schedule = learning_rate_schedule(opt, config.train.num_steps)
   if opt.name == "momentum":
     core = optax.sgd(schedule, momentum=opt.momentum, nesterov=opt.nesterov)
-  elif opt.name == "adamw":
-    core = optax.adamw(schedule, b1=opt.momentum, weight_decay=opt.weight_decay)
   else:
-    raise UserError(f"config.optimizer.name must be one of {', '.join(OPTIMIZERS)}; got {opt.name!r}")
-  if opt.grad_clip < 0:
-    raise UserError(f"config.optimizer.grad_clip must be >= 0, got {opt.grad_clip}")
+    core = optax.adamw(schedule, b1=opt.momentum, weight_decay=opt.weight_decay)
   if opt.grad_clip:
     return optax.chain(optax.clip_by_global_norm(opt.grad_clip), core)
   return core

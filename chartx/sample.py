@@ -26,13 +26,12 @@ import sys
 import time
 from typing import Any, Callable
 
-import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from chartx import data, evaluate
+from chartx import data, inference, sharding
 from chartx import model as model_lib
 from chartx.errors import UserError
 
@@ -83,7 +82,7 @@ def choose(logits_BxV: jax.Array, rng: jax.Array, cfg: SamplingConfig) -> jax.Ar
 
 def make_generate(tokens_to_logits: TokensToLogits, *, context: int, num_chars: int,
                   sampling: SamplingConfig) -> Callable[..., jax.Array]:
-  """A jitted generate(variables, cache, prompt_C, prompt_len, rng) -> ids_N of num_chars.
+  """A jitted generate(variables, cache, prompt_C, prompt_len, rng) -> ids_M of num_chars.
 
   prompt_C holds the prompt's (last at most `context`) ids left-aligned, padded to `context`;
   cache is an empty cache of `context` positions (its contents are overwritten).
@@ -101,10 +100,10 @@ def make_generate(tokens_to_logits: TokensToLogits, *, context: int, num_chars: 
     window_C = jnp.roll(prompt_C, context - prompt_len)
 
     def body(i, carry):
-      logits_1xV, cache, index, window_C, rng, ids_N = carry
+      logits_1xV, cache, index, window_C, rng, ids_M = carry
       rng, draw = jax.random.split(rng)
       next_1 = choose(logits_1xV, draw, sampling)
-      ids_N = ids_N.at[i].set(next_1[0])
+      ids_M = ids_M.at[i].set(next_1[0])
       window_C = jnp.concatenate([window_C[1:], next_1])
 
       def step(cache):
@@ -117,7 +116,7 @@ def make_generate(tokens_to_logits: TokensToLogits, *, context: int, num_chars: 
         return logits_1xV, cache, jnp.int32(refill)
 
       logits_1xV, cache, index = jax.lax.cond(index < context, step, slide, cache)
-      return logits_1xV, cache, index, window_C, rng, ids_N
+      return logits_1xV, cache, index, window_C, rng, ids_M
 
     carry = (logits_1xV, cache, prompt_len, window_C, rng, jnp.zeros(num_chars, jnp.int32))
     return jax.lax.fori_loop(0, num_chars, body, carry)[-1]
@@ -144,25 +143,29 @@ def encode_prompt(vocab: data.Vocab, prompt: str) -> np.ndarray:
   return vocab.encode(prompt, source="config.sample.prompt")
 
 
+def check_config(config: ml_collections.ConfigDict, vocab: data.Vocab) -> tuple[np.ndarray, SamplingConfig]:
+  """The sample section's owner: every sample.* key (UserError naming a bad one); the prompt's ids."""
+  if config.sample.num_chars < 1:
+    raise UserError(f"config.sample.num_chars must be >= 1, got {config.sample.num_chars}")
+  return encode_prompt(vocab, config.sample.prompt), SamplingConfig.from_config(config, vocab.size)
+
+
 def sample_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> str:
   """--mode=sample: the prompt and its continuation, from the checkpoint eval.step/eval.best choose."""
   vocab = data.vocab_for(config.data)
-  prompt_ids = encode_prompt(vocab, config.sample.prompt)
-  sampling = SamplingConfig.from_config(config, vocab.size)
-  if config.sample.num_chars < 1:
-    raise UserError(f"config.sample.num_chars must be >= 1, got {config.sample.num_chars}")
-  restored = evaluate.restore(config, workdir, vocab.size)
+  prompt_ids, sampling = check_config(config, vocab)
+  restored = inference.restore(config, workdir, vocab.size)
   context = config.data.seq_len  # The positions the model was trained on.
-  generate = make_generate(model_tokens_to_logits(restored.model), context=context,
-                           num_chars=config.sample.num_chars, sampling=sampling)
+  generate = sharding.MeshJit(make_generate(model_tokens_to_logits(restored.model), context=context,
+                                           num_chars=config.sample.num_chars, sampling=sampling),
+                             restored.mesh, restored.rules)
   prompt_C, length = prompt_block(prompt_ids, context)
   cache = model_lib.init_cache(restored.model.cfg, 1, context)
   start = time.time()
-  with jax.set_mesh(restored.mesh), flax.linen.logical_axis_rules(restored.rules):
-    ids_N = np.asarray(generate({"params": restored.params}, cache, prompt_C, length,
-                                jax.random.key(config.sample.seed)))
+  ids_M = np.asarray(generate({"params": restored.params}, cache, prompt_C, length,
+                              jax.random.key(config.sample.seed)))
   seconds = time.time() - start
   if jax.process_index() == 0:
-    print(f"sample: step {restored.step}, {len(ids_N)} characters in {seconds:.1f}s "
+    print(f"sample: step {restored.step}, {len(ids_M)} characters in {seconds:.1f}s "
           "(compilation included)", file=sys.stderr, flush=True)
-  return config.sample.prompt + vocab.decode(ids_N)
+  return config.sample.prompt + vocab.decode(ids_M)

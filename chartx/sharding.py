@@ -81,6 +81,13 @@ def logical_rules(config: ml_collections.ConfigDict) -> Rules:
   return tuple(rules)
 
 
+def check_config(config: ml_collections.ConfigDict) -> tuple[Mesh, Rules]:
+  """The mesh section's owner: (mesh, rules) from mesh.*, and train.batch_size splits over the mesh."""
+  mesh = make_mesh(config)
+  check_batch(config.train.batch_size, mesh, "config.train.batch_size")
+  return mesh, logical_rules(config)
+
+
 def _axis_tuple(axes: str | tuple[str, ...] | None) -> tuple[str, ...]:
   return () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
 
@@ -193,6 +200,25 @@ def jit_sharded(fn: Callable, mesh: Mesh, rules: Rules, *, in_shardings: Any, ou
   """jax.jit(fn) with explicit in/out shardings, bound to the mesh and rules (see MeshJit)."""
   return MeshJit(fn, mesh, rules, in_shardings=in_shardings, out_shardings=out_shardings,
                  donate_argnums=donate_argnums)
+
+
+def sharded_init(init: Callable[[jax.Array], Any], mesh: Mesh | AbstractMesh,
+                 rules: Rules) -> tuple[Any, Any, Callable[[jax.Array], Any]]:
+  """(abstract, shardings, create) for a tree that init(rng) builds with nn.Partitioned boxes.
+
+  The one recipe for parameters that are never whole on one device: the tree's shapes
+  (jax.eval_shape, nothing computed), their shardings by the rules, then init jitted with those
+  out_shardings. abstract: the unboxed tree as jax.ShapeDtypeStructs carrying their shardings
+  (a restore target, or what a step is lowered against); create(rng): the unboxed tree, created
+  sharded (needs a concrete mesh).
+  """
+  boxed = jax.eval_shape(init, jax.random.key(0))
+  shardings = logical_shardings(boxed, mesh, rules)
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          nn.unbox(boxed), shardings)
+  create = lambda rng: nn.unbox(jit_sharded(init, mesh, rules, in_shardings=replicated(mesh),
+                                            out_shardings=shardings)(rng))
+  return abstract, shardings, create
 
 
 def _leaves(tree: Any, shardings: Any) -> list[tuple[str, Any, NamedSharding]]:

@@ -24,7 +24,7 @@ sys.path.insert(0, ROOT)
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from chartx import sharding, train  # noqa: E402
+from chartx import loop, sharding, train  # noqa: E402
 from chartx.errors import UserError  # noqa: E402
 from configs import tiny  # noqa: E402
 
@@ -94,7 +94,7 @@ def error_before_compiling(c, workdir):
   """(message, compilations) of train_and_evaluate on a bad config."""
   with count_compiles() as counts:
     try:
-      train.train_and_evaluate(c, workdir)
+      loop.train_and_evaluate(c, workdir)
     except UserError as e:
       return str(e), counts["compiles"]
   return None, counts["compiles"]

@@ -20,7 +20,7 @@ import jax
 import numpy as np
 import pytest
 
-from chartx import checkpoint, data, sharding, train
+from chartx import checkpoint, data, loop, resume, sharding, train
 from chartx.errors import UserError
 from configs import tiny
 
@@ -212,7 +212,7 @@ def test_a_half_written_checkpoint_is_removed_with_a_warning_and_the_newest_good
   ckpt_dir = os.path.join(workdir, "checkpoints")
   half = os.path.join(ckpt_dir, "20.orbax-checkpoint-tmp")  # Where Orbax 0.12 writes step 20.
   os.rename(os.path.join(ckpt_dir, "20"), half)
-  with caplog.at_level(logging.WARNING), checkpoint.Checkpoints(workdir, trained[1]) as checkpoints:
+  with caplog.at_level(logging.WARNING), resume.Checkpoints(workdir, trained[1]) as checkpoints:
     state = checkpoints.restore_or_init(fresh)
     _assert_bitwise_equal(jax.device_get(state), trained[2][15])
     assert any(half in r.getMessage() for r in caplog.records)
@@ -233,7 +233,7 @@ def test_a_truncated_checkpoint_is_set_aside_with_a_warning_and_the_newest_good_
   for path in chunks:  # Array data cut short, as by a full disk or a crash of the file system.
     os.truncate(path, os.path.getsize(path) // 2)
   config = trained[1]
-  checkpoints = checkpoint.Checkpoints(workdir, config)
+  checkpoints = resume.Checkpoints(workdir, config)
   with caplog.at_level(logging.WARNING), checkpoints:
     state = checkpoints.restore_or_init(fresh)
   gc.collect()
@@ -249,7 +249,7 @@ def test_unreadable_checkpoints_stop_training_instead_of_starting_over(trained, 
   for path in glob.glob(os.path.join(workdir, "checkpoints", "*", "default", "manifest.ocdbt")):
     os.truncate(path, 10)
   with pytest.raises(UserError, match=r"no checkpoint in .*checkpoints can be read"):
-    train.train_and_evaluate(trained[1], workdir)
+    loop.train_and_evaluate(trained[1], workdir)
   assert _steps(workdir) == [5, 10, 15, 20]  # Nothing renamed, nothing new.
 
 
@@ -261,7 +261,7 @@ def test_a_nan_loss_stops_the_run_naming_the_step_and_keeps_the_last_checkpoint(
   config = _config(text, num_steps=40, checkpoint_every=1, keep_checkpoints=0, log_every=1000)
   config.optimizer.learning_rate = 1e30
   with pytest.raises(UserError, match=r"step \d+") as raised:
-    train.train_and_evaluate(config, workdir)
+    loop.train_and_evaluate(config, workdir)
   message = str(raised.value)
   bad_step = int(re.search(r"step (\d+)", message).group(1))
   saved = _steps(workdir)
@@ -303,7 +303,7 @@ def test_keep_the_newest_n_plus_the_best_by_validation_bpc(tmp_path, text):
 
 def test_a_new_best_validation_bpc_is_saved_between_scheduled_checkpoints(tmp_path, text):
   config = _config(text, checkpoint_every=10, num_steps=100)
-  with checkpoint.Checkpoints(str(tmp_path), config) as checkpoints:
+  with resume.Checkpoints(str(tmp_path), config) as checkpoints:
     assert checkpoints.due(10, None, stop=False) and checkpoints.due(100, None, stop=False)
     assert checkpoints.due(3, None, stop=True)
     assert not checkpoints.due(3, None, stop=False)
@@ -312,7 +312,7 @@ def test_a_new_best_validation_bpc_is_saved_between_scheduled_checkpoints(tmp_pa
     assert not checkpoints.due(5, {"validation_bpc": 2.5}, stop=False)
     assert checkpoints.due(5, {"validation_bpc": 1.5}, stop=False)
   config.train.checkpoint_every = 0  # Off means off, signals included.
-  with checkpoint.Checkpoints(str(tmp_path / "off"), config) as checkpoints:
+  with resume.Checkpoints(str(tmp_path / "off"), config) as checkpoints:
     assert not checkpoints.due(100, None, stop=True)
 
 
@@ -320,7 +320,7 @@ def test_init_from_another_run_takes_its_params_at_step_0_with_fresh_optimizer_s
     trained, tmp_path, text, fresh):
   config = _config(text, num_steps=20)
   config.checkpoint.init_from = trained[0]
-  with checkpoint.Checkpoints(str(tmp_path / "finetune"), config) as checkpoints:
+  with resume.Checkpoints(str(tmp_path / "finetune"), config) as checkpoints:
     state = jax.device_get(checkpoints.restore_or_init(fresh))
   assert int(state.step) == 0
   _assert_bitwise_equal(state.params, trained[2][20].params)
@@ -333,7 +333,7 @@ def test_resume_false_starts_over_and_keeps_the_old_checkpoints_aside(
   workdir = _copy(trained, tmp_path)
   config = _config(text, num_steps=20)
   config.checkpoint.resume = False
-  with checkpoint.Checkpoints(workdir, config) as checkpoints:
+  with resume.Checkpoints(workdir, config) as checkpoints:
     state = checkpoints.restore_or_init(fresh)
   assert int(state.step) == 0
   assert _steps(workdir) == []
@@ -346,7 +346,7 @@ def test_a_workdir_of_another_model_shape_names_the_parameter(trained, tmp_path,
   config = _config(text, num_steps=20)
   config.model.num_layers = 3
   with pytest.raises(UserError) as raised:
-    train.train_and_evaluate(config, workdir)
+    loop.train_and_evaluate(config, workdir)
   message = str(raised.value)
   assert "\n" not in message
   assert re.search(r"checkpoints/20 does not fit this config: params/\S+ has shape \(2, .*\) "
@@ -354,7 +354,7 @@ def test_a_workdir_of_another_model_shape_names_the_parameter(trained, tmp_path,
   config.model.num_layers, config.model.d_model = 2, 64
   config.checkpoint.init_from = trained[0]
   with (pytest.raises(UserError, match=r"config.checkpoint.init_from=.*params/\S+ has shape"),
-        checkpoint.Checkpoints(str(tmp_path / "finetune"), config) as checkpoints):
+        resume.Checkpoints(str(tmp_path / "finetune"), config) as checkpoints):
     checkpoints.restore_or_init(_init(config, abstract=True))
 
 
@@ -362,16 +362,16 @@ def test_a_workdir_that_is_a_file_is_a_user_error(tmp_path, text):
   path = tmp_path / "file"
   path.write_text("not a directory")
   with pytest.raises(UserError, match=rf"--workdir {re.escape(str(path))} is a file"):
-    train.train_and_evaluate(_config(text), str(path))
+    loop.train_and_evaluate(_config(text), str(path))
 
 
 _UNREADABLE = """
 import sys
-from chartx import train
+from chartx import loop
 from chartx.errors import UserError
 from configs import tiny
 try:
-  train.train_and_evaluate(tiny.get_config(), sys.argv[1])
+  loop.train_and_evaluate(tiny.get_config(), sys.argv[1])
 except UserError as e:
   print(e)
 """
@@ -399,7 +399,7 @@ def test_an_unreadable_workdir_is_a_user_error(tmp_path):
 _CROSS_MESH = """
 import json, sys
 import jax, numpy as np
-from chartx import checkpoint, train
+from chartx import checkpoint, loop
 from configs import tiny
 
 mesh_shape, workdir, text, out = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
@@ -407,7 +407,7 @@ config = tiny.get_config()
 config.data.path = text
 config.mesh.shape = tuple(mesh_shape)
 config.train.update(num_steps=12, checkpoint_every=10, eval_every=0, log_every=1)
-final = train.train_and_evaluate(config, workdir)  # Resumes from step 10 if it is there.
+final = loop.train_and_evaluate(config, workdir)  # Resumes from step 10 if it is there.
 # Checkpoint 10 onto this process's mesh: the whole state as training reads it, and the
 # parameters alone as evaluation does.
 manager = checkpoint.make_manager(workdir)

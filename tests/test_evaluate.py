@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from chartx import evaluate, sharding
+from chartx import evaluate, inference, sharding
 from chartx import model as model_lib
 from chartx.errors import UserError
 
@@ -84,30 +84,30 @@ def test_bad_eval_keys_raise_user_errors(tiny_config):
   mesh = sharding.make_mesh(tiny_config)
   tiny_config.eval.stride = tiny_config.data.seq_len + 1
   with pytest.raises(UserError, match="config.eval.stride"):
-    evaluate.check_eval_config(tiny_config, mesh)
+    evaluate.check_config(tiny_config, mesh)
   tiny_config.eval.stride = 1
   tiny_config.eval.max_chars = -1
   with pytest.raises(UserError, match="config.eval.max_chars"):
-    evaluate.check_eval_config(tiny_config, mesh)
+    evaluate.check_config(tiny_config, mesh)
 
 
 def test_restore_chooses_newest_given_or_best_checkpoint(tiny_config, trained_workdir, tmp_path):
   workdir, _ = trained_workdir
-  assert evaluate.restore(tiny_config, workdir, 256).step == 20
+  assert inference.restore(tiny_config, workdir, 256).step == 20
   tiny_config.eval.step = 10
-  assert evaluate.restore(tiny_config, workdir, 256).step == 10
+  assert inference.restore(tiny_config, workdir, 256).step == 10
   tiny_config.eval.best = True  # Together with a step: ambiguous.
   with pytest.raises(UserError, match="config.eval.step=10 and config.eval.best=True"):
-    evaluate.restore(tiny_config, workdir, 256)
+    inference.restore(tiny_config, workdir, 256)
   tiny_config.eval.step = -1  # Only step 20 was validated, so it is the best.
-  assert evaluate.restore(tiny_config, workdir, 256).step == 20
+  assert inference.restore(tiny_config, workdir, 256).step == 20
   tiny_config.eval.best = False
   tiny_config.eval.step = 15
   with pytest.raises(UserError, match=r"config.eval.step=15: .*steps: 10, 20"):
-    evaluate.restore(tiny_config, workdir, 256)
+    inference.restore(tiny_config, workdir, 256)
   tiny_config.eval.step = -1
   with pytest.raises(UserError, match="no checkpoint in"):
-    evaluate.restore(tiny_config, str(tmp_path), 256)
+    inference.restore(tiny_config, str(tmp_path), 256)
 
 
 def test_eval_mode_end_to_end_matches_training_validation_on_two_devices(trained_workdir):

@@ -54,7 +54,7 @@ def _setup(config, seq_len=16, batch=4):
 
 def _loss(task, params, windows_BxS, step=0):
   weights = losses.loss_weights(jnp.int32(step), task.loss_cfg)
-  return train.compute_loss(task, params, windows_BxS, weights, None)
+  return losses.compute_loss(task.model, task.loss_cfg, params, windows_BxS, weights, None)
 
 
 def test_each_auxiliary_loss_changes_the_total_only_when_switched_on(tiny_config):

@@ -17,7 +17,8 @@ import jax
 import pytest
 from tensorboard.backend.event_processing import event_accumulator
 
-from chartx import metrics, train
+from chartx import flops, loop, metrics, train
+from chartx import progress as progress_lib
 from configs import default, tiny
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -58,7 +59,7 @@ def short_run(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("run")
   stderr = io.StringIO()  # Not a terminal: the progress is plain lines.
   with contextlib.redirect_stderr(stderr):
-    train.train_and_evaluate(config, str(workdir))
+    loop.train_and_evaluate(config, str(workdir))
   records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
   return workdir, records, stderr.getvalue()
 
@@ -140,7 +141,7 @@ def test_a_remote_workdir_is_written_through_fsspec(tmp_path, monkeypatch):
 
 def test_progress_lines_every_update_or_only_when_asked():
   out = io.StringIO()
-  with metrics.Progress(10, "eval", unit="batch", every_secs=0, file=out) as progress:
+  with progress_lib.Progress(10, "eval", unit="batch", every_secs=0, file=out) as progress:
     for i in range(10):
       progress.update(1, bpc=f"{i}.5")
   lines = out.getvalue().splitlines()
@@ -150,7 +151,7 @@ def test_progress_lines_every_update_or_only_when_asked():
   assert lines[-1].startswith("eval 10/10 in ")
 
   out = io.StringIO()
-  progress = metrics.Progress(None, "prepare", unit="MB", every_secs=math.inf, file=out)
+  progress = progress_lib.Progress(None, "prepare", unit="MB", every_secs=math.inf, file=out)
   progress.update(50)
   progress.update(0, line=True, split="train")
   progress.close()
@@ -158,7 +159,7 @@ def test_progress_lines_every_update_or_only_when_asked():
   assert len(lines) == 2 and lines[0].startswith("prepare 50 MB  ") and lines[0].endswith("split train")
 
   silent = io.StringIO()
-  with metrics.Progress(3, "x", enabled=False, file=silent) as progress:
+  with progress_lib.Progress(3, "x", enabled=False, file=silent) as progress:
     progress.update(3, line=True)
     progress.write("not shown")
   assert silent.getvalue() == ""
@@ -170,7 +171,7 @@ def test_progress_on_a_terminal_is_a_tqdm_bar(monkeypatch):
       return True
   monkeypatch.setenv("TERM", "xterm")
   out = Terminal()
-  progress = metrics.Progress(5, "eval", file=out)
+  progress = progress_lib.Progress(5, "eval", file=out)
   progress.update(2, bpc="1.2345")
   progress.write("a line above the bar")
   progress.close()
@@ -180,9 +181,9 @@ def test_progress_on_a_terminal_is_a_tqdm_bar(monkeypatch):
 
 
 def test_format_helpers():
-  assert [metrics.format_duration(s) for s in (3.2, 125, 7384, 200000, math.inf)] == \
+  assert [progress_lib.format_duration(s) for s in (3.2, 125, 7384, 200000, math.inf)] == \
       ["3s", "2m05s", "2h03m", "2d07h", "?"]
-  assert [metrics.format_number(x) for x in (987, 35236, 2.1e9)] == ["987", "35.2k", "2.1G"]
+  assert [progress_lib.format_number(x) for x in (987, 35236, 2.1e9)] == ["987", "35.2k", "2.1G"]
 
 
 def test_flops_per_char_counts_the_real_models_matmul_parameters(tiny_config):
@@ -198,8 +199,8 @@ def test_flops_per_char_counts_the_real_models_matmul_parameters(tiny_config):
   heads = flat["head_kernel"].size  # layers x targets x d_model x vocab
   cfg = task.model_cfg
   attention = 6 * cfg.num_layers * seq_len * cfg.d_model
-  assert metrics.flops_per_char(cfg, seq_len) == 6 * matmuls + attention + 6 * heads
-  assert metrics.flops_per_char(cfg, seq_len, intermediate_layers=False) == \
+  assert flops.flops_per_char(cfg, seq_len) == 6 * matmuls + attention + 6 * heads
+  assert flops.flops_per_char(cfg, seq_len, intermediate_layers=False) == \
       6 * matmuls + attention + 6 * heads // cfg.num_layers
 
 
@@ -219,11 +220,11 @@ def test_flops_per_char_counts_the_real_models_matmul_parameters(tiny_config):
 ])
 def test_peak_flops_of_known_accelerators(platform, kind, peak):
   device = types.SimpleNamespace(platform=platform, device_kind=kind)
-  assert metrics.peak_flops(device) == (pytest.approx(peak) if peak else None)
+  assert flops.peak_flops(device) == (pytest.approx(peak) if peak else None)
 
 
 def test_peak_flops_of_this_cpu_is_unknown():
-  assert metrics.peak_flops(jax.devices("cpu")[0]) is None
+  assert flops.peak_flops(jax.devices("cpu")[0]) is None
 
 
 def test_readme_documents_every_config_key():

@@ -41,8 +41,7 @@ def test_every_head_is_causal_through_gradients(tiny_config):
     h_LxBxTxD = task.model.clone(deterministic=True).apply({"params": params}, tokens_1xT)
     heads = task.model.apply({"params": params}, method=model_lib.Transformer.heads)
     return jnp.stack([jnp.stack([
-        model_lib.head_logits(cfg, {k: (v if k == "embedding" else v[layer]) for k, v in heads.items()},
-                              h_LxBxTxD[layer], target)[0, t].sum()
+        heads.layer(layer).logits(cfg, h_LxBxTxD[layer], target)[0, t].sum()
         for target in range(cfg.num_targets)]) for layer in range(cfg.num_layers)])
 
   grads = jax.jit(jax.jacrev(head_outputs_LxK))(params)
@@ -81,7 +80,7 @@ def test_scanned_and_unrolled_stacks_give_the_same_loss(tiny_config):
   windows_BxS = jax.random.randint(jax.random.key(2), (4, seq_len + 2), 0, 256)
   weights_LxK = losses.loss_weights(jnp.int32(0), scanned.loss_cfg)
   def loss_and_grads(task, params):
-    fn = lambda p: train.compute_loss(task, p, windows_BxS, weights_LxK, None)
+    fn = lambda p: losses.compute_loss(task.model, task.loss_cfg, p, windows_BxS, weights_LxK, None)
     return jax.jit(jax.value_and_grad(fn, has_aux=True))(params)
 
   (loss_s, nll_s), grads_s = loss_and_grads(scanned, params)
@@ -129,8 +128,8 @@ def test_64_layer_train_step_lowers_and_compiles_on_cpu():
   abstract_state = flax.linen.unbox(abstract)
   windows = jax.ShapeDtypeStruct((16, 512 + 2), jnp.int32)
   with jax.set_mesh(mesh), flax.linen.logical_axis_rules(rules):
-    lowered = train.jit_train_step(task, mesh, shardings).lower(abstract_state, windows,
-                                                                jax.random.key(0))
+    lowered = train.jit_train_step(task, mesh, shardings, rules).lower(abstract_state, windows,
+                                                                       jax.random.key(0))
     compiled = lowered.compile()
   assert compiled is not None
   assert "while" in lowered.as_text()  # The 64 layers are one scanned loop, not 64 copies.

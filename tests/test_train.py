@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from chartx import data, train
+from chartx import data, loop, train
 from chartx.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -78,4 +78,4 @@ def test_empty_text_file_is_named(tmp_path, tiny_config):
   empty.write_text("")
   tiny_config.data.path = str(empty)
   with pytest.raises(UserError, match="empty.txt"):
-    train.train_and_evaluate(tiny_config, str(tmp_path / "run"))
+    loop.train_and_evaluate(tiny_config, str(tmp_path / "run"))

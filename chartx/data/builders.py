@@ -176,7 +176,7 @@ class _MahoneyZipBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True
         f"and put it at {manual}, or set data.path to the zip")
 
   @abc.abstractmethod
-  def _ids(self, bytes_N: np.ndarray, source: str) -> np.ndarray:
+  def _ids(self, bytes_M: np.ndarray, source: str) -> np.ndarray:
     """The member's bytes as ids of this dataset's vocabulary."""
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
@@ -184,17 +184,17 @@ class _MahoneyZipBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True
     spec = ZIPS[self.name]
     path = self._find_zip(dl_manager)
     verify_zip(path, spec)
-    ids_N = self._ids(read_member(path, spec), source=f"{path}:{spec.member}")
+    ids_M = self._ids(read_member(path, spec), source=f"{path}:{spec.member}")
     generators = {}
     start = 0
-    for split, size in split_sizes(len(ids_N)).items():
-      generators[split] = self._generate_examples(ids_N[start:start + size])
+    for split, size in split_sizes(len(ids_M)).items():
+      generators[split] = self._generate_examples(ids_M[start:start + size])
       start += size
     return generators
 
-  def _generate_examples(self, ids_N: np.ndarray):
-    for index, start in enumerate(range(0, len(ids_N), CHUNK_CHARS)):
-      yield index, {"index": index, "ids": ids_N[start:start + CHUNK_CHARS]}
+  def _generate_examples(self, ids_M: np.ndarray):
+    for index, start in enumerate(range(0, len(ids_M), CHUNK_CHARS)):
+      yield index, {"index": index, "ids": ids_M[start:start + CHUNK_CHARS]}
 
 
 class Enwik8(_MahoneyZipBuilder):
@@ -202,8 +202,8 @@ class Enwik8(_MahoneyZipBuilder):
 
   MANUAL_DOWNLOAD_INSTRUCTIONS = f"Download {ZIPS['enwik8'].url} and put it in manual_dir as enwik8.zip."
 
-  def _ids(self, bytes_N: np.ndarray, source: str) -> np.ndarray:
-    return bytes_N
+  def _ids(self, bytes_M: np.ndarray, source: str) -> np.ndarray:
+    return bytes_M
 
 
 class Text8(_MahoneyZipBuilder):
@@ -211,8 +211,8 @@ class Text8(_MahoneyZipBuilder):
 
   MANUAL_DOWNLOAD_INSTRUCTIONS = f"Download {ZIPS['text8'].url} and put it in manual_dir as text8.zip."
 
-  def _ids(self, bytes_N: np.ndarray, source: str) -> np.ndarray:
-    return text8_ids_from_bytes(bytes_N, source=source)
+  def _ids(self, bytes_M: np.ndarray, source: str) -> np.ndarray:
+    return text8_ids_from_bytes(bytes_M, source=source)
 
 
 BUILDERS = {"enwik8": Enwik8, "text8": Text8}
@@ -223,11 +223,11 @@ def _read_split(source, *, split: str, expected_chars: int, where: str) -> np.nd
   if [int(r["index"]) for r in records] != list(range(len(records))):
     raise UserError(f"{where}: the {split} split's chunks are not 0..{len(records) - 1}; "
                     f"delete {where} to rebuild it")
-  ids_N = np.concatenate([r["ids"] for r in records]) if records else np.zeros(0, np.uint8)
-  if len(ids_N) != expected_chars:
-    raise UserError(f"{where}: the {split} split has {len(ids_N)} characters, expected "
+  ids_M = np.concatenate([r["ids"] for r in records]) if records else np.zeros(0, np.uint8)
+  if len(ids_M) != expected_chars:
+    raise UserError(f"{where}: the {split} split has {len(ids_M)} characters, expected "
                     f"{expected_chars}; delete {where} to rebuild it")
-  return ids_N
+  return ids_M
 
 
 def load_splits(name: str, *, data_dir: str = "", zip_path: str = "",

@@ -38,6 +38,18 @@ def vocab_for(data_config: ml_collections.ConfigDict) -> Vocab:
   raise UserError(f"data.name={data_config.name!r}: expected 'enwik8', 'text8' or 'text_files'")
 
 
+def check_config(config: ml_collections.ConfigDict) -> Vocab:
+  """The data section's owner: checks the data.* keys that need no file, returns the vocabulary.
+
+  The paths are checked where they are read (load_corpus), which says which file is wrong.
+  """
+  seq_len, max_len = config.data.seq_len, config.model.max_len
+  if not 1 <= seq_len <= max_len:
+    raise UserError(f"config.data.seq_len={seq_len} must be in [1, config.model.max_len={max_len}], "
+                    "the rows of the positional table")
+  return vocab_for(config.data)
+
+
 def load_corpus(data_config: ml_collections.ConfigDict) -> Corpus:
   """Loads data_config.name ("enwik8" | "text8" | "text_files") into memory."""
   vocab = vocab_for(data_config)

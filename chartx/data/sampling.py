@@ -5,7 +5,7 @@ import numpy as np
 from chartx.errors import UserError
 
 
-def train_batch(ids_N: np.ndarray, *, seed: int, step: int, batch_size: int, length: int,
+def train_batch(ids_M: np.ndarray, *, seed: int, step: int, batch_size: int, length: int,
                 process_index: int = 0, process_count: int = 1) -> np.ndarray:
   """This process's rows of the global batch for `step`: int32 [batch_size // process_count, length].
 
@@ -18,7 +18,7 @@ def train_batch(ids_N: np.ndarray, *, seed: int, step: int, batch_size: int, len
                     f"process count {process_count}")
   if not 0 <= process_index < process_count:
     raise UserError(f"process_index {process_index} is outside [0, {process_count})")
-  num_chars = len(ids_N)
+  num_chars = len(ids_M)
   if length <= 0 or length > num_chars:
     raise UserError(f"training windows of {length} characters (data.seq_len plus the extra targets) "
                     f"do not fit in the training split of {num_chars} characters")
@@ -28,4 +28,4 @@ def train_batch(ids_N: np.ndarray, *, seed: int, step: int, batch_size: int, len
   starts_B = rng.integers(0, num_chars - length + 1, size=batch_size)
   rows = batch_size // process_count
   starts_b = starts_B[process_index * rows:(process_index + 1) * rows]
-  return ids_N[starts_b[:, None] + np.arange(length)].astype(np.int32)
+  return ids_M[starts_b[:, None] + np.arange(length)].astype(np.int32)

@@ -49,11 +49,11 @@ def read_bytes(path: str, *, key: str) -> np.ndarray:
         chunks.append(f.read())
     except OSError as e:
       raise UserError(f"{culprit}: cannot read {name!r}: {e.strerror}") from None
-  bytes_N = np.frombuffer(b"".join(chunks), dtype=np.uint8)
-  if bytes_N.size == 0:
+  bytes_M = np.frombuffer(b"".join(chunks), dtype=np.uint8)
+  if bytes_M.size == 0:
     raise UserError(f"{culprit} is empty" if len(files) == 1 else
                     f"{culprit}: all {len(files)} files are empty")
-  return bytes_N
+  return bytes_M
 
 
 def load_splits(path: str, valid_path: str = "", test_path: str = ""
@@ -64,17 +64,17 @@ def load_splits(path: str, valid_path: str = "", test_path: str = ""
   otherwise `path` is all training text and each split file stands in for its split (a
   missing one is still cut from the end of the training text, 5%).
   """
-  bytes_N = read_bytes(path, key="data.path")
+  bytes_M = read_bytes(path, key="data.path")
   valid = read_bytes(valid_path, key="data.valid_path") if valid_path else None
   test = read_bytes(test_path, key="data.test_path") if test_path else None
-  num = len(bytes_N)
+  num = len(bytes_M)
   cut = num // 20  # 5%
   end = num
   if test is None:
-    test, end = bytes_N[end - cut:end], end - cut
+    test, end = bytes_M[end - cut:end], end - cut
   if valid is None:
-    valid, end = bytes_N[end - cut:end], end - cut
-  train = bytes_N[:end]
+    valid, end = bytes_M[end - cut:end], end - cut
+  train = bytes_M[:end]
   for name, split in (("train", train), ("validation", valid), ("test", test)):
     if split.size == 0:
       raise UserError(f"data.path={path!r}: {num} bytes are too few for a non-empty {name} split "

@@ -26,7 +26,7 @@ Each run prints one JSON object on one line and appends it to --out when given. 
                step_time_s (their median), step_time_mean_s, step_time_min_s, step_cpu_time_s
                (median CPU seconds of this process per step, all threads), chars_per_sec
                (batch_size x seq_len / step_time_s)
-  FLOPs        flops_per_char (chartx.metrics.flops_per_char: MaxText's causal count),
+  FLOPs        flops_per_char (chartx.flops.flops_per_char: MaxText's causal count),
                flops_per_sec (achieved), peak_flops_per_sec and peak_flops_source (which peak and
                where it came from; null off the known accelerators), mfu (null without a peak)
   memory       peak_memory_bytes, peak_memory_source: the devices' peak_bytes_in_use where JAX
@@ -53,14 +53,13 @@ import sys
 import time
 from typing import Any, Callable
 
-import flax
 import jax
 import ml_collections
 import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from chartx import errors, losses, metrics, sharding, train
+from chartx import errors, flops, losses, sharding, train
 from chartx import model as model_lib
 from chartx import data
 from chartx.errors import UserError
@@ -122,9 +121,7 @@ def benchmark(config: ml_collections.ConfigDict, *, steps: int = 10, warmup: int
   vocab_size = vocab_size_of(config, vocab_size)
   task = train.make_task(config, vocab_size)
   cfg = task.model_cfg
-  mesh = sharding.make_mesh(config)
-  rules = sharding.logical_rules(config)
-  sharding.check_batch(config.train.batch_size, mesh, "config.train.batch_size")
+  mesh, rules = sharding.check_config(config)
   seq_len, batch_size = config.data.seq_len, config.train.batch_size
   devices = jax.devices()
   record: dict[str, Any] = {
@@ -144,27 +141,23 @@ def benchmark(config: ml_collections.ConfigDict, *, steps: int = 10, warmup: int
   rng = jax.random.key(config.seed)
   init_rng, dropout_rng = jax.random.split(rng)
   dropout_rng = jax.device_put(dropout_rng, sharding.replicated(mesh))
-  with jax.set_mesh(mesh), flax.linen.logical_axis_rules(rules):
-    # Compiled against shapes alone, so the compile time does not wait for initialization.
-    abstract_boxed = jax.eval_shape(lambda r: train.init_state(task, r, seq_len), init_rng)
-    abstract_state = jax.tree.map(lambda x: x.value if isinstance(x, flax.linen.Partitioned) else x,
-                                  abstract_boxed,
-                                  is_leaf=lambda x: isinstance(x, flax.linen.Partitioned))
-    record["params"] = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_state.params))
-    windows_BxS = synthetic_windows(config, mesh, vocab_size, cfg.num_targets)
-    step_fn = train.jit_train_step(task, mesh, sharding.logical_shardings(abstract_boxed, mesh, rules))
-    start = time.perf_counter()
-    lowered = step_fn.lower(abstract_state, windows_BxS, dropout_rng)
-    record["lower_s"] = time.perf_counter() - start
-    start = time.perf_counter()
-    compiled = lowered.compile()
-    record["compile_s"] = time.perf_counter() - start
+  # Compiled against shapes alone, so the compile time does not wait for initialization.
+  abstract_state, shardings, create_state = sharding.sharded_init(
+      functools.partial(train.init_state, task, seq_len=seq_len), mesh, rules)
+  record["params"] = model_lib.count_params(abstract_state.params)
+  windows_BxS = synthetic_windows(config, mesh, vocab_size, cfg.num_targets)
+  step_fn = train.jit_train_step(task, mesh, shardings, rules)
+  start = time.perf_counter()
+  lowered = step_fn.lower(abstract_state, windows_BxS, dropout_rng)
+  record["lower_s"] = time.perf_counter() - start
+  start = time.perf_counter()
+  compiled = lowered.compile()
+  record["compile_s"] = time.perf_counter() - start
   record["compile_total_s"] = record["lower_s"] + record["compile_s"]
   if compile_only:
     return record
 
-  state, _ = train.create_train_state(task, init_rng, seq_len, mesh, rules)
-  current = [state]
+  current = [create_state(init_rng)]
 
   def chartx_step() -> jax.Array:
     current[0], out = compiled(current[0], windows_BxS, dropout_rng)
@@ -210,17 +203,17 @@ def benchmark(config: ml_collections.ConfigDict, *, steps: int = 10, warmup: int
 def _flops(cfg: model_lib.ModelConfig, task: train.Task, seq_len: int, chars_per_sec: float,
            devices: list[Any]) -> dict[str, Any]:
   """FLOPs per character (MaxText's causal count), achieved FLOP/s and MFU against the bf16 peak."""
-  per_char = metrics.flops_per_char(cfg, seq_len, task.loss_cfg.intermediate_layers)
+  per_char = flops.flops_per_char(cfg, seq_len, task.loss_cfg.intermediate_layers)
   achieved = per_char * chars_per_sec
-  peak = metrics.peak_flops(devices[0])
+  peak = flops.peak_flops(devices[0])
   if peak is None:
     source = f"none: no peak known for device_kind {devices[0].device_kind!r}, so no MFU"
   else:
     source = (f"dense bf16 peak of a {devices[0].device_kind!r} from its datasheet "
-              f"(chartx.metrics.peak_flops) x {len(devices)} devices")
-  total_peak = peak * len(devices) if peak else None
-  return {"flops_per_char": per_char, "flops_per_sec": achieved, "peak_flops_per_sec": total_peak,
-          "peak_flops_source": source, "mfu": achieved / total_peak if total_peak else None}
+              f"(chartx.flops.peak_flops) x {len(devices)} devices")
+  return {"flops_per_char": per_char, "flops_per_sec": achieved,
+          "peak_flops_per_sec": peak * len(devices) if peak else None,
+          "peak_flops_source": source, "mfu": flops.mfu(achieved, devices)}
 
 
 def _check_torch_comparable(config: ml_collections.ConfigDict) -> None:

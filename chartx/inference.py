@@ -1,0 +1,63 @@
+"""Inference: a checkpoint's parameters restored onto a mesh, with the model that uses them.
+
+Evaluation (--mode=eval), sampling (--mode=sample) and notebooks start here:
+
+    restored = inference.restore(config, workdir, data.vocab_for(config.data).size)
+    logits_BxTxV = restored.model.apply({"params": restored.params}, tokens_BxT,
+                                        method=model.Transformer.logits)
+"""
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from chartx import checkpoint, sharding
+from chartx import model as model_lib
+from chartx.errors import UserError
+
+
+@dataclasses.dataclass(frozen=True)
+class Restored:
+  """A model restored from a workdir for evaluation or sampling."""
+  model: model_lib.Transformer  # Deterministic, last layer only.
+  params: Any
+  step: int
+  mesh: jax.sharding.Mesh
+  rules: sharding.Rules
+
+
+def checkpoint_step(config: ml_collections.ConfigDict) -> int | str | None:
+  """What eval.step and eval.best select, as checkpoint.restore_params takes it."""
+  step, best = config.eval.step, config.eval.best
+  if step < -1:
+    raise UserError(f"config.eval.step must be a checkpoint step or -1 (the newest), got {step}")
+  if best and step != -1:
+    raise UserError(f"config.eval.step={step} and config.eval.best=True both choose a checkpoint; "
+                    "set one of them")
+  return "best" if best else None if step == -1 else step
+
+
+def restore(config: ml_collections.ConfigDict, workdir: str, vocab_size: int) -> Restored:
+  """The parameters of the checkpoint that eval.step/eval.best choose, sharded as in training.
+
+  Only the parameters are read (not the optimizer state), onto the shapes and shardings that
+  sharding.sharded_init gives, so nothing is initialized and the mesh may differ from training's.
+  """
+  step = checkpoint_step(config)
+  model = model_lib.Transformer(model_lib.ModelConfig.from_config(config, vocab_size))
+  mesh = sharding.make_mesh(config)
+  rules = sharding.logical_rules(config)
+  tokens_1xT = jnp.zeros((1, config.data.seq_len), jnp.int32)
+  params_like, _, _ = sharding.sharded_init(lambda rng: model.init(rng, tokens_1xT)["params"],
+                                            mesh, rules)
+  try:
+    params, step = checkpoint.restore_params(workdir, params_like, step)
+  except UserError as e:
+    if step is None:
+      raise
+    key = "config.eval.best=True" if step == "best" else f"config.eval.step={step}"
+    raise UserError(f"{key}: {e}") from None
+  return Restored(model=model, params=params, step=step, mesh=mesh, rules=rules)

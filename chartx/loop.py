@@ -1,0 +1,95 @@
+"""The training loop: restore or initialize, then step, validate, checkpoint and report until done."""
+
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from chartx import data, evaluate, metrics, report, resume, sharding, signals, train
+from chartx import model as model_lib
+from chartx.errors import UserError
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train.TrainState:
+  """Trains config.train.num_steps steps, resuming from the newest checkpoint in workdir.
+
+  SIGTERM or SIGINT ends the loop after the current step with a checkpoint of it; a NaN or Inf
+  loss ends it with a UserError naming the step, and no checkpoint of that state.
+  """
+  ckpts = resume.Checkpoints(workdir, config)  # First: a bad workdir fails before anything slow.
+  mesh, rules = sharding.check_config(config)
+  corpus = data.load_corpus(config.data)
+  task = train.make_task(config, corpus.vocab.size)
+  seq_len, num_targets = config.data.seq_len, task.model_cfg.num_targets
+
+  rng = jax.random.key(config.seed)
+  init_rng, dropout_rng = jax.random.split(rng)
+  state, shardings = train.create_train_state(task, init_rng, seq_len, mesh, rules)
+  state = ckpts.restore_or_init(state)
+  start_step = int(state.step)
+
+  step_fn = train.jit_train_step(task, mesh, shardings, rules)
+  # The slice of each global batch this process feeds (processes holding replicas share one).
+  slice_index, slice_count = sharding.process_slice(mesh, config.train.batch_size)
+  eval_ids = evaluate.eval_ids(config, corpus) if config.train.eval_every else None
+  score = evaluate.jit_score_fn(evaluate.model_score_fn(task.model), mesh, rules)
+
+  writer = metrics.MetricWriter(workdir, enabled=jax.process_index() == 0, start_step=start_step)
+  reporter = report.Reporter(config, task, writer, start_step, model_lib.count_params(state.params))
+  previous = None  # (step, out) of the newest step not yet finished.
+  # The jitted step and score bind the mesh and rules themselves (sharding.jit_sharded).
+  with signals.StopSignal(ckpts.manager) as stop_requested, ckpts:
+    for step in range(start_step, config.train.num_steps):
+      local_BxS = data.train_batch(corpus.train, seed=config.seed, step=step,
+                                   batch_size=config.train.batch_size, length=seq_len + num_targets,
+                                   process_index=slice_index, process_count=slice_count)
+      state, out = step_fn(state, sharding.global_batch(local_BxS, mesh), dropout_rng)
+      # Wait for the previous step only now that this one is queued: the device never idles.
+      _finish(previous, reporter, ckpts)
+      done = step + 1
+      previous = (done, out)
+      validation = None
+      if config.train.eval_every and (done % config.train.eval_every == 0
+                                      or done == config.train.num_steps):
+        previous = _finish(previous, reporter, ckpts)  # Its log line comes before the validation.
+        with reporter.paused():
+          validation = validation_bpc(score, state.params, eval_ids, config, mesh)
+        reporter.validation(done, validation)
+      stop = stop_requested(done)
+      if ckpts.due(done, validation, stop):
+        previous = _finish(previous, reporter, ckpts)  # Never save a step that went non-finite.
+        with reporter.paused():
+          ckpts.save(done, state, validation)
+      if stop:
+        if jax.process_index() == 0:
+          print(f"train: {stop_requested.received}: stopped after step {done}; "
+                f"{ckpts.newest()}", flush=True)
+        break
+    _finish(previous, reporter, ckpts)
+  reporter.close()
+  return state
+
+
+def _finish(previous: tuple[int, dict[str, jax.Array]] | None, reporter: report.Reporter,
+            ckpts: resume.Checkpoints) -> None:
+  """Finishes the step `previous` names (if any): waits for it, stops with a UserError if its loss
+  or gradient norm is NaN or Inf (then so is its state), else reports it. Returns None, the new
+  `previous`."""
+  if previous is None:
+    return
+  step, out = previous
+  loss, grad_norm = float(out["loss"]), float(out["grad_norm"])
+  if not (np.isfinite(loss) and np.isfinite(grad_norm)):
+    raise UserError(f"the loss is {loss} (gradient norm {grad_norm}) at step {step}; stopping: "
+                    f"{ckpts.newest()}")
+  reporter.step_done(step, out)
+
+
+def validation_bpc(score: evaluate.ScoreFn, params: Any, ids_M: np.ndarray,
+                   config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> dict[str, float]:
+  """Strided bpc on ids_M (evaluate.eval_ids) as the eval.* keys say, for the training logs."""
+  bits, count = evaluate.evaluate_bits(score, params, ids_M, seq_len=config.data.seq_len,
+                                       stride=config.eval.stride, batch_size=config.eval.batch_size,
+                                       mesh=mesh)
+  return {f"{config.eval.split}_bpc": bits / count, f"{config.eval.split}_chars": count}
