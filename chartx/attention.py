@@ -57,9 +57,9 @@ def _blocks(seq_len: int) -> list[tuple[int, int]]:
   return [(start, min(start + size, seq_len)) for start in range(0, seq_len, size)]
 
 
-def _transposed(x_BxNxRxC: jax.Array) -> jax.Array:
-  """x with its last two axes swapped, materialized (see the module docstring)."""
-  return jax.lax.optimization_barrier(jnp.swapaxes(x_BxNxRxC, -1, -2))
+def _transposed(x: jax.Array) -> jax.Array:
+  """x (any BxNx..x..) with its last two axes swapped, materialized (see the module docstring)."""
+  return jax.lax.optimization_barrier(jnp.swapaxes(x, -1, -2))
 
 
 def _dot(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
@@ -73,17 +73,17 @@ def _blockwise_attention(q_BxNxTxH: jax.Array, k_BxNxTxH: jax.Array, v_BxNxTxH: 
 
 
 def _forward(q_BxNxTxH, k_BxNxTxH, v_BxNxTxH):
-  """(output, residuals); the residuals hold each query block's softmax P_BxNxQxS (S = its end)."""
+  """(output, residuals); the residuals hold each query block's softmax P_BxNxQxE (E = its end: the keys it sees)."""
   outputs, probs = [], []
   for start, end in _blocks(q_BxNxTxH.shape[2]):
-    s_BxNxQxS = _dot("bnqh,bnsh->bnqs", q_BxNxTxH[:, :, start:end], k_BxNxTxH[:, :, :end])
-    # Query start + i sees keys 0..start + i; only the block's last S - start columns can be masked.
-    causal_QxS = jnp.arange(end)[None, :] <= jnp.arange(start, end)[:, None]
-    s_BxNxQxS = jnp.where(causal_QxS, s_BxNxQxS, -jnp.inf)
-    e_BxNxQxS = jnp.exp(s_BxNxQxS - s_BxNxQxS.max(-1, keepdims=True))
-    p_BxNxQxS = e_BxNxQxS * (1 / e_BxNxQxS.sum(-1, keepdims=True))
-    outputs.append(_dot("bnqs,bnsh->bnqh", p_BxNxQxS.astype(v_BxNxTxH.dtype), v_BxNxTxH[:, :, :end]))
-    probs.append(p_BxNxQxS)
+    s_BxNxQxE = _dot("bnqh,bneh->bnqe", q_BxNxTxH[:, :, start:end], k_BxNxTxH[:, :, :end])
+    # Query start + i sees keys 0..start + i; only the block's last E - start columns can be masked.
+    causal_QxE = jnp.arange(end)[None, :] <= jnp.arange(start, end)[:, None]
+    s_BxNxQxE = jnp.where(causal_QxE, s_BxNxQxE, -jnp.inf)
+    e_BxNxQxE = jnp.exp(s_BxNxQxE - s_BxNxQxE.max(-1, keepdims=True))
+    p_BxNxQxE = e_BxNxQxE * (1 / e_BxNxQxE.sum(-1, keepdims=True))
+    outputs.append(_dot("bnqe,bneh->bnqh", p_BxNxQxE.astype(v_BxNxTxH.dtype), v_BxNxTxH[:, :, :end]))
+    probs.append(p_BxNxQxE)
   o_BxNxTxH = jnp.concatenate(outputs, axis=2).astype(q_BxNxTxH.dtype)
   return o_BxNxTxH, (q_BxNxTxH, k_BxNxTxH, v_BxNxTxH, o_BxNxTxH, probs)
 
@@ -99,14 +99,14 @@ def _backward(residuals, do_BxNxTxH):
   dk_BxNxHxT = jnp.zeros((B, N, H, T), jnp.float32)
   dv_BxNxHxT = jnp.zeros((B, N, H, T), jnp.float32)
   dqs = []
-  for (start, end), p_BxNxQxS in zip(_blocks(T), probs):
-    dp_BxNxQxS = _dot("bnqh,bnsh->bnqs", do_BxNxTxH[:, :, start:end], v_BxNxTxH[:, :, :end])
-    ds_BxNxQxS = (p_BxNxQxS * (dp_BxNxQxS - delta_BxNxTx1[:, :, start:end])).astype(dtype)
-    dqs.append(_dot("bnqs,bnsh->bnqh", ds_BxNxQxS, k_BxNxTxH[:, :, :end]))
+  for (start, end), p_BxNxQxE in zip(_blocks(T), probs):
+    dp_BxNxQxE = _dot("bnqh,bneh->bnqe", do_BxNxTxH[:, :, start:end], v_BxNxTxH[:, :, :end])
+    ds_BxNxQxE = (p_BxNxQxE * (dp_BxNxQxE - delta_BxNxTx1[:, :, start:end])).astype(dtype)
+    dqs.append(_dot("bnqe,bneh->bnqh", ds_BxNxQxE, k_BxNxTxH[:, :, :end]))
     # dK^T += Q^T dS and dV^T += dO^T P over this block's keys [0, end).
-    dk_BxNxHxT = dk_BxNxHxT.at[..., :end].add(_dot("bnhq,bnqs->bnhs", q_BxNxHxT[..., start:end], ds_BxNxQxS))
+    dk_BxNxHxT = dk_BxNxHxT.at[..., :end].add(_dot("bnhq,bnqe->bnhe", q_BxNxHxT[..., start:end], ds_BxNxQxE))
     dv_BxNxHxT = dv_BxNxHxT.at[..., :end].add(
-        _dot("bnhq,bnqs->bnhs", do_BxNxHxT[..., start:end], p_BxNxQxS.astype(dtype)))
+        _dot("bnhq,bnqe->bnhe", do_BxNxHxT[..., start:end], p_BxNxQxE.astype(dtype)))
   dq_BxNxTxH = jnp.concatenate(dqs, axis=2).astype(dtype)
   # The barrier keeps the accumulators in HxT layout (else XLA turns the matmuls back to TN).
   dk_BxNxTxH, dv_BxNxTxH = (_transposed(jax.lax.optimization_barrier(x)) for x in (dk_BxNxHxT, dv_BxNxHxT))

@@ -1,14 +1,14 @@
 """Bits per character on a split: the paper's sliding-window protocol (stride 1) or strided.
 
-A window holds seq_len = T characters of input and scores the last `stride` = S of its T
-targets, then slides by S, so every scored character has at least T - S + 1 characters of
-context (T - (S - 1) / 2 on average). S = 1 is the paper's protocol: each character is
+A window holds seq_len = T characters of input and scores the last `stride` of its T targets,
+then slides by the stride, so every scored character has at least T - stride + 1 characters of
+context (T - (stride - 1) / 2 on average). Stride 1 is the paper's protocol: each character is
 predicted from the full T before it, at the cost of one forward pass of T positions per
-character. Stride S costs 1/S of that, and the bpc it reports is higher (less context), the
-more so the larger S; S = T gives contexts of 1 to T. The first window scores all of its
-targets with the context they have, and the last window is moved back to end at the split's
-end; so every character but the first (nothing predicts it: there is no start symbol) is scored
-exactly once. eval_<split>.json reports "context" (T) and "min_context" (T - S + 1).
+character. A stride costs 1/stride of that, and the bpc it reports is higher (less context), the
+more so the larger the stride; stride T gives contexts of 1 to T. The first window scores all
+of its targets with the context they have, and the last window is moved back to end at the
+split's end; so every character but the first (nothing predicts it: there is no start symbol) is
+scored exactly once. eval_<split>.json reports "context" (T) and "min_context" (T - stride + 1).
 
 Speed on a 2-core CPU shared with other jobs (benchmarks/eval_sample.py): the tiny config
 (2 layers, d_model 32, T 32) scores about 7,000 characters/s at stride 1 with its eval.batch_size

@@ -6,7 +6,7 @@ classifiers predicting 1..K characters ahead (Heads), so every layer can carry a
 Every parameter carries logical axis names; chartx.sharding maps them to mesh axes.
 
 Arrays throughout chartx carry their shape in their names (x_BxTxD), one letter per meaning:
-  B batch rows             T input positions (time)   S a window's characters: T inputs + K targets
+  B batch rows             T input positions (time)   S a window's characters, T + K (K = 1: eval)
   D model width            N attention heads          H head width (D / N)
   F feed-forward width     L layers                   K targets per position (1..K ahead)
   V vocabulary             C cache (key) positions    P positional-table rows (max_len)
