@@ -21,6 +21,7 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
+from chartx import errors
 from chartx.errors import UserError
 
 # The metric that ranks checkpoints for keep-best; lower is better. Saved with a checkpoint
@@ -193,6 +194,7 @@ def read_newest(manager: ocp.CheckpointManager, steps: list[int], target: Any, *
                  params_only: bool) -> tuple[Any, int | None, list[tuple[int, Exception]]]:
   """(restored, step, failures): the first of `steps` that reads, and those before it that did not."""
   failures = []
+  errors.drop_closed_loop_reports()  # Before reading: the reports of a failed read come late.
   for step in steps:
     try:
       return _read(manager, step, target, params_only=params_only), step, failures

@@ -41,17 +41,21 @@ def _unknown_key(argv: list[str], e: Exception) -> str | None:
 
 
 def drop_closed_loop_reports() -> None:
-  """Silences a process-wide flood; the command line calls it once, at start-up.
+  """Process-wide, once: no traceback for TensorStore's reports to a closed asyncio loop.
 
   When one read of a damaged checkpoint fails, TensorStore finishes the other reads Orbax
-  started and reports each to an asyncio loop that Orbax has closed; Python's unraisable hook
-  would print a traceback for every one of them, after the one-line error or warning.
+  started and reports each to the asyncio loop Orbax has closed, late and from any thread (so
+  no narrower scope catches them); Python would print a traceback for every one of them after
+  the one-line error or warning. chartx.checkpoint calls it before reading checkpoints.
   """
   previous = sys.unraisablehook
+  if getattr(previous, "drops_closed_loop_reports", False):
+    return
 
   def hook(unraisable: Any) -> None:
     if not (isinstance(unraisable.exc_value, RuntimeError)
             and str(unraisable.exc_value) == "Event loop is closed"):
       previous(unraisable)
 
+  hook.drops_closed_loop_reports = True
   sys.unraisablehook = hook

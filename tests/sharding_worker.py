@@ -25,6 +25,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from chartx import loop, sharding, train  # noqa: E402
+from chartx.tools import layout  # noqa: E402
 from chartx.errors import UserError  # noqa: E402
 from configs import tiny  # noqa: E402
 
@@ -84,8 +85,8 @@ def run(c, devices, windows_NxBxS):
       "param_bytes": {name: x.nbytes for name, (_, x) in zip(names, leaves)},
       "device_bytes": sum(x.addressable_shards[0].data.nbytes for _, x in leaves),
       "whole": whole,
-      "largest_replicated": sharding.largest_replicated(state.params, shardings.params),
-      "describe": sharding.describe(state.params, shardings.params),
+      "largest_replicated": layout.largest_replicated(state.params, shardings.params),
+      "describe": layout.describe(state.params, shardings.params),
   }
   return record, {name: np.asarray(x) for name, (_, x) in zip(names, leaves)}
 

@@ -20,6 +20,7 @@ import pytest
 from jax.sharding import AbstractMesh
 
 from chartx import distributed, sharding, train
+from chartx.tools import layout
 from chartx.errors import UserError
 from configs import enwik8_64l, text8_12l
 
@@ -167,10 +168,10 @@ def test_describe_a_pod_layout_of_the_64_layer_model_without_devices():
   shardings = sharding.logical_shardings(boxed, mesh, sharding.logical_rules(config))
   params = flax.linen.unbox(boxed).params
   # Every parameter has an embed (fsdp) or vocab (tensor) axis: no device holds one whole.
-  assert sharding.largest_replicated(params, shardings.params) is None
+  assert layout.largest_replicated(params, shardings.params) is None
   total = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
-  assert sharding.bytes_per_device(params, shardings.params) <= total / 8
-  text = sharding.describe(params, shardings.params)
+  assert layout.bytes_per_device(params, shardings.params) <= total / 8
+  text = layout.describe(params, shardings.params)
   assert text.splitlines()[0].startswith("mesh data=4 fsdp=8 tensor=2 (64 devices)")
   assert "largest array every device holds whole: none" in text
   assert len(text.splitlines()) == 2 + len(jax.tree.leaves(params))

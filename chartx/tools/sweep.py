@@ -32,7 +32,7 @@ import sys
 import time
 from typing import Any, Sequence
 
-from chartx import metrics
+from chartx import metrics, progress
 from chartx.errors import UserError
 
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
@@ -176,7 +176,7 @@ def table(rows: list[dict[str, Any]]) -> str:
     overrides = " ".join(f"{k}={v}" for k, v in row["overrides"].items()) or "-"
     cells = [row["name"], overrides, row["status"], str(s.get("step", "-")),
              *[f"{s[k]:.4f}" if k in s else "-" for k in ["train bpc", *bpc_columns]],
-             metrics.format_duration(s["elapsed"]) if s.get("elapsed") is not None else "-"]
+             progress.format_duration(s["elapsed"]) if s.get("elapsed") is not None else "-"]
     lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines)
 
@@ -229,7 +229,7 @@ def _sweep(args: argparse.Namespace, extra: list[str]) -> int:
     if status:
       print(f"[{i}/{len(runs)}] {name}: FAILED (exit {status}): {last}", file=sys.stderr, flush=True)
     else:
-      print(f"[{i}/{len(runs)}] {name}: done in {metrics.format_duration(seconds)}", file=sys.stderr,
+      print(f"[{i}/{len(runs)}] {name}: done in {progress.format_duration(seconds)}", file=sys.stderr,
             flush=True)
     rows.append({"name": name, "overrides": overrides, "workdir": workdir,
                  "status": "ok" if not status else f"failed ({status})", "summary": summary})
