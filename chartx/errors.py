@@ -1,5 +1,4 @@
-"""What a user sees of a failure: one exception type for bad input, a flag parser that reports
-every bad flag as one line, and no tracebacks from TensorStore's late reports."""
+"""What a user sees of a failure: UserError, one line per bad flag, no TensorStore tracebacks."""
 
 import re
 import sys
@@ -24,8 +23,8 @@ def parse_flags(argv: list[str], config: flags.FlagHolder) -> list[str]:
 
 
 def _unknown_key(argv: list[str], e: Exception) -> str | None:
-  """An unknown-key error in plain words, naming its override: KeyError("'nlayers'\nDid you mean
-  \"num_layers\" ...") -> '--config.model.nlayers: no such config key; did you mean num_layers?'."""
+  """An unknown key in plain words: '--config.model.nlayers: no such config key; did you mean
+  num_layers?' from config_flags' KeyError("'nlayers'\nDid you mean \"num_layers\" ...")."""
   while e.args and isinstance(e.args[0], Exception):  # AttributeError(KeyError(...)).
     e = e.args[0]
   if isinstance(e, flags.Error) or not e.args:
@@ -41,13 +40,9 @@ def _unknown_key(argv: list[str], e: Exception) -> str | None:
 
 
 def drop_closed_loop_reports() -> None:
-  """Process-wide, once: no traceback for TensorStore's reports to a closed asyncio loop.
-
-  When one read of a damaged checkpoint fails, TensorStore finishes the other reads Orbax
-  started and reports each to the asyncio loop Orbax has closed, late and from any thread (so
-  no narrower scope catches them); Python would print a traceback for every one of them after
-  the one-line error or warning. chartx.checkpoint calls it before reading checkpoints.
-  """
+  """Once per process (chartx.checkpoint calls it before reading): when a read fails, TensorStore
+  finishes the other reads Orbax started and reports each, late and from any thread, to the asyncio
+  loop Orbax has closed; Python would print a traceback for every one after the one-line error."""
   previous = sys.unraisablehook
   if getattr(previous, "drops_closed_loop_reports", False):
     return

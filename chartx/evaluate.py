@@ -10,18 +10,13 @@ of its targets with the context they have, and the last window is moved back to 
 split's end; so every character but the first (nothing predicts it: there is no start symbol) is
 scored exactly once. eval_<split>.json reports "context" (T) and "min_context" (T - stride + 1).
 
-Speed on a 2-core CPU shared with other jobs (benchmarks/eval_sample.py): the tiny config
-(2 layers, d_model 32, T 32) scores about 7,000 characters/s at stride 1 with its eval.batch_size
-of 8 (2.4 minutes per 1M characters) and about 14,000 with a batch of 64 (70 s per 1M); about
-240,000/s at stride 32. T12 (12 layers, d_model 512, T 512) scores about 2.3 characters/s at
-stride 1 (5 days per 1M characters: enwik8's 5M test characters need an accelerator) and about
-1,000/s at stride 512. A larger eval.batch_size helps stride 1 most.
+Speed: README.md's performance table (benchmarks/eval_sample.py); a larger eval.batch_size helps
+stride 1 most.
 
     python -m chartx.main --config=configs/tiny.py --workdir=DIR --mode=eval \
         --config.eval.stride=1 --config.eval.split=test
 """
 
-import functools
 import json
 import math
 import os
@@ -54,33 +49,21 @@ def window_starts(num_chars: int, seq_len: int, stride: int) -> tuple[np.ndarray
   return starts_W, first_W
 
 
-def nll_fn(logits_fn: Callable[[jax.Array], jax.Array]) -> Callable[[jax.Array, jax.Array], jax.Array]:
-  """(inputs_BxT, targets_BxT) -> per-character nll_BxT in nats, from a tokens -> logits function."""
-  def fn(inputs_BxT, targets_BxT):
-    logits_BxTxV = logits_fn(inputs_BxT)
-    logp_BxTxV = jax.nn.log_softmax(logits_BxTxV.astype(jnp.float32), axis=-1)
-    return -jnp.take_along_axis(logp_BxTxV, targets_BxT[..., None], axis=-1)[..., 0]
-  return fn
-
-
-def make_score_fn(logits_fn: Callable[[Any, jax.Array], jax.Array]) -> ScoreFn:
-  """A ScoreFn from (params, tokens_BxT) -> logits_BxTxV.
+def model_score_fn(model: model_lib.Transformer) -> ScoreFn:
+  """The ScoreFn of a model: its last layer's next-character prediction, without dropout.
 
   Window row b scores its targets at offsets >= first_B[b]; a padding row has first = T.
   """
+  net = model.clone(deterministic=True, all_layers=False)
+
   def score(params, windows_BxS, first_B):
     inputs_BxT, targets_BxT = windows_BxS[:, :-1], windows_BxS[:, 1:]
-    nll_BxT = nll_fn(functools.partial(logits_fn, params))(inputs_BxT, targets_BxT)
+    logits_BxTxV = net.apply({"params": params}, inputs_BxT, method=model_lib.Transformer.logits)
+    logp_BxTxV = jax.nn.log_softmax(logits_BxTxV.astype(jnp.float32), axis=-1)
+    nll_BxT = -jnp.take_along_axis(logp_BxTxV, targets_BxT[..., None], axis=-1)[..., 0]
     mask_BxT = jnp.arange(inputs_BxT.shape[1])[None, :] >= first_B[:, None]
     return jnp.where(mask_BxT, nll_BxT, 0.0).sum(), mask_BxT.sum()
   return score
-
-
-def model_score_fn(model: model_lib.Transformer) -> ScoreFn:
-  """The ScoreFn of a model: its last layer's next-character prediction, without dropout."""
-  net = model.clone(deterministic=True, all_layers=False)
-  return make_score_fn(lambda params, tokens_BxT: net.apply(
-      {"params": params}, tokens_BxT, method=model_lib.Transformer.logits))
 
 
 def jit_score_fn(score: ScoreFn, mesh: jax.sharding.Mesh, rules: sharding.Rules) -> ScoreFn:

@@ -1,10 +1,6 @@
 """Inference: a checkpoint's parameters restored onto a mesh, with the model that uses them.
 
-Evaluation (--mode=eval), sampling (--mode=sample) and notebooks start here:
-
-    restored = inference.restore(config, workdir, data.vocab_for(config.data).size)
-    logits_BxTxV = restored.model.apply({"params": restored.params}, tokens_BxT,
-                                        method=model.Transformer.logits)
+Evaluation (--mode=eval), sampling (--mode=sample) and notebooks start from restore().
 """
 
 import dataclasses

@@ -1,6 +1,6 @@
 """The training loop: restore or initialize, then step, validate, checkpoint and report until done."""
 
-from typing import Any
+import functools
 
 import jax
 import ml_collections
@@ -25,8 +25,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
 
   rng = jax.random.key(config.seed)
   init_rng, dropout_rng = jax.random.split(rng)
-  state, shardings = train.create_train_state(task, init_rng, seq_len, mesh, rules)
-  state = ckpts.restore_or_init(state)
+  # Created already sharded over the mesh, never whole on one device.
+  _, shardings, create_state = sharding.sharded_init(
+      functools.partial(train.init_state, task, seq_len=seq_len), mesh, rules)
+  state = ckpts.restore_or_init(create_state(init_rng))
   start_step = int(state.step)
 
   step_fn = train.jit_train_step(task, mesh, shardings, rules)
@@ -54,7 +56,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
                                       or done == config.train.num_steps):
         previous = _finish(previous, reporter, ckpts)  # Its log line comes before the validation.
         with reporter.paused():
-          validation = validation_bpc(score, state.params, eval_ids, config, mesh)
+          bits, count = evaluate.evaluate_bits(score, state.params, eval_ids, seq_len=seq_len,
+                                               stride=config.eval.stride, mesh=mesh,
+                                               batch_size=config.eval.batch_size)
+        validation = {f"{config.eval.split}_bpc": bits / count, f"{config.eval.split}_chars": count}
         reporter.validation(done, validation)
       stop = stop_requested(done)
       if ckpts.due(done, validation, stop):
@@ -73,9 +78,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
 
 def _finish(previous: tuple[int, dict[str, jax.Array]] | None, reporter: report.Reporter,
             ckpts: resume.Checkpoints) -> None:
-  """Finishes the step `previous` names (if any): waits for it, stops with a UserError if its loss
-  or gradient norm is NaN or Inf (then so is its state), else reports it. Returns None, the new
-  `previous`."""
+  """Finishes step `previous` (if any): waits for it, a UserError if its loss or gradient norm is
+  NaN or Inf (then so is its state), else its report. Returns None, what `previous` becomes."""
   if previous is None:
     return
   step, out = previous
@@ -85,11 +89,3 @@ def _finish(previous: tuple[int, dict[str, jax.Array]] | None, reporter: report.
                     f"{ckpts.newest()}")
   reporter.step_done(step, out)
 
-
-def validation_bpc(score: evaluate.ScoreFn, params: Any, ids_M: np.ndarray,
-                   config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> dict[str, float]:
-  """Strided bpc on ids_M (evaluate.eval_ids) as the eval.* keys say, for the training logs."""
-  bits, count = evaluate.evaluate_bits(score, params, ids_M, seq_len=config.data.seq_len,
-                                       stride=config.eval.stride, batch_size=config.eval.batch_size,
-                                       mesh=mesh)
-  return {f"{config.eval.split}_bpc": bits / count, f"{config.eval.split}_chars": count}

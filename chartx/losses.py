@@ -99,11 +99,8 @@ def layer_nlls(model_cfg: model_lib.ModelConfig, heads: model_lib.Heads, h_LxBxT
 
 def compute_loss(model: model_lib.Transformer, cfg: LossConfig, params: Any, windows_BxS: jax.Array,
                  weights_LxK: jax.Array, rng: jax.Array | None) -> tuple[jax.Array, jax.Array]:
-  """(total loss, nll_LxK) of the windows (S = T + K: inputs, then the K targets past them).
-
-  rng: dropout's key (None: no dropout). Without intermediate layers only the last layer runs
-  its heads (L = 1).
-  """
+  """(total loss, nll_LxK) of windows of T inputs and K targets; rng: dropout's key (None: none).
+  Without intermediate layers only the last layer runs its heads (L = 1)."""
   num_targets = model.cfg.num_targets
   seq_len = windows_BxS.shape[1] - num_targets
   inputs_BxT = windows_BxS[:, :seq_len]

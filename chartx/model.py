@@ -104,12 +104,9 @@ LayerCache = tuple[jax.Array, jax.Array, jax.Array]
 
 @flax.struct.dataclass
 class Heads:
-  """Every layer's classifiers, stacked on a leading layer axis (layer() takes one layer's slice).
-
-  Target k = 0..K-1 predicts the character k + 1 ahead: a LayerNorm (norm_scale, norm_bias), then
-  kernel[k] and bias[k]; with tied embeddings the next-character classifier (k = 0) is the input
-  embedding instead, shared by every layer, and kernel/bias hold targets 1..K-1 (None if K = 1).
-  """
+  """Every layer's classifiers, on a leading layer axis. Target k predicts the character k + 1
+  ahead: a LayerNorm, then kernel[k] and bias[k]; tied, target 0 uses the (shared) embedding instead
+  and kernel/bias hold targets 1..K-1 (None if K = 1)."""
   norm_scale: jax.Array  # LxD
   norm_bias: jax.Array  # LxD
   kernel: jax.Array | None  # LxKxDxV (Lx(K-1)xDxV when tied)

@@ -27,7 +27,7 @@ def flatten_metrics(out: dict[str, np.ndarray], loss_cfg: losses.LossConfig) -> 
 
 
 class Reporter:
-  """What the loop tells the user: a progress bar or lines, metric records, throughput and MFU.
+  """A progress bar or lines, metric records, throughput and MFU.
 
   chars/s is measured between log steps from when each step's results are ready, leaving out
   the first step (compilation) and validation; mfu needs a known peak (flops.peak_flops).

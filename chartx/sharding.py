@@ -92,13 +92,9 @@ def _axis_tuple(axes: str | tuple[str, ...] | None) -> tuple[str, ...]:
   return () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
 
 
-def data_parallel_size(mesh: Mesh | AbstractMesh) -> int:
-  return math.prod(mesh.shape[a] for a in BATCH_AXES)
-
-
 def check_batch(batch_size: int, mesh: Mesh | AbstractMesh, key: str) -> None:
   """The global batch must split evenly over the data-parallel devices (so over the processes too)."""
-  size = data_parallel_size(mesh)
+  size = math.prod(mesh.shape[a] for a in BATCH_AXES)  # The data-parallel devices.
   if batch_size < 1 or batch_size % size:
     raise UserError(f"{key}={batch_size} is not a positive multiple of the {size} data-parallel "
                     f"devices (mesh data x fsdp = {mesh.shape['data']} x {mesh.shape['fsdp']})")
@@ -204,14 +200,10 @@ def jit_sharded(fn: Callable, mesh: Mesh, rules: Rules, *, in_shardings: Any, ou
 
 def sharded_init(init: Callable[[jax.Array], Any], mesh: Mesh | AbstractMesh,
                  rules: Rules) -> tuple[Any, Any, Callable[[jax.Array], Any]]:
-  """(abstract, shardings, create) for a tree that init(rng) builds with nn.Partitioned boxes.
-
-  The one recipe for parameters that are never whole on one device: the tree's shapes
-  (jax.eval_shape, nothing computed), their shardings by the rules, then init jitted with those
-  out_shardings. abstract: the unboxed tree as jax.ShapeDtypeStructs carrying their shardings
-  (a restore target, or what a step is lowered against); create(rng): the unboxed tree, created
-  sharded (needs a concrete mesh).
-  """
+  """(abstract, shardings, create) of the tree init(rng) builds with nn.Partitioned boxes: the one
+  recipe for state never whole on one device. abstract: the unboxed tree's jax.ShapeDtypeStructs
+  with their shardings (a restore target, or what a step lowers against; nothing is computed);
+  create(rng): init jitted with those out_shardings, unboxed (needs a concrete mesh)."""
   boxed = jax.eval_shape(init, jax.random.key(0))
   shardings = logical_shardings(boxed, mesh, rules)
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),

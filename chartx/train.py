@@ -52,7 +52,6 @@ def check_config(config: ml_collections.ConfigDict) -> None:
 
 
 def make_task(config: ml_collections.ConfigDict, vocab_size: int) -> Task:
-  check_config(config)
   model_cfg = model_lib.ModelConfig.from_config(config, vocab_size)
   return Task(model=model_lib.Transformer(model_cfg, deterministic=False, all_layers=True),
               loss_cfg=losses.LossConfig.from_config(config),
@@ -66,14 +65,6 @@ def init_state(task: Task, rng: jax.Array, seq_len: int) -> TrainState:
   params = task.model.clone(deterministic=True, all_layers=False).init(rng, tokens_1xT)["params"]
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=task.tx.init(params),
                     loss_weights=losses.loss_weights(jnp.zeros((), jnp.int32), task.loss_cfg))
-
-
-def create_train_state(task: Task, rng: jax.Array, seq_len: int, mesh: jax.sharding.Mesh,
-                       rules: sharding.Rules) -> tuple[TrainState, TrainState]:
-  """(state, shardings): the state created already sharded over the mesh, never whole on one device."""
-  _, shardings, create = sharding.sharded_init(functools.partial(init_state, task, seq_len=seq_len),
-                                               mesh, rules)
-  return create(rng), shardings
 
 
 def train_step(task: Task, state: TrainState, windows_BxS: jax.Array,

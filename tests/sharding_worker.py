@@ -9,6 +9,7 @@ many compilations each step caused; then it checks that bad configs fail before 
 """
 
 import contextlib
+import functools
 import json
 import os
 import sys
@@ -64,7 +65,9 @@ def run(c, devices, windows_NxBxS):
   mesh = sharding.make_mesh(c, devices)
   rules = sharding.logical_rules(c)
   task = train.make_task(c, VOCAB)
-  state, shardings = train.create_train_state(task, jax.random.key(0), c.data.seq_len, mesh, rules)
+  _, shardings, create = sharding.sharded_init(
+      functools.partial(train.init_state, task, seq_len=c.data.seq_len), mesh, rules)
+  state = create(jax.random.key(0))
   step_fn = train.jit_train_step(task, mesh, shardings, rules)
   dropout_rng = jax.random.key(1)
   index, count = sharding.process_slice(mesh, c.train.batch_size)

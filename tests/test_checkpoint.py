@@ -1,6 +1,7 @@
 """Checkpoints and failures: exact resume after SIGKILL, SIGTERM, damaged checkpoints, other
 meshes, NaN, keep-best, fine-tuning, and bad workdirs. Real signals, real Orbax files on disk."""
 
+import functools
 import gc
 import glob
 import json
@@ -65,9 +66,10 @@ def _init(config, abstract=False):
   if abstract:
     return jax.eval_shape(lambda: flax.linen.unbox(
         train.init_state(task, jax.random.key(config.seed), config.data.seq_len)))
-  state, _ = train.create_train_state(task, jax.random.key(config.seed), config.data.seq_len,
-                                      sharding.make_mesh(config), sharding.logical_rules(config))
-  return state
+  _, _, create = sharding.sharded_init(
+      functools.partial(train.init_state, task, seq_len=config.data.seq_len),
+      sharding.make_mesh(config), sharding.logical_rules(config))
+  return create(jax.random.key(config.seed))
 
 
 @pytest.fixture(scope="module")

@@ -22,8 +22,6 @@ def train_batch(ids_M: np.ndarray, *, seed: int, step: int, batch_size: int, len
   if length <= 0 or length > num_chars:
     raise UserError(f"training windows of {length} characters (data.seq_len plus the extra targets) "
                     f"do not fit in the training split of {num_chars} characters")
-  if seed < 0 or step < 0:
-    raise UserError(f"seed={seed} and step={step} must be non-negative")
   rng = np.random.default_rng([seed, step])
   starts_B = rng.integers(0, num_chars - length + 1, size=batch_size)
   rows = batch_size // process_count
