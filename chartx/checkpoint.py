@@ -76,14 +76,26 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any,
   manager.save(step, args=ocp.args.PyTreeSave(state), metrics=kept, force=True)
 
 
-def restore(manager: ocp.CheckpointManager, state_like: Any, step: int | None = None) -> Any:
-  """Checkpoint `step` (default: the newest) with the shapes, dtypes and shardings of state_like.
+def restore(manager: ocp.CheckpointManager, target: Any, step: int | None = None, *,
+            params_only: bool = False) -> Any:
+  """Checkpoint `step` (default: the newest) onto target, a state (or its params if params_only).
 
-  state_like's leaves are arrays or jax.ShapeDtypeStruct; the mesh may differ from the saving
-  run's. Raises UserError if the checkpoint's shapes differ from state_like's.
+  target's leaves are arrays or jax.ShapeDtypeStruct, whose shapes, dtypes and shardings the
+  restored ones take; the mesh may differ from the saving run's. Raises UserError if the
+  checkpoint's shapes differ from target's; any other exception means it cannot be read.
   """
   step = manager.latest_step() if step is None else step
-  return _read(manager, step, state_like, params_only=False)
+  item = jax.tree.map(ocp.utils.to_shape_dtype_struct, {"params": target} if params_only else target)
+  saved = manager.item_metadata(step).tree
+  if params_only:
+    saved = {"params": saved.get("params", {})}
+  mismatch = _shape_mismatch(saved, item)
+  if mismatch:
+    raise UserError(f"{manager.directory / str(step)} does not fit this config: {mismatch}")
+  restored = manager.restore(step, args=ocp.args.PyTreeRestore(
+      item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+      partial_restore=params_only))
+  return restored["params"] if params_only else restored
 
 
 def restore_params(workdir: str, params_like: Any, step: int | str | None = None) -> tuple[Any, int]:
@@ -172,24 +184,6 @@ def describe_newest(manager: ocp.CheckpointManager) -> str:
   return f"the newest checkpoint, {manager.directory / str(step)}, is intact"
 
 
-def _read(manager: ocp.CheckpointManager, step: int, target: Any, *, params_only: bool) -> Any:
-  """Checkpoint `step` restored onto target (a state, or params if params_only).
-
-  UserError if its shapes differ from target's; any other exception means it cannot be read.
-  """
-  item = jax.tree.map(ocp.utils.to_shape_dtype_struct, {"params": target} if params_only else target)
-  saved = manager.item_metadata(step).tree
-  if params_only:
-    saved = {"params": saved.get("params", {})}
-  mismatch = _shape_mismatch(saved, item)
-  if mismatch:
-    raise UserError(f"{manager.directory / str(step)} does not fit this config: {mismatch}")
-  restored = manager.restore(step, args=ocp.args.PyTreeRestore(
-      item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
-      partial_restore=params_only))
-  return restored["params"] if params_only else restored
-
-
 def read_newest(manager: ocp.CheckpointManager, steps: list[int], target: Any, *,
                  params_only: bool) -> tuple[Any, int | None, list[tuple[int, Exception]]]:
   """(restored, step, failures): the first of `steps` that reads, and those before it that did not."""
@@ -197,7 +191,7 @@ def read_newest(manager: ocp.CheckpointManager, steps: list[int], target: Any, *
   errors.drop_closed_loop_reports()  # Before reading: the reports of a failed read come late.
   for step in steps:
     try:
-      return _read(manager, step, target, params_only=params_only), step, failures
+      return restore(manager, target, step, params_only=params_only), step, failures
     except UserError:
       raise
     except Exception as e:  # Orbax and TensorStore raise many types for a damaged checkpoint.

@@ -1,28 +1,7 @@
-"""Model FLOPs per training character, the accelerators' peak FLOP/s, and MFU."""
+"""The accelerators' peak FLOP/s, and model FLOPs utilization (the model counts its FLOPs:
+chartx.model.ModelConfig.flops_per_char)."""
 
 from typing import Any
-
-
-def flops_per_char(model_cfg: Any, seq_len: int, intermediate_layers: bool = True) -> float:
-  """Model FLOPs of one training character (forward and backward), for MFU.
-
-  MaxText's count (calculate_tflops_training_per_device), applied to this model:
-    - 6 x the non-embedding matmul parameters per character: per layer 4 d^2 (query, key, value,
-      output) + 2 d f (feed-forward);
-    - causal attention, 6 x n_layers x seq_len x d per character: the scores and the weighted sum
-      are 2 x 2 seq_len d multiply-adds forward per character, halved by the causal mask, times 3
-      for forward and backward;
-    - the classifiers that really run: 6 d V per character for each of K targets (1 + the extra
-      characters ahead), on every layer when intermediate_layers (their loss stops at l/(2n) of
-      training but the heads keep running), else on the last layer only.
-  Not counted, by the usual convention: recomputation (remat), layer norms, softmaxes, biases.
-  model_cfg is a chartx.model.ModelConfig.
-  """
-  d, f, n = model_cfg.d_model, model_cfg.d_ff, model_cfg.num_layers
-  matmuls = 6 * n * (4 * d * d + 2 * d * f)
-  attention = 6 * n * seq_len * d
-  heads = 6 * (n if intermediate_layers else 1) * model_cfg.num_targets * d * model_cfg.vocab_size
-  return float(matmuls + attention + heads)
 
 
 # Dense bf16 peak FLOP/s per JAX device, matched in order against device_kind (lower case).

@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from chartx import flops, train
+from chartx import train
 from chartx.tools import bench
 from chartx.errors import UserError
 
@@ -62,7 +62,7 @@ def test_cli_appends_one_json_line(tmp_path, tiny_config):
   task = train.make_task(tiny_config, 256)
   state = jax.eval_shape(lambda: train.init_state(task, jax.random.key(0), tiny_config.data.seq_len))
   assert record["params"] == sum(x.size for x in jax.tree.leaves(state.params))
-  assert record["flops_per_char"] == flops.flops_per_char(task.model_cfg, tiny_config.data.seq_len)
+  assert record["flops_per_char"] == task.model_cfg.flops_per_char(tiny_config.data.seq_len)
 
 
 def test_bf16_auto_attention_remat_runs_on_cpu(tiny_config):

@@ -133,3 +133,21 @@ def test_64_layer_train_step_lowers_and_compiles_on_cpu():
     compiled = lowered.compile()
   assert compiled is not None
   assert "while" in lowered.as_text()  # The 64 layers are one scanned loop, not 64 copies.
+
+
+def test_flops_per_char_counts_the_real_models_matmul_parameters(tiny_config):
+  """6 x the parameters of every matmul that runs + causal attention, from the model's own shapes."""
+  tiny_config.model.num_layers, tiny_config.loss.multiple_targets = 3, 3
+  task = train.make_task(tiny_config, vocab_size=256)
+  seq_len = tiny_config.data.seq_len
+  abstract = jax.eval_shape(lambda: train.init_state(task, jax.random.key(0), seq_len))
+  flat = flax.traverse_util.flatten_dict(flax.linen.unbox(abstract.params), sep="/")
+  matmuls = sum(v.size for k, v in flat.items()
+                if k.rsplit("/", 1)[-1] in ("query", "key", "value", "attention_out")
+                or k.endswith(("mlp_in/kernel", "mlp_out/kernel")))
+  heads = flat["head_kernel"].size  # layers x targets x d_model x vocab
+  cfg = task.model_cfg
+  attention = 6 * cfg.num_layers * seq_len * cfg.d_model
+  assert cfg.flops_per_char(seq_len) == 6 * matmuls + attention + 6 * heads
+  assert cfg.flops_per_char(seq_len, intermediate_layers=False) == \
+      6 * matmuls + attention + 6 * heads // cfg.num_layers

@@ -26,7 +26,7 @@ Each run prints one JSON object on one line and appends it to --out when given. 
                step_time_s (their median), step_time_mean_s, step_time_min_s, step_cpu_time_s
                (median CPU seconds of this process per step, all threads), chars_per_sec
                (batch_size x seq_len / step_time_s)
-  FLOPs        flops_per_char (chartx.flops.flops_per_char: MaxText's causal count),
+  FLOPs        flops_per_char (chartx.model.ModelConfig.flops_per_char: MaxText's causal count),
                flops_per_sec (achieved), peak_flops_per_sec and peak_flops_source (which peak and
                where it came from; null off the known accelerators), mfu (null without a peak)
   memory       peak_memory_bytes, peak_memory_source: the devices' peak_bytes_in_use where JAX
@@ -203,7 +203,7 @@ def benchmark(config: ml_collections.ConfigDict, *, steps: int = 10, warmup: int
 def _flops(cfg: model_lib.ModelConfig, task: train.Task, seq_len: int, chars_per_sec: float,
            devices: list[Any]) -> dict[str, Any]:
   """FLOPs per character (MaxText's causal count), achieved FLOP/s and MFU against the bf16 peak."""
-  per_char = flops.flops_per_char(cfg, seq_len, task.loss_cfg.intermediate_layers)
+  per_char = cfg.flops_per_char(seq_len, task.loss_cfg.intermediate_layers)
   achieved = per_char * chars_per_sec
   peak = flops.peak_flops(devices[0])
   if peak is None:
