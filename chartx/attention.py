@@ -73,7 +73,7 @@ def _blockwise_attention(q_BxNxTxH: jax.Array, k_BxNxTxH: jax.Array, v_BxNxTxH: 
 
 
 def _forward(q_BxNxTxH, k_BxNxTxH, v_BxNxTxH):
-  """(output, residuals); the residuals hold each query block's softmax P_BxNxQxE (E = its end: the keys it sees)."""
+  """(output, residuals); the residuals hold each query block's softmax P_BxNxQxE (E: its end)."""
   outputs, probs = [], []
   for start, end in _blocks(q_BxNxTxH.shape[2]):
     s_BxNxQxE = _dot("bnqh,bneh->bnqe", q_BxNxTxH[:, :, start:end], k_BxNxTxH[:, :, :end])

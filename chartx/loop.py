@@ -6,7 +6,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from chartx import data, evaluate, metrics, report, resume, sharding, signals, train
+from chartx import data, evaluate, report, resume, sharding, signals, train
 from chartx import model as model_lib
 from chartx.errors import UserError
 
@@ -37,8 +37,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
   eval_ids = evaluate.eval_ids(config, corpus) if config.train.eval_every else None
   score = evaluate.jit_score_fn(evaluate.model_score_fn(task.model), mesh, rules)
 
-  writer = metrics.MetricWriter(workdir, enabled=jax.process_index() == 0, start_step=start_step)
-  reporter = report.Reporter(config, task, writer, start_step, model_lib.count_params(state.params))
+  reporter = report.Reporter(config, task, workdir, start_step, model_lib.count_params(state.params))
   previous = None  # (step, out) of the newest step not yet finished.
   # The jitted step and score bind the mesh and rules themselves (sharding.jit_sharded).
   with signals.StopSignal(ckpts.manager) as stop_requested, ckpts:

@@ -1,9 +1,5 @@
-"""Metric records: WORKDIR/metrics.jsonl and TensorBoard events, written and read back.
-
-  MetricWriter      one JSON object per logged step in WORKDIR/metrics.jsonl, every number also
-                    a TensorBoard scalar (tensorboardX: no TensorFlow needed).
-  read_metrics      the records of a workdir, with what a resumed run redid counted once.
-
+"""Metric records: MetricWriter writes WORKDIR/metrics.jsonl and TensorBoard events (tensorboardX,
+no TensorFlow); read_metrics reads them back, with what a resumed run redid counted once.
 Workdirs may be local paths or fsspec URLs (gs:// with the `gcs` extra installed).
 """
 

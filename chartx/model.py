@@ -61,19 +61,11 @@ class ModelConfig:
     return _DTYPES[self.dtype]
 
   def flops_per_char(self, seq_len: int, intermediate_layers: bool = True) -> float:
-    """Model FLOPs of one training character (forward and backward), for MFU.
-
-    MaxText's count (calculate_tflops_training_per_device), applied to this model:
-      - 6 x the non-embedding matmul parameters per character: per layer 4 d^2 (query, key, value,
-        output) + 2 d f (feed-forward);
-      - causal attention, 6 x n_layers x seq_len x d per character: the scores and the weighted sum
-        are 2 x 2 seq_len d multiply-adds forward per character, halved by the causal mask, times 3
-        for forward and backward;
-      - the classifiers that really run: 6 d V per character for each of K targets (1 + the extra
-        characters ahead), on every layer when intermediate_layers (their loss stops at l/(2n) of
-        training but the heads keep running), else on the last layer only.
-    Not counted, by the usual convention: recomputation (remat), layer norms, softmaxes, biases.
-    """
+    """Model FLOPs of one training character, forward and backward (MaxText's count, for MFU):
+    6 x the matmul parameters but the embedding (per layer 4 d^2 + 2 d f); causal attention, 6 n
+    seq_len d (2 x 2 seq_len d forward, halved by the mask, x 3); 6 d V per target of each head
+    that runs (every layer's when intermediate_layers: they keep running after their loss stops).
+    Not counted, by convention: recomputation (remat), layer norms, softmaxes, biases."""
     d, f, n = self.d_model, self.d_ff, self.num_layers
     matmuls = 6 * n * (4 * d * d + 2 * d * f)
     attention = 6 * n * seq_len * d

@@ -27,14 +27,14 @@ def flatten_metrics(out: dict[str, np.ndarray], loss_cfg: losses.LossConfig) -> 
 
 
 class Reporter:
-  """A progress bar or lines, metric records, throughput and MFU.
+  """The run's progress bar or lines, metric records, throughput and MFU. chars/s is measured
+  between log steps from when each step's results are ready, leaving out the first step
+  (compilation) and validation; mfu needs a known peak (flops.peak_flops)."""
 
-  chars/s is measured between log steps from when each step's results are ready, leaving out
-  the first step (compilation) and validation; mfu needs a known peak (flops.peak_flops).
-  """
-
-  def __init__(self, config: ml_collections.ConfigDict, task: train.Task, writer: metrics.MetricWriter,
+  def __init__(self, config: ml_collections.ConfigDict, task: train.Task, workdir: str,
                start_step: int, num_params: int):
+    # Process 0 alone writes records and prints.
+    writer = metrics.MetricWriter(workdir, enabled=jax.process_index() == 0, start_step=start_step)
     self._writer, self._loss_cfg, self._split = writer, task.loss_cfg, config.eval.split
     self._log_every, self._num_steps, self._start_step = (config.train.log_every,
                                                           config.train.num_steps, start_step)
@@ -53,8 +53,9 @@ class Reporter:
     count = jax.device_count()
     self._progress.write(
         f"train: {num_params:,} parameters ({cfg.num_layers} layers, d_model {cfg.d_model}), "
-        f"{progress.format_number(self._flops_per_char)} FLOPs/char; {config.train.batch_size} x {seq_len} "
-        f"chars a step; {count} {device.device_kind} device{'s' if count > 1 else ''} ({peak_text})")
+        f"{progress.format_number(self._flops_per_char)} FLOPs/char; "
+        f"{config.train.batch_size} x {seq_len} chars a step; "
+        f"{count} {device.device_kind} device{'s' if count > 1 else ''} ({peak_text})")
     if start_step >= self._num_steps:
       self._progress.write(f"train: already at step {start_step} of {self._num_steps}; nothing to do")
     elif start_step:

@@ -96,7 +96,8 @@ class Checkpoints:
     """Renames checkpoints that failed to read out of Orbax's sight: a later save of the same
     step must not collide with them, and a transient error leaves nothing lost."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    checkpoint.warn_unreadable(self.manager, failures, f"renaming it to <step>.unreadable-{stamp} and skipping")
+    checkpoint.warn_unreadable(self.manager, failures,
+                               f"renaming it to <step>.unreadable-{stamp} and skipping")
     if jax.process_index() == 0:
       for step, _ in failures:
         path = self.manager.directory / str(step)

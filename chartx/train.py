@@ -43,12 +43,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   """The owner of seed and the train section: every key, UserError naming a bad one."""
   if config.seed < 0:
     raise UserError(f"config.seed must be >= 0, got {config.seed}")
-  for key in ("num_steps", "batch_size", "log_every"):
-    if config.train[key] < 1:
-      raise UserError(f"config.train.{key} must be >= 1, got {config.train[key]}")
-  for key in ("eval_every", "checkpoint_every", "keep_checkpoints"):
-    if config.train[key] < 0:
-      raise UserError(f"config.train.{key} must be >= 0 (0 turns it off), got {config.train[key]}")
+  for key, low in (("num_steps", 1), ("batch_size", 1), ("log_every", 1), ("eval_every", 0),
+                   ("checkpoint_every", 0), ("keep_checkpoints", 0)):  # 0 turns the last three off.
+    if config.train[key] < low:
+      raise UserError(f"config.train.{key} must be >= {low}, got {config.train[key]}")
 
 
 def make_task(config: ml_collections.ConfigDict, vocab_size: int) -> Task:

@@ -8,4 +8,5 @@ from chartx.data.corpus import Corpus, check_config, eval_stream, load_corpus, v
 from chartx.data.sampling import train_batch
 from chartx.data.vocab import BYTES, TEXT8, Vocab
 
-__all__ = ["BYTES", "TEXT8", "Corpus", "Vocab", "check_config", "eval_stream", "load_corpus", "train_batch", "vocab_for"]
+__all__ = ["BYTES", "TEXT8", "Corpus", "Vocab", "check_config", "eval_stream", "load_corpus",
+           "train_batch", "vocab_for"]
