@@ -11,9 +11,7 @@ from chartx import model as model_lib
 
 def check(config: ml_collections.ConfigDict) -> tuple[jax.sharding.Mesh, sharding.Rules]:
   """UserError naming the first bad key of any section; else the run's mesh and logical rules.
-
-  checkpoint.* has no check beyond the types that ml_collections holds each key to.
-  """
+  (checkpoint.* needs no check beyond the types ml_collections holds each key to.)"""
   vocab = data.check_config(config)  # data.*; the paths where they are read (load_corpus).
   train.check_config(config)  # seed, train.*
   model_lib.ModelConfig.from_config(config, vocab.size)  # model.*

@@ -69,8 +69,8 @@ def model_score_fn(model: model_lib.Transformer) -> ScoreFn:
 def jit_score_fn(score: ScoreFn, mesh: jax.sharding.Mesh, rules: sharding.Rules) -> ScoreFn:
   """score compiled under the mesh and rules, the batch split over the data axes, the sums replicated."""
   batch = sharding.batch_sharding(mesh)
-  return sharding.jit_sharded(score, mesh, rules, in_shardings=(None, batch, batch),
-                              out_shardings=sharding.replicated(mesh))
+  return sharding.MeshJit(score, mesh, rules, in_shardings=(None, batch, batch),
+                          out_shardings=sharding.replicated(mesh))
 
 
 def evaluate_bits(score: ScoreFn, params: Any, ids_M: np.ndarray, *, seq_len: int, stride: int,

@@ -1,7 +1,5 @@
-"""Inference: a checkpoint's parameters restored onto a mesh, with the model that uses them.
-
-Evaluation (--mode=eval), sampling (--mode=sample) and notebooks start from restore().
-"""
+"""Inference: a checkpoint's parameters restored onto a mesh, with the model that uses them
+(restore(): where evaluation, sampling and notebooks start)."""
 
 import dataclasses
 from typing import Any

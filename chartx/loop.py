@@ -25,7 +25,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
 
   rng = jax.random.key(config.seed)
   init_rng, dropout_rng = jax.random.split(rng)
-  # Created already sharded over the mesh, never whole on one device.
   _, shardings, create_state = sharding.sharded_init(
       functools.partial(train.init_state, task, seq_len=seq_len), mesh, rules)
   state = ckpts.restore_or_init(create_state(init_rng))
@@ -39,7 +38,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
 
   reporter = report.Reporter(config, task, workdir, start_step, model_lib.count_params(state.params))
   previous = None  # (step, out) of the newest step not yet finished.
-  # The jitted step and score bind the mesh and rules themselves (sharding.jit_sharded).
+  # The jitted step and score bind the mesh and rules themselves (sharding.MeshJit).
   with signals.StopSignal(ckpts.manager) as stop_requested, ckpts:
     for step in range(start_step, config.train.num_steps):
       local_BxS = data.train_batch(corpus.train, seed=config.seed, step=step,

@@ -171,7 +171,8 @@ def global_batch(local_BxS: np.ndarray, mesh: Mesh) -> jax.Array:
 
 
 class MeshJit:
-  """A jitted function that is traced, lowered and called under its mesh and logical-axis rules.
+  """jax.jit(fn, **jit_kwargs) (in/out shardings, donation), traced, lowered and called under its
+  mesh and logical-axis rules: the one way chartx binds them.
 
   flax's with_logical_constraint does nothing unless both are in context when the function is
   traced, and jit's cache does not see the rules: binding them here makes the activations'
@@ -191,13 +192,6 @@ class MeshJit:
       return self._jitted.lower(*args)
 
 
-def jit_sharded(fn: Callable, mesh: Mesh, rules: Rules, *, in_shardings: Any, out_shardings: Any,
-                donate_argnums: int | tuple[int, ...] = ()) -> MeshJit:
-  """jax.jit(fn) with explicit in/out shardings, bound to the mesh and rules (see MeshJit)."""
-  return MeshJit(fn, mesh, rules, in_shardings=in_shardings, out_shardings=out_shardings,
-                 donate_argnums=donate_argnums)
-
-
 def sharded_init(init: Callable[[jax.Array], Any], mesh: Mesh | AbstractMesh,
                  rules: Rules) -> tuple[Any, Any, Callable[[jax.Array], Any]]:
   """(abstract, shardings, create) of the tree init(rng) builds with nn.Partitioned boxes: the one
@@ -208,6 +202,6 @@ def sharded_init(init: Callable[[jax.Array], Any], mesh: Mesh | AbstractMesh,
   shardings = logical_shardings(boxed, mesh, rules)
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           nn.unbox(boxed), shardings)
-  create = lambda rng: nn.unbox(jit_sharded(init, mesh, rules, in_shardings=replicated(mesh),
-                                            out_shardings=shardings)(rng))
+  create = lambda rng: nn.unbox(MeshJit(init, mesh, rules, in_shardings=replicated(mesh),
+                                        out_shardings=shardings)(rng))
   return abstract, shardings, create

@@ -88,7 +88,7 @@ def jit_train_step(task: Task, mesh: jax.sharding.Mesh, shardings: TrainState,
 
   It is traced under the mesh and `rules`, which the activations' sharding constraints need.
   """
-  return sharding.jit_sharded(
+  return sharding.MeshJit(
       functools.partial(train_step, task), mesh, rules,
       in_shardings=(shardings, sharding.batch_sharding(mesh), sharding.replicated(mesh)),
       out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)

@@ -60,7 +60,7 @@ def count_compiles():
     jax.monitoring.unregister_event_duration_listener(listener)
 
 
-def run(c, devices, windows_NxBxS):
+def run(c, devices, windows_steps_BxS):
   """Trains NUM_STEPS steps on `devices` with c.mesh.shape; returns (record, params as numpy)."""
   mesh = sharding.make_mesh(c, devices)
   rules = sharding.logical_rules(c)
@@ -73,7 +73,7 @@ def run(c, devices, windows_NxBxS):
   index, count = sharding.process_slice(mesh, c.train.batch_size)
   rows = c.train.batch_size // count
   losses, per_step = [], []
-  for windows_BxS in windows_NxBxS:
+  for windows_BxS in windows_steps_BxS:
     with count_compiles() as counts:
       batch = sharding.global_batch(windows_BxS[index * rows:(index + 1) * rows], mesh)
       state, out = step_fn(state, batch, dropout_rng)
@@ -108,14 +108,14 @@ def main(out_path):
   assert jax.device_count() == 8, jax.devices()
   c = config()
   length = c.data.seq_len + c.loss.multiple_targets
-  windows_NxBxS = np.random.default_rng(0).integers(0, VOCAB, (NUM_STEPS, c.train.batch_size, length),
-                                                     dtype=np.int32)
+  windows_steps_BxS = np.random.default_rng(0).integers(
+      0, VOCAB, (NUM_STEPS, c.train.batch_size, length), dtype=np.int32)
   c.mesh.shape = (1, 1, 1)
-  reference, ref_params = run(c, jax.devices()[:1], windows_NxBxS)
+  reference, ref_params = run(c, jax.devices()[:1], windows_steps_BxS)
   result = {"reference": reference, "meshes": {}}
   for shape in MESHES:
     c.mesh.shape = shape
-    record, params = run(c, jax.devices(), windows_NxBxS)
+    record, params = run(c, jax.devices(), windows_steps_BxS)
     record["max_param_diff"] = max(float(np.abs(params[k] - ref_params[k]).max()) for k in params)
     result["meshes"][str(shape)] = record
 

@@ -221,8 +221,8 @@ def test_build_interrupted_while_writing_leaves_nothing_and_the_next_run_builds(
   _register(monkeypatch, "enwik8", manual, len(content))
   write_chunks = builders.Enwik8._generate_examples
 
-  def dies_after_two_chunks(self, ids_N):
-    for i, example in enumerate(write_chunks(self, ids_N)):
+  def dies_after_two_chunks(self, ids_M):
+    for i, example in enumerate(write_chunks(self, ids_M)):
       if i == 2:
         raise KeyboardInterrupt
       yield example
@@ -350,8 +350,8 @@ def test_official_zip_registry_pins_the_100mb_files():
 
 
 def test_batch_rows_are_windows_of_the_stream():
-  ids_N = np.arange(1000)  # Each id is its own position, so a row shows where its window starts.
-  batch = data.train_batch(ids_N, seed=3, step=7, batch_size=16, length=33)
+  ids_M = np.arange(1000)  # Each id is its own position, so a row shows where its window starts.
+  batch = data.train_batch(ids_M, seed=3, step=7, batch_size=16, length=33)
   assert batch.shape == (16, 33) and batch.dtype == np.int32
   for row in batch:
     assert 0 <= row[0] <= 1000 - 33
@@ -359,26 +359,26 @@ def test_batch_rows_are_windows_of_the_stream():
 
 
 def test_batches_are_a_pure_function_of_seed_and_step_across_restarts():
-  ids_N = np.random.default_rng(0).integers(0, 256, 5000, dtype=np.uint8)
+  ids_M = np.random.default_rng(0).integers(0, 256, 5000, dtype=np.uint8)
   kwargs = dict(seed=11, batch_size=8, length=17)
-  uninterrupted = [data.train_batch(ids_N, step=s, **kwargs) for s in range(20)]
+  uninterrupted = [data.train_batch(ids_M, step=s, **kwargs) for s in range(20)]
   for restart_at in (0, 1, 7, 19):
-    before = [data.train_batch(ids_N, step=s, **kwargs) for s in range(restart_at)]
-    data.train_batch(ids_N, seed=99, step=0, batch_size=4, length=5)  # Unrelated calls in between.
-    after = [data.train_batch(ids_N, step=s, **kwargs) for s in range(restart_at, 20)]
+    before = [data.train_batch(ids_M, step=s, **kwargs) for s in range(restart_at)]
+    data.train_batch(ids_M, seed=99, step=0, batch_size=4, length=5)  # Unrelated calls in between.
+    after = [data.train_batch(ids_M, step=s, **kwargs) for s in range(restart_at, 20)]
     for s, batch in enumerate(before + after):
       np.testing.assert_array_equal(batch, uninterrupted[s])
   assert not np.array_equal(uninterrupted[0], uninterrupted[1])
-  assert not np.array_equal(uninterrupted[0], data.train_batch(ids_N, seed=12, step=0, batch_size=8,
+  assert not np.array_equal(uninterrupted[0], data.train_batch(ids_M, seed=12, step=0, batch_size=8,
                                                                length=17))
 
 
 @pytest.mark.parametrize("process_count", [1, 2, 4, 8])
 def test_process_slices_concatenate_to_the_global_batch(process_count):
-  ids_N = np.random.default_rng(1).integers(0, 256, 3000, dtype=np.uint8)
+  ids_M = np.random.default_rng(1).integers(0, 256, 3000, dtype=np.uint8)
   for step in (0, 5, 123):
-    global_batch = data.train_batch(ids_N, seed=0, step=step, batch_size=8, length=9)
-    slices = [data.train_batch(ids_N, seed=0, step=step, batch_size=8, length=9,
+    global_batch = data.train_batch(ids_M, seed=0, step=step, batch_size=8, length=9)
+    slices = [data.train_batch(ids_M, seed=0, step=step, batch_size=8, length=9,
                                process_index=p, process_count=process_count)
               for p in range(process_count)]
     assert all(s.shape == (8 // process_count, 9) for s in slices)
@@ -386,20 +386,20 @@ def test_process_slices_concatenate_to_the_global_batch(process_count):
 
 
 def test_every_start_position_is_reachable():
-  ids_N = np.arange(10, dtype=np.uint8)  # Windows of 4: starts 0..6.
+  ids_M = np.arange(10, dtype=np.uint8)  # Windows of 4: starts 0..6.
   starts = {int(row[0]) for s in range(200)
-            for row in data.train_batch(ids_N, seed=0, step=s, batch_size=4, length=4)}
+            for row in data.train_batch(ids_M, seed=0, step=s, batch_size=4, length=4)}
   assert starts == set(range(7))
-  whole = data.train_batch(ids_N, seed=0, step=0, batch_size=2, length=10)
+  whole = data.train_batch(ids_M, seed=0, step=0, batch_size=2, length=10)
   np.testing.assert_array_equal(whole, np.stack([np.arange(10)] * 2))
 
 
 def test_batch_errors_name_the_problem():
-  ids_N = np.zeros(100, dtype=np.uint8)
+  ids_M = np.zeros(100, dtype=np.uint8)
   with pytest.raises(UserError, match="batch_size=6"):
-    data.train_batch(ids_N, seed=0, step=0, batch_size=6, length=8, process_count=4)
+    data.train_batch(ids_M, seed=0, step=0, batch_size=6, length=8, process_count=4)
   with pytest.raises(UserError, match="101 characters"):
-    data.train_batch(ids_N, seed=0, step=0, batch_size=4, length=101)
+    data.train_batch(ids_M, seed=0, step=0, batch_size=4, length=101)
 
 
 def test_loading_benchmark_runs_end_to_end_on_a_small_file(tmp_path, monkeypatch):

@@ -35,7 +35,7 @@ def test_windows_score_every_character_once_with_the_promised_context(num_chars,
   assert starts_W[-1] + seq_len == num_chars - 1  # No window reads past the end.
 
 
-def _brute_force_bits(net, params, ids_N, seq_len, stride):
+def _brute_force_bits(net, params, ids_M, seq_len, stride):
   """Each target j scored on its own: a forward pass over exactly the context the protocol gives it.
 
   The protocol, stated independently of window_starts: targets 1..T come from the first window
@@ -45,17 +45,17 @@ def _brute_force_bits(net, params, ids_N, seq_len, stride):
   """
   logits = jax.jit(lambda tokens_1xT: net.apply({"params": params}, tokens_1xT,
                                                 method=model_lib.Transformer.logits))
-  n = len(ids_N)
+  n = len(ids_M)
   seq_len = min(seq_len, n - 1)
   junk_T = np.random.default_rng(1).integers(0, 256, seq_len)
   total_nats = 0.0
   for j in range(1, n):
     start = 0 if j <= seq_len else min(math.ceil((j - seq_len) / stride) * stride, n - 1 - seq_len)
-    context = ids_N[start:j]
+    context = ids_M[start:j]
     tokens_1xT = np.concatenate([context, junk_T[len(context):]])[None]
     logits_V = np.asarray(logits(tokens_1xT)[0, len(context) - 1], np.float64)
     logp_V = logits_V - logits_V.max() - np.log(np.exp(logits_V - logits_V.max()).sum())
-    total_nats -= logp_V[ids_N[j]]
+    total_nats -= logp_V[ids_M[j]]
   return total_nats / math.log(2)
 
 
@@ -66,15 +66,15 @@ def test_strided_total_bits_equal_brute_force_for_every_stride(tiny_config):
   net = model_lib.Transformer(cfg)
   init = jax.jit(net.init)(jax.random.key(1), jnp.zeros((1, seq_len), jnp.int32))
   params = flax.linen.unbox(init)["params"]
-  ids_N = np.random.default_rng(0).integers(0, 256, num_chars).astype(np.int32)
+  ids_M = np.random.default_rng(0).integers(0, 256, num_chars).astype(np.int32)
   mesh = sharding.make_mesh(tiny_config)
   score = evaluate.jit_score_fn(evaluate.model_score_fn(net), mesh, sharding.logical_rules(tiny_config))
   totals = {}
   for stride in (1, 3, 8):
-    bits, count = evaluate.evaluate_bits(score, params, ids_N, seq_len=seq_len, stride=stride,
+    bits, count = evaluate.evaluate_bits(score, params, ids_M, seq_len=seq_len, stride=stride,
                                          batch_size=4, mesh=mesh)
     assert count == num_chars - 1
-    np.testing.assert_allclose(bits, _brute_force_bits(net, params, ids_N, seq_len, stride), rtol=2e-6)
+    np.testing.assert_allclose(bits, _brute_force_bits(net, params, ids_M, seq_len, stride), rtol=2e-6)
     totals[stride] = bits
   # Different strides give different contexts, so different totals.
   assert not np.isclose(totals[1], totals[8], rtol=1e-4)

@@ -67,11 +67,11 @@ def _generate(tokens_to_logits, prompt, num_chars, context, sampling=GREEDY, cac
     sample.SamplingConfig(temperature=0.7, top_p=0.5)])
 def test_sampler_with_next_id_logits_spells_the_alphabet(sampling):
   # 20 characters from a context of 8: the cache is re-encoded several times on the way.
-  ids_N, generate = _generate(_next_id, "abc", 20, context=8, sampling=sampling)
-  assert data.BYTES.decode(ids_N) == "defghijklmnopqrstuvw"
+  ids_M, generate = _generate(_next_id, "abc", 20, context=8, sampling=sampling)
+  assert data.BYTES.decode(ids_M) == "defghijklmnopqrstuvw"
   # A prompt of another length, even one longer than the context, reuses the compilation.
-  ids_N = generate(None, (), *sample.prompt_block(data.BYTES.encode("ABCDEFGHIJKL"), 8), jax.random.key(0))
-  assert data.BYTES.decode(ids_N) == "MNOPQRSTUVWXYZ[\\]^_`"
+  ids_M = generate(None, (), *sample.prompt_block(data.BYTES.encode("ABCDEFGHIJKL"), 8), jax.random.key(0))
+  assert data.BYTES.decode(ids_M) == "MNOPQRSTUVWXYZ[\\]^_`"
   assert generate._cache_size() == 1  # pylint: disable=protected-access
 
 
@@ -86,13 +86,13 @@ def test_sampler_context_slides_as_documented():
     return 10.0 * jax.nn.one_hot(next_T, V)[None], cache_C
 
   prompt = "Hi"
-  ids_N, _ = _generate(context_sum, prompt, 25, context, cache=jnp.zeros(context, jnp.int32))
+  ids_M, _ = _generate(context_sum, prompt, 25, context, cache=jnp.zeros(context, jnp.int32))
   # The documented rule: the context grows to `context` ids, then restarts from the last context // 2.
   text, visible = list(prompt.encode()), list(prompt.encode())
   for _ in range(25):
     text.append(sum(visible) % V)
     visible = visible + [text[-1]] if len(visible) < context else text[-refill:]
-  assert list(np.asarray(ids_N)) == text[len(prompt):]
+  assert list(np.asarray(ids_M)) == text[len(prompt):]
 
 
 def test_greedy_cached_generation_matches_recomputing_the_context(tiny_config):
@@ -101,7 +101,7 @@ def test_greedy_cached_generation_matches_recomputing_the_context(tiny_config):
   tokens_to_logits = sample.model_tokens_to_logits(net)
   generate = sample.make_generate(tokens_to_logits, context=context, num_chars=40, sampling=GREEDY)
   prompt = data.BYTES.encode("def main")
-  ids_N = np.asarray(generate({"params": params}, model_lib.init_cache(net.cfg, 1, context),
+  ids_M = np.asarray(generate({"params": params}, model_lib.init_cache(net.cfg, 1, context),
                               *sample.prompt_block(prompt, context), jax.random.key(0)))
   # No cache: the full forward pass over the visible context, padded to one shape.
   logits = jax.jit(lambda t: net.apply({"params": params}, t, method=model_lib.Transformer.logits))
@@ -110,7 +110,7 @@ def test_greedy_cached_generation_matches_recomputing_the_context(tiny_config):
     tokens_1xC = np.pad(np.asarray(visible, np.int32), (0, context - len(visible)))[None]
     text.append(int(np.argmax(logits(tokens_1xC)[0, len(visible) - 1])))
     visible = visible + [text[-1]] if len(visible) < context else text[-(context // 2):]
-  assert list(ids_N) == text[len(prompt):]
+  assert list(ids_M) == text[len(prompt):]
 
 
 def test_filter_logits_keeps_top_k_and_the_top_p_nucleus():

@@ -19,7 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_tiny_model_overfits_a_short_text_below_half_a_bit(tiny_config):
   text = b"the quick brown fox jumps over the lazy dog. " * 4
-  ids_N = np.frombuffer(text, np.uint8)
+  ids_M = np.frombuffer(text, np.uint8)
   tiny_config.optimizer.name = "adamw"
   tiny_config.optimizer.learning_rate = 0.01
   tiny_config.optimizer.momentum = 0.9
@@ -30,7 +30,7 @@ def test_tiny_model_overfits_a_short_text_below_half_a_bit(tiny_config):
       jax.random.key(0)))
   step_fn = jax.jit(functools.partial(train.train_step, task), donate_argnums=0)
   for step in range(tiny_config.train.num_steps):
-    windows = data.train_batch(ids_N, seed=0, step=step, batch_size=8, length=seq_len + 2)
+    windows = data.train_batch(ids_M, seed=0, step=step, batch_size=8, length=seq_len + 2)
     state, metrics = step_fn(state, windows, jax.random.key(1))
   assert float(metrics["bpc"]) < 0.5
 

@@ -25,5 +25,5 @@ def train_batch(ids_M: np.ndarray, *, seed: int, step: int, batch_size: int, len
   rng = np.random.default_rng([seed, step])
   starts_B = rng.integers(0, num_chars - length + 1, size=batch_size)
   rows = batch_size // process_count
-  starts_b = starts_B[process_index * rows:(process_index + 1) * rows]
-  return ids_M[starts_b[:, None] + np.arange(length)].astype(np.int32)
+  starts_B = starts_B[process_index * rows:(process_index + 1) * rows]  # This process's rows.
+  return ids_M[starts_B[:, None] + np.arange(length)].astype(np.int32)
