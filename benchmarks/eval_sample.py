@@ -58,7 +58,7 @@ def benchmark(config, sample_chars: int, recompute_chars: int, eval_windows: int
   generate = sample.make_generate(sample.model_tokens_to_logits(net), context=seq_len,
                                   num_chars=sample_chars, sampling=sampling)
   prompt_C = rng.integers(0, vocab_size, seq_len).astype(np.int32)
-  cache = model_lib.init_cache(cfg, 1, seq_len)
+  cache = cfg.init_cache(1, seq_len)
   cached_s = _timed(lambda: generate(params, cache, prompt_C, seq_len, jax.random.key(1)))
 
   @jax.jit

@@ -58,7 +58,7 @@ def model_score_fn(model: model_lib.Transformer) -> ScoreFn:
 
   def score(params, windows_BxS, first_B):
     inputs_BxT, targets_BxT = windows_BxS[:, :-1], windows_BxS[:, 1:]
-    logits_BxTxV = net.apply({"params": params}, inputs_BxT, method=model_lib.Transformer.logits)
+    logits_BxTxV = net.apply({"params": params}, inputs_BxT, method="logits")
     logp_BxTxV = jax.nn.log_softmax(logits_BxTxV.astype(jnp.float32), axis=-1)
     nll_BxT = -jnp.take_along_axis(logp_BxTxV, targets_BxT[..., None], axis=-1)[..., 0]
     mask_BxT = jnp.arange(inputs_BxT.shape[1])[None, :] >= first_B[:, None]

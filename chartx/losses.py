@@ -108,7 +108,7 @@ def compute_loss(model: model_lib.Transformer, cfg: LossConfig, params: Any, win
   variables = {"params": params}
   net = model.clone(deterministic=rng is None, all_layers=cfg.intermediate_layers)
   h = net.apply(variables, inputs_BxT, rngs={} if rng is None else {"dropout": rng})
-  heads = model.apply(variables, method=model_lib.Transformer.heads)
+  heads = model.apply(variables, method="heads")
   if not cfg.intermediate_layers:
     h, weights_LxK, heads = h[None], weights_LxK[-1:], heads.layer(slice(-1, None))
   nll_LxK = layer_nlls(model.cfg, heads, h, targets_KxBxT, cfg.multiple_positions)

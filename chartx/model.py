@@ -60,6 +60,11 @@ class ModelConfig:
   def compute_dtype(self) -> Any:
     return _DTYPES[self.dtype]
 
+  def init_cache(self, batch_size: int, length: int) -> dict[str, jax.Array]:
+    """An empty decoding cache for Transformer.decode: keys and values of `length` positions per layer."""
+    shape = (self.num_layers, batch_size, length, self.num_heads, self.head_dim)
+    return {"key": jnp.zeros(shape, self.compute_dtype), "value": jnp.zeros(shape, self.compute_dtype)}
+
   def flops_per_char(self, seq_len: int, intermediate_layers: bool = True) -> float:
     """Model FLOPs of one training character, forward and backward (MaxText's count, for MFU):
     6 x the matmul parameters but the embedding (per layer 4 d^2 + 2 d f); causal attention, 6 n
@@ -316,7 +321,7 @@ class Transformer(nn.Module):
   def decode(self, tokens_BxT: jax.Array, cache: dict[str, jax.Array],
              index: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Cached inference: tokens_BxT sit at positions [index, index + T); rows [0, index) of the
-    cache (init_cache) hold the earlier characters. Returns (next-character logits_BxTxV, cache).
+    cache (ModelConfig.init_cache) hold the earlier characters. Returns (logits_BxTxV, cache).
 
     T = 1 is one decoding step; a larger T fills (prefills) the cache. The logits equal those of
     logits() on the whole prefix. Call it on a deterministic module (no dropout when decoding).
@@ -339,12 +344,6 @@ class Transformer(nn.Module):
       k_LxBxCxNxH, v_LxBxCxNxH = jnp.stack(keys), jnp.stack(values)
     logits_BxTxV = self.heads().layer(-1).logits(cfg, x_BxTxD, target=0)
     return logits_BxTxV, {"key": k_LxBxCxNxH, "value": v_LxBxCxNxH}
-
-
-def init_cache(cfg: ModelConfig, batch_size: int, length: int) -> dict[str, jax.Array]:
-  """An empty decoding cache for Transformer.decode: keys and values of `length` positions per layer."""
-  shape = (cfg.num_layers, batch_size, length, cfg.num_heads, cfg.head_dim)
-  return {"key": jnp.zeros(shape, cfg.compute_dtype), "value": jnp.zeros(shape, cfg.compute_dtype)}
 
 
 def count_params(params: Any) -> int:

@@ -133,7 +133,7 @@ def prompt_block(prompt_ids: np.ndarray, context: int) -> tuple[np.ndarray, int]
 def model_tokens_to_logits(model: model_lib.Transformer) -> TokensToLogits:
   net = model.clone(deterministic=True, all_layers=False)
   return lambda variables, tokens_BxT, cache, index: net.apply(
-      variables, tokens_BxT, cache, index, method=model_lib.Transformer.decode)
+      variables, tokens_BxT, cache, index, method="decode")
 
 
 def encode_prompt(vocab: data.Vocab, prompt: str) -> np.ndarray:
@@ -160,7 +160,7 @@ def sample_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> str:
                                            num_chars=config.sample.num_chars, sampling=sampling),
                              restored.mesh, restored.rules)
   prompt_C, length = prompt_block(prompt_ids, context)
-  cache = model_lib.init_cache(restored.model.cfg, 1, context)
+  cache = restored.model.cfg.init_cache(1, context)
   start = time.time()
   ids_M = np.asarray(generate({"params": restored.params}, cache, prompt_C, length,
                               jax.random.key(config.sample.seed)))

@@ -43,7 +43,7 @@ def test_cached_decoding_equals_the_full_forward_at_every_position(tiny_config, 
   # character per step, each overwriting the junk at its position.
   known = 9
   junk_BxT = tokens_BxT.at[:, known:].set((tokens_BxT[:, known:] + 7) % V)
-  prefill_BxTxV, cache = decode(junk_BxT, model_lib.init_cache(net.cfg, 2, T), 0)
+  prefill_BxTxV, cache = decode(junk_BxT, net.cfg.init_cache(2, T), 0)
   steps = [prefill_BxTxV[:, :known]]
   for i in range(known, T):
     logits_Bx1xV, cache = decode(tokens_BxT[:, i:i + 1], cache, i)
@@ -101,7 +101,7 @@ def test_greedy_cached_generation_matches_recomputing_the_context(tiny_config):
   tokens_to_logits = sample.model_tokens_to_logits(net)
   generate = sample.make_generate(tokens_to_logits, context=context, num_chars=40, sampling=GREEDY)
   prompt = data.BYTES.encode("def main")
-  ids_M = np.asarray(generate({"params": params}, model_lib.init_cache(net.cfg, 1, context),
+  ids_M = np.asarray(generate({"params": params}, net.cfg.init_cache(1, context),
                               *sample.prompt_block(prompt, context), jax.random.key(0)))
   # No cache: the full forward pass over the visible context, padded to one shape.
   logits = jax.jit(lambda t: net.apply({"params": params}, t, method=model_lib.Transformer.logits))
