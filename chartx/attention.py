@@ -15,37 +15,87 @@ FLOPs. What it does, and why (measured at B16 T256 N8 H32 on 2 CPU cores):
 Forward and backward took 18 ms there, against 43 ms for jax.nn.dot_product_attention's XLA
 path and 28 ms for PyTorch's F.scaled_dot_product_attention; with glibc's default malloc
 settings, though, every call pays page faults on its scratch memory (34 ms instead of 18).
-impl "cudnn" is jax.nn.dot_product_attention's cuDNN flash attention (GPU, bf16/fp16).
+impl "cudnn" is jax.nn.dot_product_attention's cuDNN flash attention (GPU, bf16/fp16), and
+impl "splash" the Pallas splash-attention kernel that ships with JAX for TPUs (on another
+backend it runs in Pallas's interpreter: slow, for tests only). resolve() picks per backend.
 """
 
 import math
 
 import jax
 import jax.numpy as jnp
+from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
+from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
 
-_IMPLS = ("xla", "cudnn", "auto")
+from chartx import sharding
+
+IMPLS = ("xla", "cudnn", "splash")
+_SPLASH_BLOCK = 128  # Splash's query and key blocks; T must be a multiple.
+
+
+def resolve(impl: str, backend: str, dtype: str, seq_len: int) -> str:
+  """impl, with "auto" made concrete: cuDNN flash attention on a GPU in a 16-bit dtype, splash on
+  a TPU (when seq_len is a multiple of its blocks), else the blockwise xla kernel."""
+  if impl != "auto":
+    return impl
+  if backend == "gpu" and dtype != "float32":
+    return "cudnn"
+  if backend == "tpu" and seq_len % _SPLASH_BLOCK == 0:
+    return "splash"
+  return "xla"
 
 
 def causal_attention(q_BxTxNxH: jax.Array, k_BxTxNxH: jax.Array, v_BxTxNxH: jax.Array, *,
                      impl: str = "xla") -> jax.Array:
   """Softmax(q k^T / sqrt(H)) v with a causal mask; returns BxTxNxH in q's dtype.
 
-  The softmax is computed in float32 whatever the input dtype. impl: "xla" (any backend),
-  "cudnn" (GPU flash attention), or "auto": cudnn on a GPU for bfloat16/float16, else xla.
+  The softmax is computed in float32 whatever the input dtype. impl: one of IMPLS, or "auto"
+  (resolve()).
   """
-  if impl not in _IMPLS:
-    raise ValueError(f"attention impl must be one of {', '.join(_IMPLS)}; got {impl!r}")
-  if impl == "auto":
-    on_gpu = jax.default_backend() == "gpu"
-    impl = "cudnn" if on_gpu and q_BxTxNxH.dtype in (jnp.bfloat16, jnp.float16) else "xla"
+  B, T, N, H = q_BxTxNxH.shape
+  impl = resolve(impl, jax.default_backend(), jnp.dtype(q_BxTxNxH.dtype).name, T)
+  if impl not in IMPLS:
+    raise ValueError(f"attention impl must be one of {', '.join(IMPLS)}, auto; got {impl!r}")
   if impl == "cudnn":
     return jax.nn.dot_product_attention(q_BxTxNxH, k_BxTxNxH, v_BxTxNxH, is_causal=True,
                                         implementation="cudnn")
   # Heads next to batch: every matmul below is then batched over B x N with T x H matrices.
   q_BxNxTxH, k_BxNxTxH, v_BxNxTxH = (jnp.swapaxes(x, 1, 2)
                                      for x in (q_BxTxNxH, k_BxTxNxH, v_BxTxNxH))
-  q_BxNxTxH = q_BxNxTxH * jnp.asarray(1 / math.sqrt(q_BxTxNxH.shape[-1]), q_BxTxNxH.dtype)
+  q_BxNxTxH = q_BxNxTxH * jnp.asarray(1 / math.sqrt(H), q_BxTxNxH.dtype)
+  if impl == "splash":
+    return jnp.swapaxes(_splash_attention(q_BxNxTxH, k_BxNxTxH, v_BxNxTxH), 1, 2)
   return jnp.swapaxes(_blockwise_attention(q_BxNxTxH, k_BxNxTxH, v_BxNxTxH), 1, 2)
+
+
+def _splash_attention(q_BxNxTxH: jax.Array, k_BxNxTxH: jax.Array, v_BxNxTxH: jax.Array) -> jax.Array:
+  """Splash attention, run per device on its rows and heads under the mesh in context (a Pallas
+  kernel is opaque to XLA's partitioner, which would otherwise gather whole arrays to it)."""
+  def local(q_BxNxTxH, k_BxNxTxH, v_BxNxTxH):
+    kernel = _splash_kernel(q_BxNxTxH.shape[1], q_BxNxTxH.shape[2],
+                            interpret=jax.default_backend() != "tpu")
+    return jax.vmap(kernel)(q_BxNxTxH, k_BxNxTxH, v_BxNxTxH)
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return local(q_BxNxTxH, k_BxNxTxH, v_BxNxTxH)
+  batch = tuple(a for a in sharding.BATCH_AXES if a in mesh.axis_names)
+  heads = "tensor" if "tensor" in mesh.axis_names and q_BxNxTxH.shape[1] % mesh.shape["tensor"] == 0 else None
+  spec = jax.sharding.PartitionSpec(batch, heads, None, None)
+  return jax.shard_map(local, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec,
+                       check_vma=False)(q_BxNxTxH, k_BxNxTxH, v_BxNxTxH)
+
+
+def _splash_kernel(num_heads: int, seq_len: int, interpret: bool):
+  """Splash attention over one batch row (NxTxH), causal in every head."""
+  if seq_len % _SPLASH_BLOCK:
+    raise ValueError(f"splash attention needs a sequence length that is a multiple of "
+                     f"{_SPLASH_BLOCK}, got {seq_len}")
+  mask = splash_mask.MultiHeadMask([splash_mask.CausalMask((seq_len, seq_len))] * num_heads)
+  b = _SPLASH_BLOCK
+  sizes = splash.BlockSizes(block_q=b, block_kv=b, block_kv_compute=b, block_q_dkv=b,
+                            block_kv_dkv=b, block_kv_dkv_compute=b, block_q_dq=b, block_kv_dq=b)
+  return splash.make_splash_mha(mask=mask, head_shards=1, q_seq_shards=1, block_sizes=sizes,
+                                interpret=interpret)
 
 
 def _blocks(seq_len: int) -> list[tuple[int, int]]:

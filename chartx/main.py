@@ -25,6 +25,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 def run(argv) -> None:
   if len(argv) > 1:
     raise UserError(f"unexpected arguments: {' '.join(argv[1:])}")
+  from chartx import malloc
+  malloc.keep_freed_memory()  # Before JAX allocates anything (see chartx/malloc.py).
   # Imported late so --help and flag errors do not wait for JAX.
   from chartx import distributed
   distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from chartx import attention
+from chartx.matmul import matmul
 from chartx.errors import UserError
 
 _REMAT_POLICIES = {
@@ -32,6 +33,8 @@ _REMAT_POLICIES = {
     "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
 }
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+_ACTIVATIONS = {"relu": nn.relu, "gelu": functools.partial(nn.gelu, approximate=False)}
+_INITS = ("lecun", "gpt2")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +54,8 @@ class ModelConfig:
   remat: str = "none"
   dtype: str = "float32"
   attention: str = "xla"
+  activation: str = "relu"
+  init: str = "lecun"
 
   @property
   def head_dim(self) -> int:
@@ -92,19 +97,32 @@ class ModelConfig:
     if m.remat not in ("none", *_REMAT_POLICIES):
       raise UserError(f"config.model.remat must be one of none, {', '.join(_REMAT_POLICIES)}; "
                       f"got {m.remat!r}")
-    if m.dtype not in _DTYPES:
-      raise UserError(f"config.model.dtype must be one of {', '.join(_DTYPES)}; got {m.dtype!r}")
-    if m.attention not in ("xla", "cudnn", "auto"):
-      raise UserError(f"config.model.attention must be xla, cudnn or auto; got {m.attention!r}")
-    if m.attention == "cudnn" and (m.dtype == "float32" or jax.default_backend() != "gpu"):
+    if m.dtype not in (*_DTYPES, "auto"):
+      raise UserError(f"config.model.dtype must be one of {', '.join(_DTYPES)}, auto; got {m.dtype!r}")
+    backend = jax.default_backend()
+    # Accelerators compute in bfloat16 (parameters and softmaxes stay float32); the CPU in float32.
+    dtype = ("float32" if backend == "cpu" else "bfloat16") if m.dtype == "auto" else m.dtype
+    if m.attention not in (*attention.IMPLS, "auto"):
+      raise UserError(f"config.model.attention must be one of {', '.join(attention.IMPLS)}, auto; "
+                      f"got {m.attention!r}")
+    if m.attention == "cudnn" and (dtype == "float32" or backend != "gpu"):
       # cuDNN's flash attention takes only 16-bit inputs, on a GPU; "auto" falls back to xla.
       raise UserError(f"config.model.attention=cudnn needs a GPU and config.model.dtype=bfloat16 "
-                      f"(here: {jax.default_backend()}, {m.dtype}); use auto or xla")
+                      f"(here: {backend}, {dtype}); use auto or xla")
+    if m.attention == "splash" and backend != "tpu":
+      raise UserError(f"config.model.attention=splash needs a TPU (here: {backend}); use auto or xla")
+    if m.activation not in _ACTIVATIONS:
+      raise UserError(f"config.model.activation must be one of {', '.join(_ACTIVATIONS)}; "
+                      f"got {m.activation!r}")
+    if m.init not in _INITS:
+      raise UserError(f"config.model.init must be one of {', '.join(_INITS)}; got {m.init!r}")
     return cls(vocab_size=vocab_size, num_layers=m.num_layers, d_model=m.d_model,
                num_heads=m.num_heads, d_ff=m.d_ff, max_len=m.max_len, dropout=m.dropout,
                num_targets=int(config.loss.multiple_targets),  # Checked by losses.LossConfig.
                per_layer_positions=m.per_layer_positions, tie_embeddings=m.tie_embeddings,
-               scan_layers=m.scan_layers, remat=m.remat, dtype=m.dtype, attention=m.attention)
+               scan_layers=m.scan_layers, remat=m.remat, dtype=dtype,
+               attention=attention.resolve(m.attention, backend, dtype, config.data.seq_len),
+               activation=m.activation, init=m.init)
 
 
 def _init(initializer, *names: str):
@@ -142,12 +160,29 @@ class Heads:
     z_BxTxD = (h_BxTxD - mean) * jax.lax.rsqrt(var + 1e-6) * self.norm_scale + self.norm_bias
     z_BxTxD = z_BxTxD.astype(cfg.compute_dtype)
     if cfg.tie_embeddings and target == 0:
-      return jnp.einsum("btd,vd->btv", z_BxTxD, self.embedding.astype(cfg.compute_dtype),
-                        preferred_element_type=jnp.float32)
+      return matmul(z_BxTxD, self.embedding.T, jnp.float32)
     slot = target - 1 if cfg.tie_embeddings else target
-    logits_BxTxV = jnp.einsum("btd,dv->btv", z_BxTxD, self.kernel[slot].astype(cfg.compute_dtype),
-                              preferred_element_type=jnp.float32)
-    return logits_BxTxV + self.bias[slot]
+    return matmul(z_BxTxD, self.kernel[slot], jnp.float32) + self.bias[slot]
+
+
+def _initializer(cfg: ModelConfig, in_axis: Any = -2, out_axis: Any = -1,
+                 residual: bool = False) -> nn.initializers.Initializer:
+  """A projection's initializer. "lecun": variance 1/fan_in. "gpt2" (GPT-2's recipe): normal
+  with stddev 0.02, divided by sqrt(2 x layers) for the projections that write to the residual
+  stream (residual=True), so the stream's variance does not grow with depth."""
+  if cfg.init == "lecun":
+    return nn.initializers.lecun_normal(in_axis=in_axis, out_axis=out_axis)
+  return nn.initializers.normal(0.02 / (2 * cfg.num_layers) ** 0.5 if residual else 0.02)
+
+
+class _Dense(nn.Module):
+  """x_...xI @ kernel_IxO without a bias (chartx.matmul's product): a Dense's parameter layout."""
+  features: int
+  kernel_init: nn.initializers.Initializer
+
+  @nn.compact
+  def __call__(self, x_RxI: jax.Array) -> jax.Array:
+    return matmul(x_RxI, self.param("kernel", self.kernel_init, (x_RxI.shape[-1], self.features)))
 
 
 class Block(nn.Module):
@@ -169,30 +204,30 @@ class Block(nn.Module):
     norm = functools.partial(nn.LayerNorm, epsilon=1e-6, dtype=dtype,
                              scale_init=_init(nn.initializers.ones, "embed"),
                              bias_init=_init(nn.initializers.zeros, "embed"))
-    dense_init = nn.initializers.lecun_normal()
     N, H, D = cfg.num_heads, cfg.head_dim, cfg.d_model
-    # Per-head projections as explicit DxNxH / NxHxD parameters: einsums keep the head axis
-    # visible to the sharding rules (DenseGeneral would flatten it at init).
-    in_init = _init(nn.initializers.lecun_normal(in_axis=0, out_axis=(1, 2)), "embed", "heads", "head_dim")
+    B, T = x_BxTxD.shape[:2]
+    # Per-head projections as explicit DxNxH / NxHxD parameters keep the head axis visible to
+    # the sharding rules (DenseGeneral would flatten it at init); the products flatten it.
+    in_init = _init(_initializer(cfg, in_axis=0, out_axis=(1, 2)), "embed", "heads", "head_dim")
     h_BxTxD = norm(name="attention_norm")(x_BxTxD)
     q_BxTxNxH, k_BxTxNxH, v_BxTxNxH = (
-        jnp.einsum("btd,dnh->btnh", h_BxTxD, self.param(name, in_init, (D, N, H)).astype(dtype))
+        matmul(h_BxTxD, self.param(name, in_init, (D, N, H)).reshape(D, N * H)).reshape(B, T, N, H)
         for name in ("query", "key", "value"))
     if cache is None:
       a_BxTxNxH = attention.causal_attention(q_BxTxNxH, k_BxTxNxH, v_BxTxNxH, impl=cfg.attention)
     else:
       a_BxTxNxH, cache = _cached_attention(q_BxTxNxH, k_BxTxNxH, v_BxTxNxH, cache)
-    out_init = _init(nn.initializers.lecun_normal(in_axis=(0, 1), out_axis=2), "heads", "head_dim", "embed")
-    a_BxTxD = jnp.einsum("btnh,nhd->btd", a_BxTxNxH,
-                         self.param("attention_out", out_init, (N, H, D)).astype(dtype))
+    out_init = _init(_initializer(cfg, in_axis=(0, 1), out_axis=2, residual=True),
+                     "heads", "head_dim", "embed")
+    a_BxTxD = matmul(a_BxTxNxH.reshape(B, T, N * H),
+                     self.param("attention_out", out_init, (N, H, D)).reshape(N * H, D))
     x_BxTxD = x_BxTxD + nn.Dropout(cfg.dropout)(a_BxTxD, deterministic=self.deterministic)
 
     h_BxTxD = norm(name="mlp_norm")(x_BxTxD)
-    h_BxTxF = nn.Dense(cfg.d_ff, use_bias=False, dtype=dtype,
-                       kernel_init=_init(dense_init, "embed", "mlp"), name="mlp_in")(h_BxTxD)
-    h_BxTxF = nn.with_logical_constraint(nn.relu(h_BxTxF), ("batch", "length", "mlp"))
-    h_BxTxD = nn.Dense(cfg.d_model, use_bias=False, dtype=dtype,
-                       kernel_init=_init(dense_init, "mlp", "embed"), name="mlp_out")(h_BxTxF)
+    h_BxTxF = _Dense(cfg.d_ff, _init(_initializer(cfg), "embed", "mlp"), name="mlp_in")(h_BxTxD)
+    h_BxTxF = nn.with_logical_constraint(_ACTIVATIONS[cfg.activation](h_BxTxF), ("batch", "length", "mlp"))
+    h_BxTxD = _Dense(cfg.d_model, _init(_initializer(cfg, residual=True), "mlp", "embed"),
+                     name="mlp_out")(h_BxTxF)
     x_BxTxD = x_BxTxD + nn.Dropout(cfg.dropout)(h_BxTxD, deterministic=self.deterministic)
     x_BxTxD = nn.with_logical_constraint(x_BxTxD, ("batch", "length", "embed"))
     return x_BxTxD if cache is None else (x_BxTxD, cache[:2])
@@ -255,7 +290,8 @@ class Transformer(nn.Module):
 
   def setup(self):
     cfg = self.cfg
-    self.embedding = self.param("embedding", _init(nn.initializers.normal(1.0), "vocab", "embed"),
+    embedding_init = nn.initializers.normal(1.0 if cfg.init == "lecun" else 0.02)
+    self.embedding = self.param("embedding", _init(embedding_init, "vocab", "embed"),
                                 (cfg.vocab_size, cfg.d_model))
     if not cfg.per_layer_positions:
       self.pos_embedding = self.param("pos_embedding", _init(_normal_002, "length", "embed"),

@@ -22,8 +22,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   for key in ("warmup_steps", "grad_clip", "weight_decay"):
     if not opt[key] >= 0:
       raise UserError(f"config.optimizer.{key} must be >= 0, got {opt[key]}")
-  if not 0 <= opt.momentum < 1:
-    raise UserError(f"config.optimizer.momentum must be in [0, 1), got {opt.momentum}")
+  for key in ("momentum", "b2"):
+    if not 0 <= opt[key] < 1:
+      raise UserError(f"config.optimizer.{key} must be in [0, 1), got {opt[key]}")
 
 
 def learning_rate_schedule(opt: ml_collections.ConfigDict, num_steps: int) -> optax.Schedule:
@@ -49,7 +50,7 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
   if opt.name == "momentum":
     core = optax.sgd(schedule, momentum=opt.momentum, nesterov=opt.nesterov)
   else:
-    core = optax.adamw(schedule, b1=opt.momentum, weight_decay=opt.weight_decay)
+    core = optax.adamw(schedule, b1=opt.momentum, b2=opt.b2, weight_decay=opt.weight_decay)
   if opt.grad_clip:
     return optax.chain(optax.clip_by_global_norm(opt.grad_clip), core)
   return core

@@ -35,8 +35,16 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.tie_embeddings = False  # Next-character classifiers reuse the input embedding (fewer params).
   config.model.scan_layers = True  # nn.scan over layers: compile time independent of depth.
   config.model.remat = "none"  # Rematerialization per layer: "none" | "full" | "dots" (save matmul outputs).
-  config.model.dtype = "float32"  # Compute dtype: "float32" | "bfloat16" (parameters stay float32).
-  config.model.attention = "xla"  # Attention kernel: "xla" | "cudnn" (GPU flash attention) | "auto".
+  # Compute dtype: "float32" | "bfloat16" (parameters and softmaxes stay float32) | "auto":
+  # bfloat16 on a GPU or TPU, float32 on a CPU.
+  config.model.dtype = "auto"
+  # Attention kernel: "xla" (blockwise, any backend) | "cudnn" (GPU flash attention, 16-bit) |
+  # "splash" (TPU Pallas kernel) | "auto": cudnn on a GPU in bfloat16, splash on a TPU, else xla.
+  config.model.attention = "auto"
+  config.model.activation = "relu"  # Feed-forward nonlinearity: "relu" (the paper) | "gelu" (GPT-2).
+  # Projection initialization: "lecun" (variance 1/fan_in; embeddings N(0, 1)) | "gpt2" (N(0, 0.02),
+  # residual output projections divided by sqrt(2 x layers), embeddings N(0, 0.02)).
+  config.model.init = "lecun"
 
   config.loss = ml_collections.ConfigDict()
   config.loss.multiple_positions = True  # Aux 1: next-char loss at every position (False: last position only).
@@ -48,6 +56,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.optimizer.name = "momentum"  # "momentum" (SGD with momentum, the paper) | "adamw".
   config.optimizer.learning_rate = 0.003  # Peak learning rate (the paper: fixed 0.003).
   config.optimizer.momentum = 0.99  # Momentum (the paper: 0.99); adamw's b1.
+  config.optimizer.b2 = 0.999  # adamw's second-moment decay (nanoGPT: 0.99).
   config.optimizer.nesterov = False  # Nesterov momentum.
   config.optimizer.schedule = "constant"  # "constant" | "rsqrt" (inverse square root) | "cosine".
   config.optimizer.warmup_steps = 0  # Linear warm-up from 0 before the schedule.

@@ -75,3 +75,25 @@ def test_auto_is_xla_on_cpu_and_unknown_impl_fails():
                                 attention.causal_attention(q, k, v, impl="xla"))
   with pytest.raises(ValueError, match="flash"):
     attention.causal_attention(q, k, v, impl="flash")
+
+
+def test_splash_interpreted_matches_reference():
+  # Off a TPU the Pallas kernel runs in its interpreter: the same numbers, slowly.
+  q, k, v, g = _inputs((2, 128, 2, 8), seed=4)
+  np.testing.assert_allclose(jax.jit(attention.causal_attention, static_argnames="impl")(q, k, v, impl="splash"),
+                             reference_attention(q, k, v), rtol=1e-5, atol=1e-5)
+  splash = lambda q, k, v: attention.causal_attention(q, k, v, impl="splash")
+  for got, want, name in zip(_loss_grads(splash)(q, k, v, g), _loss_grads(reference_attention)(q, k, v, g), "qkv"):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4, err_msg=f"d{name}")
+  # Under a mesh it runs per device through shard_map.
+  mesh = jax.make_mesh((1, 1, 1), ("data", "fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  with jax.set_mesh(mesh):
+    np.testing.assert_allclose(jax.jit(splash)(q, k, v), reference_attention(q, k, v), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend, dtype, seq_len, want", [
+    ("cpu", "float32", 512, "xla"), ("gpu", "bfloat16", 512, "cudnn"), ("gpu", "float32", 512, "xla"),
+    ("tpu", "bfloat16", 512, "splash"), ("tpu", "bfloat16", 200, "xla")])
+def test_auto_resolves_per_backend(backend, dtype, seq_len, want):
+  assert attention.resolve("auto", backend, dtype, seq_len) == want
+  assert attention.resolve("xla", backend, dtype, seq_len) == "xla"

@@ -151,3 +151,31 @@ def test_flops_per_char_counts_the_real_models_matmul_parameters(tiny_config):
   assert cfg.flops_per_char(seq_len) == 6 * matmuls + attention + 6 * heads
   assert cfg.flops_per_char(seq_len, intermediate_layers=False) == \
       6 * matmuls + attention + 6 * heads // cfg.num_layers
+
+
+def test_auto_dtype_and_attention_are_the_cpus_on_a_cpu(tiny_config):
+  tiny_config.model.dtype = tiny_config.model.attention = "auto"
+  cfg = model_lib.ModelConfig.from_config(tiny_config, 256)
+  assert (cfg.dtype, cfg.attention) == (("float32", "xla") if jax.default_backend() == "cpu"
+                                        else ("bfloat16", cfg.attention))
+
+
+def test_gpt2_init_and_gelu(tiny_config):
+  """init=gpt2: N(0, 0.02) projections, the residual ones divided by sqrt(2 x layers); gelu runs."""
+  tiny_config.model.update(num_layers=8, d_model=64, d_ff=256, num_heads=4, init="gpt2", activation="gelu")
+  task = _task(tiny_config)
+  params = _params(task, 16)
+  block = params["layers"]["block"]
+  np.testing.assert_allclose(np.std(block["query"]), 0.02, rtol=0.05)
+  np.testing.assert_allclose(np.std(block["mlp_in"]["kernel"]), 0.02, rtol=0.05)
+  for name in ("attention_out", "mlp_out"):
+    kernel = block[name]["kernel"] if name == "mlp_out" else block[name]
+    np.testing.assert_allclose(np.std(kernel), 0.02 / 4, rtol=0.05, err_msg=name)
+  np.testing.assert_allclose(np.std(params["embedding"]), 0.02, rtol=0.05)
+  tokens_1xT = jnp.arange(16)[None]
+  tiny_config.model.activation = "relu"
+  logits = {name: t.model.clone(deterministic=True, all_layers=False).apply(
+      {"params": params}, tokens_1xT, method=model_lib.Transformer.logits)
+            for name, t in (("gelu", task), ("relu", _task(tiny_config)))}
+  assert np.all(np.isfinite(logits["gelu"])) and logits["gelu"].shape == (1, 16, 256)
+  assert not np.allclose(logits["gelu"], logits["relu"])  # The activation is the one configured.

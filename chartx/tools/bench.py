@@ -17,8 +17,8 @@ round trip to each step (microseconds, against steps of tens of milliseconds).
 
 Each run prints one JSON object on one line and appends it to --out when given. Its keys:
   what ran     config, overrides, time, host, backend, device_kind, num_devices, jax_version,
-               xla_flags, glibc_tunables, cpu_count, the model and loss settings (num_layers ...
-               multiple_positions), params
+               xla_flags, glibc_tunables, malloc_tuned (chartx.malloc's settings applied), cpu_count,
+               the model and loss settings (num_layers ... multiple_positions), params
   machine load load_avg_before, load_avg_after: the 1-minute load average (os.getloadavg) as the
                run starts and after its timed steps; above cpu_count, other processes competed
   compile      lower_s, compile_s, compile_total_s (seconds)
@@ -59,7 +59,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from chartx import errors, flops, losses, sharding, train
+from chartx import errors, flops, losses, malloc, sharding, train
 from chartx import model as model_lib
 from chartx import data
 from chartx.errors import UserError
@@ -275,12 +275,14 @@ def _define_flags() -> dict[str, flags.FlagHolder]:
 
 def main(argv: list[str], holders: dict[str, flags.FlagHolder]) -> None:
   logging.set_verbosity(logging.WARNING)
+  malloc_tuned = malloc.keep_freed_memory()  # As python -m chartx.main does, before JAX allocates.
   try:
     if len(argv) > 1:
       raise UserError(f"unexpected arguments: {' '.join(argv[1:])}")
     record = benchmark(holders["config"].value, steps=holders["steps"].value,
                        warmup=holders["warmup"].value, compile_only=holders["compile_only"].value,
                        with_torch=holders["torch"].value, vocab_size=holders["vocab_size"].value)
+    record["malloc_tuned"] = malloc_tuned
     record["config"] = config_flags.get_config_filename(flags.FLAGS["config"])
     record["overrides"] = {k: _jsonable(v) for k, v in
                            config_flags.get_override_values(flags.FLAGS["config"]).items()}
