@@ -1,0 +1,53 @@
+"""A small model that trains fast on a CPU: chartx's recipe for time-to-bpc at small scale.
+
+    python -m chartx.main --config=configs/small.py --workdir=/tmp/chartx_small
+    python -m benchmarks.time_to_bpc --budget_s=600   # against a plain PyTorch GPT loop
+
+The dims of configs/bench_cpu.py (6 layers, d_model 256, 8 heads, d_ff 1024, context 256,
+batch 16) on the top-level modules of Python's standard library (4.7 MB with Python 3.11,
+split 90/5/5 in file order), with the AdamW recipe a nanoGPT user brings (peak 1e-3, 100 steps
+of warm-up, cosine decay, clipping at 1, weight decay 0.1, b2 0.99). What differs from the
+paper's configs, and why, is in README.md's Performance section (measured by
+benchmarks/time_to_bpc.py on a 2-core CPU).
+
+Hardware: a CPU; a 2-core one runs about 1 to 2 steps a second.
+"""
+
+import sysconfig
+
+from configs import default
+
+
+def get_config():
+  config = default.get_config()
+  config.data.name = "text_files"
+  config.data.path = sysconfig.get_paths()["stdlib"] + "/*.py"
+  config.data.seq_len = 256
+  config.model.num_layers = 6
+  config.model.d_model = 256
+  config.model.num_heads = 8
+  config.model.d_ff = 1024
+  config.model.max_len = 256
+  config.model.dropout = 0.0
+  config.model.scan_layers = False  # Six layers compile in seconds unrolled, and run faster on a CPU.
+  config.loss.intermediate_layers = False
+  config.loss.multiple_targets = 1
+  config.optimizer.name = "adamw"
+  config.optimizer.learning_rate = 1e-3
+  config.optimizer.momentum = 0.9  # adamw's b1.
+  config.optimizer.b2 = 0.99
+  config.optimizer.weight_decay = 0.1
+  config.optimizer.schedule = "cosine"
+  config.optimizer.warmup_steps = 100
+  config.optimizer.grad_clip = 1.0
+  config.train.batch_size = 16
+  config.train.num_steps = 2000
+  config.train.log_every = 50
+  config.train.eval_every = 500
+  config.train.checkpoint_every = 500
+  config.eval.stride = 256
+  config.eval.max_chars = 65_536
+  config.eval.batch_size = 32
+  config.sample.prompt = "def "
+  config.sample.temperature = 0.8
+  return config
