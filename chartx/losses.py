@@ -79,14 +79,15 @@ def layer_nlls(model_cfg: model_lib.ModelConfig, heads: model_lib.Heads, h_LxBxT
                targets_KxBxT: jax.Array, multiple_positions: bool = True) -> jax.Array:
   """nll_LxK: mean negative log-likelihood (nats) of every layer's every classifier.
 
-  Maps over layers with rematerialization, so only one layer's logits exist at a time.
+  With model.remat (memory over speed) it maps over the layers, recomputing each layer's logits
+  in the backward pass, so only one layer's logits exist at a time; without, all layers' heads
+  run as one batched product and their logits are kept for the backward pass.
   """
   seq_len = h_LxBxTxD.shape[2]
   # Ablation of aux loss 1: score only the last position of each window.
   position_weights_T = (jnp.ones(seq_len) if multiple_positions
                         else jnp.zeros(seq_len).at[-1].set(1.0))
 
-  @jax.checkpoint
   def one_layer(args):
     head, h_BxTxD = args
     head = head.replace(embedding=heads.embedding)  # Shared by the layers, so not mapped over.
@@ -94,7 +95,10 @@ def layer_nlls(model_cfg: model_lib.ModelConfig, heads: model_lib.Heads, h_LxBxT
         _nll(head.logits(model_cfg, h_BxTxD, k), targets_KxBxT[k], position_weights_T)
         for k in range(targets_KxBxT.shape[0])])
 
-  return jax.lax.map(one_layer, (heads.replace(embedding=None), h_LxBxTxD))
+  per_layer = (heads.replace(embedding=None), h_LxBxTxD)
+  if model_cfg.remat == "none":
+    return jax.vmap(one_layer)(per_layer)
+  return jax.lax.map(jax.checkpoint(one_layer), per_layer)
 
 
 def compute_loss(model: model_lib.Transformer, cfg: LossConfig, params: Any, windows_BxS: jax.Array,

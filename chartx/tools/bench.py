@@ -116,11 +116,11 @@ def benchmark(config: ml_collections.ConfigDict, *, steps: int = 10, warmup: int
     raise UserError(f"--steps must be >= 1, got {steps}")
   if warmup < 0:
     raise UserError(f"--warmup must be >= 0, got {warmup}")
-  if with_torch and not compile_only:
-    _check_torch_comparable(config)
   vocab_size = vocab_size_of(config, vocab_size)
   task = train.make_task(config, vocab_size)
   cfg = task.model_cfg
+  if with_torch and not compile_only:
+    _check_torch_comparable(config, cfg)
   mesh, rules = sharding.check_config(config)
   seq_len, batch_size = config.data.seq_len, config.train.batch_size
   devices = jax.devices()
@@ -216,10 +216,11 @@ def _flops(cfg: model_lib.ModelConfig, task: train.Task, seq_len: int, chars_per
           "peak_flops_source": source, "mfu": flops.mfu(achieved, devices)}
 
 
-def _check_torch_comparable(config: ml_collections.ConfigDict) -> None:
-  """The reference implements the paper's step only: float32, SGD with momentum, no clipping."""
+def _check_torch_comparable(config: ml_collections.ConfigDict, cfg: model_lib.ModelConfig) -> None:
+  """The reference implements the paper's step only: float32, ReLU, SGD with momentum, no clipping."""
   opt = config.optimizer
-  for key, value, wanted in (("model.dtype", config.model.dtype, "float32"),
+  for key, value, wanted in (("model.dtype", cfg.dtype, "float32"),
+                             ("model.activation", cfg.activation, "relu"),
                              ("optimizer.name", opt.name, "momentum"),
                              ("optimizer.nesterov", opt.nesterov, False),
                              ("optimizer.grad_clip", opt.grad_clip, 0.0)):
