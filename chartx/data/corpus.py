@@ -5,7 +5,7 @@ import dataclasses
 import ml_collections
 import numpy as np
 
-from chartx.data import builders, text_files
+from chartx.data import text_files
 from chartx.data.vocab import BYTES, TEXT8, Vocab
 from chartx.errors import UserError
 
@@ -50,6 +50,9 @@ def load_corpus(data_config: ml_collections.ConfigDict) -> Corpus:
     train, validation, test = text_files.load_splits(
         data_config.path, data_config.get("valid_path", ""), data_config.get("test_path", ""))
   else:
+    # Imported here, not at the top: TFDS is needed only for enwik8/text8, and machines without
+    # it (the GPU check's) run everything else.
+    from chartx.data import builders  # pylint: disable=import-outside-toplevel
     train, validation, test = builders.load_splits(
         data_config.name, data_dir=data_config.get("data_dir", ""), zip_path=data_config.get("path", ""))
   return Corpus(train=train, validation=validation, test=test, vocab=vocab)
