@@ -16,6 +16,7 @@ first window of a split scores seq_len, a one-off that would flatter stride 1 on
 Compilation is left out of every number (a first, untimed call compiles). Prints one JSON line.
 """
 
+import functools
 import json
 import platform
 import time
@@ -31,13 +32,6 @@ from ml_collections import config_flags
 from chartx import evaluate, sample, sharding
 from chartx import model as model_lib
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file with a get_config().")
-_SAMPLE_CHARS = flags.DEFINE_integer("sample_chars", 2048, "Characters the cached sampler generates.")
-_RECOMPUTE_CHARS = flags.DEFINE_integer("recompute_chars", 0, "Characters the recomputing sampler "
-                                        "generates; 0: as many as --sample_chars.")
-_EVAL_WINDOWS = flags.DEFINE_integer("eval_windows", 1024, "Windows evaluated at each stride.")
-flags.mark_flags_as_required(["config"])
-
 
 def _timed(fn: Callable[[], Any]) -> float:
   fn()  # Compiles.
@@ -46,52 +40,75 @@ def _timed(fn: Callable[[], Any]) -> float:
   return time.perf_counter() - start
 
 
-def benchmark(config, sample_chars: int, recompute_chars: int, eval_windows: int) -> dict[str, Any]:
-  vocab_size = 256
+def random_model(config, vocab_size: int = 256) -> tuple[model_lib.Transformer, Any]:
+  """(net, variables): the deterministic model of config.model with random parameters."""
   cfg = model_lib.ModelConfig.from_config(config, vocab_size)
   net = model_lib.Transformer(cfg, deterministic=True)
-  seq_len = config.data.seq_len
-  params = flax.linen.unbox(jax.jit(net.init)(jax.random.key(0), jnp.zeros((1, seq_len), jnp.int32)))
-  rng = np.random.default_rng(0)
+  tokens_1xT = jnp.zeros((1, config.data.seq_len), jnp.int32)
+  return net, flax.linen.unbox(jax.jit(net.init)(jax.random.key(0), tokens_1xT))
+
+
+def cached_sample_rate(net: model_lib.Transformer, variables: Any, seq_len: int, num_chars: int) -> float:
+  """Characters per second of chartx.sample's KV-cache sampler from a full seq_len prompt."""
+  generate = sample.make_generate(sample.model_tokens_to_logits(net), context=seq_len,
+                                  num_chars=num_chars, sampling=sample.SamplingConfig(temperature=1.0))
+  prompt_C = np.random.default_rng(0).integers(0, net.cfg.vocab_size, seq_len).astype(np.int32)
+  cache = net.cfg.init_cache(1, seq_len)
+  return num_chars / _timed(lambda: generate(variables, cache, prompt_C, seq_len, jax.random.key(1)))
+
+
+def recompute_sample_rate(net: model_lib.Transformer, variables: Any, seq_len: int, num_chars: int) -> float:
+  """Characters per second of a sampler that reruns the whole seq_len window for every character."""
   sampling = sample.SamplingConfig(temperature=1.0)
 
-  generate = sample.make_generate(sample.model_tokens_to_logits(net), context=seq_len,
-                                  num_chars=sample_chars, sampling=sampling)
-  prompt_C = rng.integers(0, vocab_size, seq_len).astype(np.int32)
-  cache = cfg.init_cache(1, seq_len)
-  cached_s = _timed(lambda: generate(params, cache, prompt_C, seq_len, jax.random.key(1)))
-
   @jax.jit
-  def recompute(params, window_C, key):
+  def recompute(variables, window_C, key):
     def body(i, carry):
       window_C, key, ids_M = carry
       key, draw = jax.random.split(key)
-      logits_1xV = net.apply(params, window_C[None], method=model_lib.Transformer.logits)[:, -1]
+      logits_1xV = net.apply(variables, window_C[None], method=model_lib.Transformer.logits)[:, -1]
       next_1 = sample.choose(logits_1xV, draw, sampling)
       return jnp.concatenate([window_C[1:], next_1]), key, ids_M.at[i].set(next_1[0])
-    return jax.lax.fori_loop(0, recompute_chars, body,
-                             (window_C, key, jnp.zeros(recompute_chars, jnp.int32)))[-1]
-  recompute_s = _timed(lambda: recompute(params, prompt_C, jax.random.key(1)))
+    return jax.lax.fori_loop(0, num_chars, body, (window_C, key, jnp.zeros(num_chars, jnp.int32)))[-1]
 
+  prompt_C = np.random.default_rng(0).integers(0, net.cfg.vocab_size, seq_len).astype(np.int32)
+  return num_chars / _timed(lambda: recompute(variables, prompt_C, jax.random.key(1)))
+
+
+def eval_rate(config, net: model_lib.Transformer, variables: Any, *, stride: int, windows: int,
+              batch_size: int) -> float:
+  """Characters per second of chartx.evaluate.evaluate_bits at `stride` over `windows` windows.
+
+  Every window counts as scoring `stride` characters (the first window of a split scores
+  seq_len, a one-off that would flatter stride 1 on a short run).
+  """
+  seq_len = config.data.seq_len
   mesh = sharding.make_mesh(config)
   score = evaluate.jit_score_fn(evaluate.model_score_fn(net), mesh, sharding.logical_rules(config))
-  batch_size = config.eval.batch_size
-  eval_rates = {}
-  for stride in (1, seq_len):
-    # Windows start at 0, S, 2S, ...: eval_windows of them.
-    ids_M = rng.integers(0, vocab_size, 1 + seq_len + (eval_windows - 1) * stride).astype(np.int32)
-    run = lambda ids_M=ids_M, stride=stride: evaluate.evaluate_bits(
-        score, params["params"], ids_M, seq_len=seq_len, stride=stride, batch_size=batch_size, mesh=mesh)
-    eval_rates[stride] = eval_windows * stride / _timed(run)
+  # Windows start at 0, S, 2S, ...: `windows` of them.
+  ids_M = np.random.default_rng(0).integers(0, net.cfg.vocab_size,
+                                            1 + seq_len + (windows - 1) * stride).astype(np.int32)
+  run = lambda: evaluate.evaluate_bits(score, variables["params"], ids_M, seq_len=seq_len, stride=stride,
+                                       batch_size=batch_size, mesh=mesh)
+  return windows * stride / _timed(run)
+
+
+def benchmark(config, sample_chars: int, recompute_chars: int, eval_windows: int) -> dict[str, Any]:
+  net, params = random_model(config)
+  cfg, seq_len, batch_size = net.cfg, config.data.seq_len, config.eval.batch_size
+  cached = cached_sample_rate(net, params, seq_len, sample_chars)
+  recomputed = recompute_sample_rate(net, params, seq_len, recompute_chars)
+  eval_rates = {stride: eval_rate(config, net, params, stride=stride, windows=eval_windows,
+                                  batch_size=batch_size) for stride in (1, seq_len)}
   return {
       "host": platform.node(), "backend": jax.default_backend(), "device_kind": jax.devices()[0].device_kind,
       "num_devices": jax.device_count(), "jax_version": jax.__version__,
       "num_layers": cfg.num_layers, "d_model": cfg.d_model, "seq_len": seq_len,
       "params": model_lib.count_params(params), "eval_batch_size": batch_size,
       "sample_chars": sample_chars, "recompute_chars": recompute_chars,
-      "sample_cached_chars_per_sec": sample_chars / cached_s,
-      "sample_recompute_chars_per_sec": recompute_chars / recompute_s,
-      "cache_speedup": (sample_chars / cached_s) / (recompute_chars / recompute_s),
+      "sample_cached_chars_per_sec": cached,
+      "sample_recompute_chars_per_sec": recomputed,
+      "cache_speedup": cached / recomputed,
       "eval_windows": eval_windows,
       "eval_stride_1_chars_per_sec": eval_rates[1],
       f"eval_stride_{seq_len}_chars_per_sec": eval_rates[seq_len],
@@ -99,11 +116,28 @@ def benchmark(config, sample_chars: int, recompute_chars: int, eval_windows: int
   }
 
 
-def main(argv) -> None:
+def _define_flags() -> dict[str, flags.FlagHolder]:
+  """The command line's flags; defined only when run as a program, so that importing this module
+  (benchmarks.gpu_check does) defines no flags."""
+  holders = {
+      "config": config_flags.DEFINE_config_file("config", None, "Config file with a get_config()."),
+      "sample_chars": flags.DEFINE_integer("sample_chars", 2048, "Characters the cached sampler generates."),
+      "recompute_chars": flags.DEFINE_integer("recompute_chars", 0, "Characters the recomputing sampler "
+                                              "generates; 0: as many as --sample_chars."),
+      "eval_windows": flags.DEFINE_integer("eval_windows", 1024, "Windows evaluated at each stride."),
+  }
+  flags.mark_flags_as_required(["config"])
+  return holders
+
+
+def main(argv, holders: dict[str, flags.FlagHolder]) -> None:
   del argv
-  print(json.dumps(benchmark(_CONFIG.value, _SAMPLE_CHARS.value,
-                             _RECOMPUTE_CHARS.value or _SAMPLE_CHARS.value, _EVAL_WINDOWS.value)), flush=True)
+  sample_chars = holders["sample_chars"].value
+  print(json.dumps(benchmark(holders["config"].value, sample_chars,
+                             holders["recompute_chars"].value or sample_chars,
+                             holders["eval_windows"].value)), flush=True)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  _HOLDERS = _define_flags()
+  app.run(functools.partial(main, holders=_HOLDERS))
