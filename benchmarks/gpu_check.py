@@ -27,11 +27,13 @@ runs out; the sections that did not run are listed as "skipped".
 where the backend is not a GPU, so the whole check runs in about a minute on a CPU
 (tests/test_gpu_check.py). cuDNN attention needs a GPU: on a CPU its sections record the error.
 
-The JSON file: started, finished, elapsed_s, budget_s, tiny, command, argv, cwd, versions (python,
-jax, jaxlib, flax, optax, orbax-checkpoint, ml-collections, numpy), environment (XLA_FLAGS ...),
-backend, device_kind, num_devices (from the first section that ran), targets, sections (name ->
-{status: ok | error | skipped, seconds, config, overrides, and either result or error}), errors
-and skipped (section names). A short summary is printed on stdout.
+The JSON file: started, finished, elapsed_s, budget_s, tiny, command, argv, cwd, host, versions
+(python, jax, jaxlib, flax, optax, orbax-checkpoint, ml-collections, numpy), environment
+(XLA_FLAGS ...), nvidia_smi (the GPUs' names, driver, memory and clocks; null without
+nvidia-smi), backend, device_kind and num_devices (from the first section that ran), targets
+(issue 15's MFU targets), sections (name -> {status: ok | error | skipped, seconds, config,
+overrides, result: the numbers or {error, traceback}}), errors and skipped (section names). It is
+rewritten after every section. A line per section, then a summary, is printed on stdout.
 """
 
 import argparse
@@ -42,6 +44,7 @@ import json
 import os
 import platform
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -239,6 +242,17 @@ def _versions() -> dict[str, str | None]:
   return versions
 
 
+def _nvidia_smi() -> str | None:
+  """The GPUs as nvidia-smi names them (SXM or NVL decides the datasheet peak), or None without it."""
+  if shutil.which("nvidia-smi") is None:
+    return None
+  try:
+    return subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.max.sm,power.limit",
+                           "--format=csv"], capture_output=True, text=True, timeout=30, check=False).stdout.strip()
+  except (OSError, subprocess.SubprocessError) as e:
+    return _error(e)
+
+
 def _now() -> str:
   return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
@@ -251,6 +265,7 @@ def run_check(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
       "tiny": args.tiny, "command": shlex.join(["python", "-m", "benchmarks.gpu_check", *argv]),
       "argv": argv, "cwd": os.getcwd(), "host": platform.node(), "versions": _versions(),
       "environment": {k: os.environ[k] for k in ENVIRONMENT if k in os.environ},
+      "nvidia_smi": _nvidia_smi(),
       "backend": None, "device_kind": None, "num_devices": None, "targets": TARGETS,
       "sections": {}, "errors": [], "skipped": []}
   os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
