@@ -222,10 +222,12 @@ def run_child(args: argparse.Namespace, section: str, timeout_s: float) -> dict[
       done = subprocess.run(_child_argv(args, section, section_out), capture_output=True, text=True,
                             timeout=timeout_s, check=False)
     except subprocess.TimeoutExpired:
-      return {"error": f"stopped after {timeout_s:.0f} s: the budget (--budget_s={args.budget_s:g}) ran out"}
+      return {"result": {"error": f"stopped after {timeout_s:.0f} s: the budget "
+                                  f"(--budget_s={args.budget_s:g}) ran out"}}
     if not os.path.exists(section_out):
       tail = (done.stderr or done.stdout)[-ERROR_CHARS:]
-      return {"error": f"the section's process exited with status {done.returncode} and no result: {tail}"}
+      return {"result": {"error": f"the section's process exited with status {done.returncode} "
+                                  f"and no result: {tail}"}}
     with open(section_out, encoding="utf-8") as f:
       record = json.load(f)
   return record
@@ -298,9 +300,7 @@ def run_check(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
 
 
 def _failures(record: dict[str, Any]) -> list[str]:
-  """The keys of record (and its result) that hold an error instead of a measurement."""
-  if "error" in record:
-    return ["section"]
+  """The keys of record's result that hold an error instead of a measurement ("result": all of it)."""
   result = record.get("result", {})
   if "error" in result:
     return ["result"]
@@ -325,8 +325,8 @@ def summary_line(section: str, entry: dict[str, Any]) -> str:
   if entry["status"] == "skipped":
     return f"{section:<16} skipped: {entry['reason']}"
   result = entry.get("result", {})
-  if "error" in entry or "error" in result:
-    return f"{section:<16} error: {(entry.get('error') or result['error']).splitlines()[0][:200]}"
+  if "error" in result:
+    return f"{section:<16} error: {result['error'].splitlines()[0][:200]}"
   if section.startswith("train/"):
     mfu = result.get("mfu")
     return (f"{section:<16} compile {_num(result.get('compile_total_s'), '.1f')} s, "

@@ -74,8 +74,8 @@ def test_a_section_that_crashes_or_overruns_is_recorded(monkeypatch, tmp_path, c
   monkeypatch.setattr(gpu_check, "_child_argv", lambda *_: [sys.executable, "-c", child])
   args = gpu_check.parse_args([f"--out={tmp_path / 'x.json'}"])
   record = gpu_check.run_child(args, "train/T12/xla", timeout_s)
-  assert message in record["error"]
-  assert gpu_check._failures(record) == ["section"]  # pylint: disable=protected-access
+  assert message in record["result"]["error"]
+  assert gpu_check._failures(record) == ["result"]  # pylint: disable=protected-access
 
 
 @pytest.mark.parametrize("argv, culprit", [
