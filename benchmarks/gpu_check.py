@@ -31,7 +31,7 @@ The JSON file: started, finished, elapsed_s, budget_s, tiny, command, argv, cwd,
 (python, jax, jaxlib, flax, optax, orbax-checkpoint, ml-collections, numpy), environment
 (XLA_FLAGS ...), nvidia_smi (the GPUs' names, driver, memory and clocks; null without
 nvidia-smi), backend, device_kind and num_devices (from the first section that ran), targets
-(issue 15's MFU targets), sections (name -> {status: ok | error | skipped, seconds, config,
+(per model: issue 15's MFU target, the best MFU measured, met), sections (name -> {status: ok | error | skipped, seconds, config,
 overrides, result: the numbers or {error, traceback}}), errors and skipped (section names). It is
 rewritten after every section. A line per section, then a summary, is printed on stdout.
 """
@@ -54,8 +54,8 @@ from typing import Any, Callable
 
 MODELS = {"T12": "configs.enwik8_12l", "T64": "configs.enwik8_64l"}
 ATTENTIONS = ("xla", "cudnn", "auto")
-# issue 15's targets for one H100/H200 in bfloat16.
-TARGETS = {"train/T12/cudnn mfu": 0.40, "train/T64/cudnn mfu": 0.45}
+# issue 15's MFU targets for one H100/H200 in bfloat16.
+MFU_TARGETS = {"T12": 0.40, "T64": 0.45}
 TINY = {"model.num_layers": 2, "model.d_model": 64, "model.num_heads": 4, "model.d_ff": 256,
         "model.max_len": 64, "data.seq_len": 64, "train.batch_size": 4}
 VERSIONED = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "ml-collections", "numpy")
@@ -115,6 +115,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def _choices(p: _Parser, flag: str, value: str, known: Any) -> list[str]:
+  """The names in a comma-separated flag value, each one of `known`."""
   names = [v.strip() for v in value.split(",") if v.strip()]
   unknown = [n for n in names if n not in known]
   if unknown or not names:
@@ -268,7 +269,7 @@ def run_check(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
       "argv": argv, "cwd": os.getcwd(), "host": platform.node(), "versions": _versions(),
       "environment": {k: os.environ[k] for k in ENVIRONMENT if k in os.environ},
       "nvidia_smi": _nvidia_smi(),
-      "backend": None, "device_kind": None, "num_devices": None, "targets": TARGETS,
+      "backend": None, "device_kind": None, "num_devices": None, "targets": {},
       "sections": {}, "errors": [], "skipped": []}
   os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
   for section in section_names(args):
@@ -294,9 +295,23 @@ def run_check(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
     report["sections"][section] = entry
     _write(args.out, report)
     print(summary_line(section, entry), flush=True)
+  report["targets"] = targets(report["sections"], args.models)
   report["finished"], report["elapsed_s"] = _now(), round(time.monotonic() - start, 2)
   _write(args.out, report)
   return report
+
+
+def targets(sections: dict[str, Any], models: list[str]) -> dict[str, Any]:
+  """Per model: the MFU target, the best MFU over the attention choices that ran, whether it is met
+  (null where no MFU was measured: a CPU, or every choice failed)."""
+  out = {}
+  for model in models:
+    mfus = [s["result"]["mfu"] for name, s in sections.items()
+            if name.startswith(f"train/{model}/") and s["status"] == "ok" and s["result"].get("mfu")]
+    best = max(mfus, default=None)
+    out[model] = {"mfu_target": MFU_TARGETS[model], "mfu_best": best,
+                  "met": None if best is None else best >= MFU_TARGETS[model]}
+  return out
 
 
 def _failures(record: dict[str, Any]) -> list[str]:
@@ -349,6 +364,10 @@ def main(argv: list[str]) -> None:
     run_section(args)
     return
   report = run_check(args, argv)
+  for model, target in report["targets"].items():
+    if target["mfu_best"] is not None:
+      print(f"{model}: best MFU {100 * target['mfu_best']:.1f}%, target {100 * target['mfu_target']:.0f}%"
+            f" ({'met' if target['met'] else 'not met'})")
   print(f"gpu_check: {report['device_kind']} ({report['backend']}), jax {report['versions']['jax']}, "
         f"{report['elapsed_s']:.0f} s of a {args.budget_s:g} s budget; {len(report['errors'])} sections "
         f"with errors, {len(report['skipped'])} skipped; wrote {args.out}", flush=True)

@@ -34,6 +34,8 @@ def test_tiny_check_fills_every_section_and_records_the_failed_ones(tmp_path):
   assert report["backend"] == "cpu" and report["num_devices"] == 1
   assert report["versions"]["jax"] == jax.__version__ and report["versions"]["ml-collections"]
   assert report["tiny"] and "--tiny" in report["command"] and report["finished"]
+  assert report["targets"] == {"T12": {"mfu_target": 0.40, "mfu_best": None, "met": None},
+                                "T64": {"mfu_target": 0.45, "mfu_best": None, "met": None}}
   for name in ("train/T12/xla", "train/T64/xla"):
     section = report["sections"][name]
     assert section["status"] == "ok", section
@@ -64,6 +66,16 @@ def test_spent_budget_skips_every_section_and_still_writes_the_file(tmp_path):
   assert json.loads(out.read_text()) == report
   assert report["skipped"] == ["train/T12/cudnn", "infer/T12"] and report["errors"] == []
   assert all(s["status"] == "skipped" and "--budget_s=0" in s["reason"] for s in report["sections"].values())
+
+
+def test_targets_take_the_best_attention_choice_that_ran():
+  ok = lambda mfu: {"status": "ok", "result": {"mfu": mfu}}
+  sections = {"train/T12/xla": ok(0.30), "train/T12/cudnn": ok(0.41),
+              "train/T64/xla": ok(0.44), "train/T64/cudnn": {"status": "error", "result": {"error": "x"}},
+              "infer/T12": {"status": "ok", "result": {}}}
+  assert gpu_check.targets(sections, ["T12", "T64"]) == {
+      "T12": {"mfu_target": 0.40, "mfu_best": 0.41, "met": True},
+      "T64": {"mfu_target": 0.45, "mfu_best": 0.44, "met": False}}
 
 
 @pytest.mark.parametrize("child, timeout_s, message", [
