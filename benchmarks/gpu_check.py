@@ -31,9 +31,10 @@ The JSON file: started, finished, elapsed_s, budget_s, tiny, command, argv, cwd,
 (python, jax, jaxlib, flax, optax, orbax-checkpoint, ml-collections, numpy), environment
 (XLA_FLAGS ...), nvidia_smi (the GPUs' names, driver, memory and clocks; null without
 nvidia-smi), backend, device_kind and num_devices (from the first section that ran), targets
-(per model: issue 15's MFU target, the best MFU measured, met), sections (name -> {status: ok | error | skipped, seconds, config,
-overrides, result: the numbers or {error, traceback}}), errors and skipped (section names). It is
-rewritten after every section. A line per section, then a summary, is printed on stdout.
+(per model: issue 15's MFU target, the best MFU measured, met), sections (name -> {status: ok |
+error | skipped, started, seconds, config, overrides, result: the numbers or {error,
+traceback}}), errors and skipped (section names). It is rewritten after every section. A line
+per section, then a summary, is printed on stdout.
 """
 
 import argparse
@@ -81,13 +82,17 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                  help="Seconds after which no section starts and a running one is stopped.")
   p.add_argument("--models", default="T12,T64", help=f"Comma-separated, of {', '.join(MODELS)}.")
   p.add_argument("--attention", default="xla,cudnn",
-                 help=f"Comma-separated model.attention choices for the train step, of {', '.join(ATTENTIONS)}.")
+                 help=f"Comma-separated model.attention choices for the train step, of "
+                      f"{', '.join(ATTENTIONS)}.")
   p.add_argument("--steps", type=int, default=None, help="Timed train steps (default 20; --tiny 2).")
-  p.add_argument("--warmup", type=int, default=None, help="Untimed steps after compiling (default 3; --tiny 1).")
-  p.add_argument("--eval_batch_size", type=int, default=None, help="Windows per eval batch (default 64; --tiny 4).")
+  p.add_argument("--warmup", type=int, default=None,
+                 help="Untimed steps after compiling (default 3; --tiny 1).")
+  p.add_argument("--eval_batch_size", type=int, default=None,
+                 help="Windows per eval batch (default 64; --tiny 4).")
   p.add_argument("--eval_windows", type=int, default=None,
                  help="Windows evaluated at each stride (default 4 batches).")
-  p.add_argument("--sample_chars", type=int, default=None, help="Characters sampled (default 256; --tiny 16).")
+  p.add_argument("--sample_chars", type=int, default=None,
+                 help="Characters sampled (default 256; --tiny 16).")
   # Internal: what the parent passes to the child that runs one section.
   p.add_argument("--section", default="", help=argparse.SUPPRESS)
   p.add_argument("--section_out", default="", help=argparse.SUPPRESS)
@@ -250,8 +255,9 @@ def _nvidia_smi() -> str | None:
   if shutil.which("nvidia-smi") is None:
     return None
   try:
-    return subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.max.sm,power.limit",
-                           "--format=csv"], capture_output=True, text=True, timeout=30, check=False).stdout.strip()
+    query = "--query-gpu=name,driver_version,memory.total,clocks.max.sm,power.limit"
+    return subprocess.run(["nvidia-smi", query, "--format=csv"], capture_output=True, text=True,
+                          timeout=30, check=False).stdout.strip()
   except (OSError, subprocess.SubprocessError) as e:
     return _error(e)
 
@@ -281,6 +287,7 @@ def run_check(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
       report["skipped"].append(section)
     else:
       began = time.monotonic()
+      entry["started"] = _now()
       # At least 30 s, so that the last section started is not stopped at once.
       record = run_child(args, section, max(remaining, 30.0))
       entry["seconds"] = round(time.monotonic() - began, 2)
@@ -349,9 +356,9 @@ def summary_line(section: str, entry: dict[str, Any]) -> str:
             f"{_num(result.get('chars_per_sec'), ',.0f')} chars/s, "
             f"MFU {'-' if mfu is None else format(100 * mfu, '.1f') + '%'}, "
             f"peak {_num(result.get('peak_memory_bytes', 0) / 2**30, '.2f')} GiB")
-  parts = []
+  parts, seq_len = [], result.get("seq_len")
   for key, label in (("eval_stride_1_chars_per_sec", "eval stride 1"),
-                     (f"eval_stride_{result.get('seq_len')}_chars_per_sec", f"eval stride {result.get('seq_len')}"),
+                     (f"eval_stride_{seq_len}_chars_per_sec", f"eval stride {seq_len}"),
                      ("sample_cached_chars_per_sec", "sample")):
     value = result.get(key)
     parts.append(f"{label} " + (f"{value:,.0f} chars/s" if isinstance(value, float) else "error"))
