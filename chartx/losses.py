@@ -68,10 +68,31 @@ def targets(windows_BxS: jax.Array, seq_len: int, num_targets: int) -> jax.Array
   return jnp.stack([windows_BxS[:, k + 1:k + 1 + seq_len] for k in range(num_targets)])
 
 
-def _nll(logits_BxTxV: jax.Array, targets_BxT: jax.Array, position_weights_T: jax.Array) -> jax.Array:
+@jax.custom_vjp
+def cross_entropy(logits_BxTxV: jax.Array, targets_BxT: jax.Array) -> jax.Array:
+  """nll_BxT = logsumexp(logits) - logits[target]; its gradient, softmax - one_hot, is one fused
+  pass (autodiff's is a scatter and several full-size passes over the BxTxV logits)."""
+  return _cross_entropy_forward(logits_BxTxV, targets_BxT)[0]
+
+
+def _cross_entropy_forward(logits_BxTxV, targets_BxT):
   log_z_BxT = jax.nn.logsumexp(logits_BxTxV, axis=-1)
   target_logit_BxT = jnp.take_along_axis(logits_BxTxV, targets_BxT[..., None], axis=-1)[..., 0]
-  nll_BxT = log_z_BxT - target_logit_BxT
+  return log_z_BxT - target_logit_BxT, (logits_BxTxV, log_z_BxT, targets_BxT)
+
+
+def _cross_entropy_backward(residuals, g_BxT):
+  logits_BxTxV, log_z_BxT, targets_BxT = residuals
+  is_target_BxTxV = jnp.arange(logits_BxTxV.shape[-1]) == targets_BxT[..., None]
+  d_BxTxV = (jnp.exp(logits_BxTxV - log_z_BxT[..., None]) - is_target_BxTxV) * g_BxT[..., None]
+  return d_BxTxV.astype(logits_BxTxV.dtype), None
+
+
+cross_entropy.defvjp(_cross_entropy_forward, _cross_entropy_backward)
+
+
+def _nll(logits_BxTxV: jax.Array, targets_BxT: jax.Array, position_weights_T: jax.Array) -> jax.Array:
+  nll_BxT = cross_entropy(logits_BxTxV, targets_BxT)
   return (nll_BxT * position_weights_T).sum(-1).mean() / position_weights_T.sum()
 
 

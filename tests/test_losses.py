@@ -167,3 +167,15 @@ def test_golden_one_step(tiny_config):
   assert int(new_state.step) == 1
   np.testing.assert_array_equal(new_state.loss_weights,
                                 losses.loss_weights(jnp.int32(1), task.loss_cfg))
+
+
+def test_cross_entropy_and_its_gradient_equal_log_softmax_autodiff():
+  kl, kt, kg = jax.random.split(jax.random.key(3), 3)
+  logits_BxTxV = 3 * jax.random.normal(kl, (2, 5, 11))
+  targets_BxT = jax.random.randint(kt, (2, 5), 0, 11)
+  g_BxT = jax.random.normal(kg, (2, 5))
+  plain = lambda logits: -jnp.take_along_axis(jax.nn.log_softmax(logits), targets_BxT[..., None], -1)[..., 0]
+  np.testing.assert_allclose(losses.cross_entropy(logits_BxTxV, targets_BxT), plain(logits_BxTxV), rtol=1e-6, atol=1e-6)
+  got = jax.grad(lambda l: jnp.sum(losses.cross_entropy(l, targets_BxT) * g_BxT))(logits_BxTxV)
+  want = jax.grad(lambda l: jnp.sum(plain(l) * g_BxT))(logits_BxTxV)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
