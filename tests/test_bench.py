@@ -22,8 +22,8 @@ STEP_KEYS = ("steps", "warmup", "loss", "step_times_s", "step_time_s", "step_tim
              "peak_memory_source")
 COMPILE_KEYS = ("params", "lower_s", "compile_s", "compile_total_s", "backend", "device_kind",
                 "num_devices", "num_layers", "d_model", "seq_len", "batch_size", "dtype", "attention")
-TORCH_KEYS = ("torch_version", "torch_threads", "torch_params", "torch_loss", "torch_step_time_s",
-              "torch_step_cpu_time_s", "torch_chars_per_sec", "chartx_over_torch")
+TORCH_KEYS = ("torch_version", "torch_threads", "torch_params", "torch_peak_memory_bytes", "torch_loss",
+              "torch_step_time_s", "torch_step_cpu_time_s", "torch_chars_per_sec", "chartx_over_torch")
 
 
 def _check_step_record(record: dict, config) -> None:

@@ -31,8 +31,9 @@ Each run prints one JSON object on one line and appends it to --out when given. 
                where it came from; null off the known accelerators), mfu (null without a peak)
   memory       peak_memory_bytes, peak_memory_source: the devices' peak_bytes_in_use where JAX
                reports it (GPU, TPU), else the process's max RSS, read before PyTorch is loaded
-  --torch      torch_version, torch_threads, torch_params, torch_loss, torch_step_times_s,
-               torch_step_time_s (median), torch_step_time_mean_s, torch_step_time_min_s,
+  --torch      torch_version, torch_threads, torch_params, torch_peak_memory_bytes (the max RSS
+               of a separate process running the reference's step, with chartx.malloc's
+               settings), torch_loss, torch_step_times_s, torch_step_time_s (median), torch_step_time_mean_s, torch_step_time_min_s,
                torch_step_cpu_time_s, torch_chars_per_sec, chartx_over_torch (the ratio of the
                medians), chartx_over_torch_paired (the median of the ratios of each chartx step
                and the torch step right after it, which saw about the same machine load),
@@ -49,6 +50,7 @@ import os
 import platform
 import resource
 import statistics
+import subprocess
 import sys
 import time
 from typing import Any, Callable
@@ -237,7 +239,7 @@ def _torch_step(config: ml_collections.ConfigDict, cfg: model_lib.ModelConfig,
   import torch  # pylint: disable=import-outside-toplevel
   from chartx.tools import torch_reference  # pylint: disable=import-outside-toplevel
   opt = config.optimizer
-  step = torch_reference.make_torch_step(
+  kwargs = dict(
       vocab_size=cfg.vocab_size, num_layers=cfg.num_layers, d_model=cfg.d_model,
       num_heads=cfg.num_heads, d_ff=cfg.d_ff, max_len=cfg.max_len, dropout=cfg.dropout,
       num_targets=cfg.num_targets, per_layer_positions=cfg.per_layer_positions,
@@ -245,10 +247,24 @@ def _torch_step(config: ml_collections.ConfigDict, cfg: model_lib.ModelConfig,
       intermediate_layers=loss_cfg.intermediate_layers, aux_target_weight=loss_cfg.aux_target_weight,
       num_steps=loss_cfg.num_steps, learning_rate=opt.learning_rate, momentum=opt.momentum,
       seed=config.seed)
+  step = torch_reference.make_torch_step(**kwargs)
   info = {"torch_version": torch.__version__, "torch_threads": torch.get_num_threads(),
-          "torch_params": torch_reference.count_params(step.model)}
+          "torch_params": torch_reference.count_params(step.model),
+          "torch_peak_memory_bytes": _torch_peak_memory(kwargs, windows_BxS)}
   # step() returns the loss as a Python float, so it has finished when it returns.
   return lambda: step(windows_BxS), info
+
+
+def _torch_peak_memory(kwargs: dict[str, Any], windows_BxS: np.ndarray) -> int:
+  """The max RSS of a fresh process that runs the PyTorch reference's step 3 times: its peak_memory_bytes,
+  measured apart, since this process's high-water mark is chartx's too (and the same malloc settings)."""
+  code = ("import json, resource, sys, numpy as np; from chartx import malloc; malloc.keep_freed_memory(); "
+          "from chartx.tools import torch_reference; args = json.loads(sys.argv[1]); "
+          "windows = np.asarray(args.pop('windows'), np.int32); step = torch_reference.make_torch_step(**args); "
+          "[step(windows) for _ in range(3)]; print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)")
+  arg = json.dumps({**kwargs, "windows": windows_BxS.tolist()})
+  result = subprocess.run([sys.executable, "-c", code, arg], capture_output=True, text=True, check=True)
+  return int(result.stdout.split()[-1])
 
 
 def _jsonable(value: Any) -> Any:
