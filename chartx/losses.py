@@ -117,9 +117,10 @@ def layer_nlls(model_cfg: model_lib.ModelConfig, heads: model_lib.Heads, h_LxBxT
         for k in range(targets_KxBxT.shape[0])])
 
   per_layer = (heads.replace(embedding=None), h_LxBxTxD)
-  if model_cfg.remat == "none":
-    return jax.vmap(one_layer)(per_layer)
-  return jax.lax.map(jax.checkpoint(one_layer), per_layer)
+  with jax.named_scope("heads"):  # A label for profiles.
+    if model_cfg.remat == "none":
+      return jax.vmap(one_layer)(per_layer)
+    return jax.lax.map(jax.checkpoint(one_layer), per_layer)
 
 
 def compute_loss(model: model_lib.Transformer, cfg: LossConfig, params: Any, windows_BxS: jax.Array,

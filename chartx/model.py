@@ -209,25 +209,32 @@ class Block(nn.Module):
     # Per-head projections as explicit DxNxH / NxHxD parameters keep the head axis visible to
     # the sharding rules (DenseGeneral would flatten it at init); the products flatten it.
     in_init = _init(_initializer(cfg, in_axis=0, out_axis=(1, 2)), "embed", "heads", "head_dim")
-    h_BxTxD = norm(name="attention_norm")(x_BxTxD)
-    q_BxTxNxH, k_BxTxNxH, v_BxTxNxH = (
-        matmul(h_BxTxD, self.param(name, in_init, (D, N, H)).reshape(D, N * H)).reshape(B, T, N, H)
-        for name in ("query", "key", "value"))
-    if cache is None:
-      a_BxTxNxH = attention.causal_attention(q_BxTxNxH, k_BxTxNxH, v_BxTxNxH, impl=cfg.attention)
-    else:
-      a_BxTxNxH, cache = _cached_attention(q_BxTxNxH, k_BxTxNxH, v_BxTxNxH, cache)
+    # Named scopes label the ops in profiles (benchmarks/profile_step.py, TensorBoard's profiler).
+    with jax.named_scope("layer_norm"):
+      h_BxTxD = norm(name="attention_norm")(x_BxTxD)
+    with jax.named_scope("projections"):
+      q_BxTxNxH, k_BxTxNxH, v_BxTxNxH = (
+          matmul(h_BxTxD, self.param(name, in_init, (D, N, H)).reshape(D, N * H)).reshape(B, T, N, H)
+          for name in ("query", "key", "value"))
+    with jax.named_scope("attention"):
+      if cache is None:
+        a_BxTxNxH = attention.causal_attention(q_BxTxNxH, k_BxTxNxH, v_BxTxNxH, impl=cfg.attention)
+      else:
+        a_BxTxNxH, cache = _cached_attention(q_BxTxNxH, k_BxTxNxH, v_BxTxNxH, cache)
     out_init = _init(_initializer(cfg, in_axis=(0, 1), out_axis=2, residual=True),
                      "heads", "head_dim", "embed")
-    a_BxTxD = matmul(a_BxTxNxH.reshape(B, T, N * H),
-                     self.param("attention_out", out_init, (N, H, D)).reshape(N * H, D))
+    with jax.named_scope("projections"):
+      a_BxTxD = matmul(a_BxTxNxH.reshape(B, T, N * H),
+                       self.param("attention_out", out_init, (N, H, D)).reshape(N * H, D))
     x_BxTxD = x_BxTxD + nn.Dropout(cfg.dropout)(a_BxTxD, deterministic=self.deterministic)
 
-    h_BxTxD = norm(name="mlp_norm")(x_BxTxD)
-    h_BxTxF = _Dense(cfg.d_ff, _init(_initializer(cfg), "embed", "mlp"), name="mlp_in")(h_BxTxD)
-    h_BxTxF = nn.with_logical_constraint(_ACTIVATIONS[cfg.activation](h_BxTxF), ("batch", "length", "mlp"))
-    h_BxTxD = _Dense(cfg.d_model, _init(_initializer(cfg, residual=True), "mlp", "embed"),
-                     name="mlp_out")(h_BxTxF)
+    with jax.named_scope("layer_norm"):
+      h_BxTxD = norm(name="mlp_norm")(x_BxTxD)
+    with jax.named_scope("feed_forward"):
+      h_BxTxF = _Dense(cfg.d_ff, _init(_initializer(cfg), "embed", "mlp"), name="mlp_in")(h_BxTxD)
+      h_BxTxF = nn.with_logical_constraint(_ACTIVATIONS[cfg.activation](h_BxTxF), ("batch", "length", "mlp"))
+      h_BxTxD = _Dense(cfg.d_model, _init(_initializer(cfg, residual=True), "mlp", "embed"),
+                       name="mlp_out")(h_BxTxF)
     x_BxTxD = x_BxTxD + nn.Dropout(cfg.dropout)(h_BxTxD, deterministic=self.deterministic)
     x_BxTxD = nn.with_logical_constraint(x_BxTxD, ("batch", "length", "embed"))
     return x_BxTxD if cache is None else (x_BxTxD, cache[:2])
