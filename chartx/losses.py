@@ -4,11 +4,13 @@
   2. intermediate layers: layer l < n predicts too, until step l/(2n) of training;
   3. multiple targets: each position also predicts k = 2..K characters ahead, weight 0.5 each.
 
-The total loss is sum over layers l and targets k of w[l, k] * nll[l, k]; bpc is the last layer's
-next-character nll over ln 2. Weights are computed from the step with jnp ops, inside jit.
+The total loss is sum over layers l and targets k of w[l, k] * nll[l, k] (each nll against
+label-smoothed targets when loss.label_smoothing > 0); bpc is the last layer's next-character
+nll, never smoothed, over ln 2. Weights are computed from the step with jnp ops, inside jit.
 """
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -28,6 +30,7 @@ class LossConfig:
   intermediate_layers: bool = True
   num_targets: int = 1  # Characters ahead predicted at each position (1: next only).
   aux_target_weight: float = 0.5
+  label_smoothing: float = 0.0  # Mass spread uniformly over the vocabulary in the training targets.
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict) -> "LossConfig":
@@ -37,11 +40,14 @@ class LossConfig:
                       f"got {config.loss.multiple_targets}")
     if not config.loss.aux_target_weight >= 0:
       raise UserError(f"config.loss.aux_target_weight must be >= 0, got {config.loss.aux_target_weight}")
+    if not 0 <= config.loss.label_smoothing < 1:
+      raise UserError(f"config.loss.label_smoothing must be in [0, 1), got {config.loss.label_smoothing}")
     return cls(num_layers=config.model.num_layers, num_steps=config.train.num_steps,
                multiple_positions=config.loss.multiple_positions,
                intermediate_layers=config.loss.intermediate_layers,
                num_targets=config.loss.multiple_targets,
-               aux_target_weight=config.loss.aux_target_weight)
+               aux_target_weight=config.loss.aux_target_weight,
+               label_smoothing=float(config.loss.label_smoothing))
 
 
 def layer_stop_steps(cfg: LossConfig) -> list[int]:
@@ -68,37 +74,50 @@ def targets(windows_BxS: jax.Array, seq_len: int, num_targets: int) -> jax.Array
   return jnp.stack([windows_BxS[:, k + 1:k + 1 + seq_len] for k in range(num_targets)])
 
 
-@jax.custom_vjp
-def cross_entropy(logits_BxTxV: jax.Array, targets_BxT: jax.Array) -> jax.Array:
-  """nll_BxT = logsumexp(logits) - logits[target]; its gradient, softmax - one_hot, is one fused
-  pass (autodiff's is a scatter and several full-size passes over the BxTxV logits)."""
-  return _cross_entropy_forward(logits_BxTxV, targets_BxT)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def cross_entropy(logits_BxTxV: jax.Array, targets_BxT: jax.Array, smoothing: float = 0.0) -> jax.Array:
+  """nll_BxT against targets with `smoothing` of their mass spread uniformly over the V classes:
+  logsumexp(logits) - (1 - smoothing) logits[target] - smoothing mean(logits). Its gradient,
+  softmax - the smoothed one-hot, is one fused pass (autodiff's is a scatter and several
+  full-size passes over the BxTxV logits)."""
+  return _cross_entropy_forward(logits_BxTxV, targets_BxT, smoothing)[0]
 
 
-def _cross_entropy_forward(logits_BxTxV, targets_BxT):
+def _cross_entropy_forward(logits_BxTxV, targets_BxT, smoothing):
   log_z_BxT = jax.nn.logsumexp(logits_BxTxV, axis=-1)
   target_logit_BxT = jnp.take_along_axis(logits_BxTxV, targets_BxT[..., None], axis=-1)[..., 0]
-  return log_z_BxT - target_logit_BxT, (logits_BxTxV, log_z_BxT, targets_BxT)
+  nll_BxT = log_z_BxT - target_logit_BxT
+  if smoothing:
+    nll_BxT = nll_BxT + smoothing * (target_logit_BxT - logits_BxTxV.mean(-1))
+  return nll_BxT, (logits_BxTxV, log_z_BxT, targets_BxT)
 
 
-def _cross_entropy_backward(residuals, g_BxT):
+def _cross_entropy_backward(smoothing, residuals, g_BxT):
   logits_BxTxV, log_z_BxT, targets_BxT = residuals
   is_target_BxTxV = jnp.arange(logits_BxTxV.shape[-1]) == targets_BxT[..., None]
-  d_BxTxV = (jnp.exp(logits_BxTxV - log_z_BxT[..., None]) - is_target_BxTxV) * g_BxT[..., None]
+  target_BxTxV = (1 - smoothing) * is_target_BxTxV + smoothing / logits_BxTxV.shape[-1]
+  d_BxTxV = (jnp.exp(logits_BxTxV - log_z_BxT[..., None]) - target_BxTxV) * g_BxT[..., None]
   return d_BxTxV.astype(logits_BxTxV.dtype), None
 
 
 cross_entropy.defvjp(_cross_entropy_forward, _cross_entropy_backward)
 
 
-def _nll(logits_BxTxV: jax.Array, targets_BxT: jax.Array, position_weights_T: jax.Array) -> jax.Array:
-  nll_BxT = cross_entropy(logits_BxTxV, targets_BxT)
-  return (nll_BxT * position_weights_T).sum(-1).mean() / position_weights_T.sum()
+def _nll(logits_BxTxV: jax.Array, targets_BxT: jax.Array, position_weights_T: jax.Array,
+         smoothing: float) -> jax.Array:
+  """[loss, nll]: the mean over scored positions of the smoothed nll (what is minimized) and of
+  the plain nll (what is reported; the same number when smoothing is 0)."""
+  mean = lambda nll_BxT: (nll_BxT * position_weights_T).sum(-1).mean() / position_weights_T.sum()
+  loss = mean(cross_entropy(logits_BxTxV, targets_BxT, smoothing))
+  nll = mean(jax.lax.stop_gradient(cross_entropy(logits_BxTxV, targets_BxT))) if smoothing else loss
+  return jnp.stack([loss, nll])
 
 
 def layer_nlls(model_cfg: model_lib.ModelConfig, heads: model_lib.Heads, h_LxBxTxD: jax.Array,
-               targets_KxBxT: jax.Array, multiple_positions: bool = True) -> jax.Array:
-  """nll_LxK: mean negative log-likelihood (nats) of every layer's every classifier.
+               targets_KxBxT: jax.Array, multiple_positions: bool = True,
+               label_smoothing: float = 0.0) -> tuple[jax.Array, jax.Array]:
+  """(loss_LxK, nll_LxK): the mean negative log-likelihood (nats) of every layer's every
+  classifier, against label-smoothed targets (minimized) and the true ones (reported).
 
   With model.remat (memory over speed) it maps over the layers, recomputing each layer's logits
   in the backward pass, so only one layer's logits exist at a time; without, all layers' heads
@@ -113,14 +132,16 @@ def layer_nlls(model_cfg: model_lib.ModelConfig, heads: model_lib.Heads, h_LxBxT
     head, h_BxTxD = args
     head = head.replace(embedding=heads.embedding)  # Shared by the layers, so not mapped over.
     return jnp.stack([
-        _nll(head.logits(model_cfg, h_BxTxD, k), targets_KxBxT[k], position_weights_T)
-        for k in range(targets_KxBxT.shape[0])])
+        _nll(head.logits(model_cfg, h_BxTxD, k), targets_KxBxT[k], position_weights_T, label_smoothing)
+        for k in range(targets_KxBxT.shape[0])])  # Kx2
 
   per_layer = (heads.replace(embedding=None), h_LxBxTxD)
   with jax.named_scope("heads"):  # A label for profiles.
     if model_cfg.remat == "none":
-      return jax.vmap(one_layer)(per_layer)
-    return jax.lax.map(jax.checkpoint(one_layer), per_layer)
+      both_LxKx2 = jax.vmap(one_layer)(per_layer)
+    else:
+      both_LxKx2 = jax.lax.map(jax.checkpoint(one_layer), per_layer)
+  return both_LxKx2[..., 0], both_LxKx2[..., 1]
 
 
 def compute_loss(model: model_lib.Transformer, cfg: LossConfig, params: Any, windows_BxS: jax.Array,
@@ -137,8 +158,9 @@ def compute_loss(model: model_lib.Transformer, cfg: LossConfig, params: Any, win
   heads = model.apply(variables, method="heads")
   if not cfg.intermediate_layers:
     h, weights_LxK, heads = h[None], weights_LxK[-1:], heads.layer(slice(-1, None))
-  nll_LxK = layer_nlls(model.cfg, heads, h, targets_KxBxT, cfg.multiple_positions)
-  return (weights_LxK * nll_LxK).sum(), nll_LxK
+  loss_LxK, nll_LxK = layer_nlls(model.cfg, heads, h, targets_KxBxT, cfg.multiple_positions,
+                                 cfg.label_smoothing)
+  return (weights_LxK * loss_LxK).sum(), nll_LxK
 
 
 def bits(nats: jax.Array) -> jax.Array:

@@ -51,6 +51,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.loss.intermediate_layers = True  # Aux 2: every layer l < n predicts too, until step l/(2n) * num_steps.
   config.loss.multiple_targets = 2  # Aux 3: predict 1..k characters ahead at each position; 1 turns it off.
   config.loss.aux_target_weight = 0.5  # Weight of each extra (k >= 2) target's loss (the paper: 0.5).
+  # Training targets keep 1 - this of their mass and spread the rest over the vocabulary; the
+  # reported loss and bpc stay the plain likelihood. 0: off (the paper).
+  config.loss.label_smoothing = 0.0
 
   config.optimizer = ml_collections.ConfigDict()
   config.optimizer.name = "momentum"  # "momentum" (SGD with momentum, the paper) | "adamw".

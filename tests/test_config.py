@@ -28,6 +28,7 @@ def test_the_default_configs_pass(tiny_config):
     ("optimizer.momentum", 1.0, r"config.optimizer.momentum must be in \[0, 1\)"),
     ("optimizer.momentum", -0.1, r"config.optimizer.momentum must be in \[0, 1\)"),
     ("optimizer.weight_decay", -0.01, "config.optimizer.weight_decay must be >= 0"),
+    ("loss.label_smoothing", 1.0, r"config.loss.label_smoothing must be in \[0, 1\)"),
     ("optimizer.b2", 1.0, r"config.optimizer.b2 must be in \[0, 1\)"),
     ("model.activation", "swish", "config.model.activation must be one of relu, gelu; got 'swish'"),
     ("model.init", "xavier", "config.model.init must be one of lecun, gpt2; got 'xavier'"),

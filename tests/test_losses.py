@@ -169,13 +169,35 @@ def test_golden_one_step(tiny_config):
                                 losses.loss_weights(jnp.int32(1), task.loss_cfg))
 
 
-def test_cross_entropy_and_its_gradient_equal_log_softmax_autodiff():
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_cross_entropy_and_its_gradient_equal_log_softmax_autodiff(smoothing):
   kl, kt, kg = jax.random.split(jax.random.key(3), 3)
   logits_BxTxV = 3 * jax.random.normal(kl, (2, 5, 11))
   targets_BxT = jax.random.randint(kt, (2, 5), 0, 11)
   g_BxT = jax.random.normal(kg, (2, 5))
-  plain = lambda logits: -jnp.take_along_axis(jax.nn.log_softmax(logits), targets_BxT[..., None], -1)[..., 0]
-  np.testing.assert_allclose(losses.cross_entropy(logits_BxTxV, targets_BxT), plain(logits_BxTxV), rtol=1e-6, atol=1e-6)
-  got = jax.grad(lambda l: jnp.sum(losses.cross_entropy(l, targets_BxT) * g_BxT))(logits_BxTxV)
+  # Cross-entropy against the smoothed distribution: (1 - e) one-hot + e / V.
+  q_BxTxV = (1 - smoothing) * jax.nn.one_hot(targets_BxT, 11) + smoothing / 11
+  plain = lambda logits: -(q_BxTxV * jax.nn.log_softmax(logits)).sum(-1)
+  got = losses.cross_entropy(logits_BxTxV, targets_BxT, smoothing)
+  np.testing.assert_allclose(got, plain(logits_BxTxV), rtol=1e-6, atol=1e-6)
+  got = jax.grad(lambda l: jnp.sum(losses.cross_entropy(l, targets_BxT, smoothing) * g_BxT))(logits_BxTxV)
   want = jax.grad(lambda l: jnp.sum(plain(l) * g_BxT))(logits_BxTxV)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_label_smoothing_changes_the_loss_not_the_reported_nll(tiny_config):
+  tiny_config.loss.multiple_targets = 2
+  results = {}
+  for smoothing in (0.0, 0.2):
+    tiny_config.loss.label_smoothing = smoothing
+    task = train.make_task(tiny_config, 256)
+    state = jax.jit(functools.partial(train.init_state, task, seq_len=16))(jax.random.key(0))
+    windows_BxS = jax.random.randint(jax.random.key(1), (2, 18), 0, 256)
+    results[smoothing] = jax.jit(lambda p: losses.compute_loss(
+        task.model, task.loss_cfg, p, windows_BxS, state.loss_weights, None))(state.params)
+  (loss0, nll0), (loss2, nll2) = results[0.0], results[0.2]
+  np.testing.assert_allclose(nll2, nll0, rtol=1e-6)  # The reported likelihood is the plain one.
+  weights_LxK = losses.loss_weights(jnp.zeros((), jnp.int32), task.loss_cfg)
+  np.testing.assert_allclose(loss0, (weights_LxK * nll0).sum(), rtol=1e-6)
+  assert abs(float(loss2) - float(loss0)) > 1e-3  # The minimized loss is the smoothed one.
+
