@@ -12,6 +12,7 @@ Arrays throughout chartx carry their shape in their names (x_BxTxD), one letter 
   V vocabulary             C cache (key) positions    P positional-table rows (max_len)
   Q a query block's rows   E the keys a query block sees (attention's blockwise kernel)
   W evaluation windows     M a stream's characters (a split, a prompt, a sample)
+  I, O a matmul's input and output width, R its rows (any leading axes: chartx.matmul)
 """
 
 import dataclasses
@@ -25,8 +26,8 @@ import jax.numpy as jnp
 import ml_collections
 
 from chartx import attention
-from chartx.matmul import matmul
 from chartx.errors import UserError
+from chartx.matmul import matmul
 
 _REMAT_POLICIES = {
     "full": None,  # Save nothing: recompute the whole layer in the backward pass.
