@@ -22,6 +22,15 @@ def parse_flags(argv: list[str], config: flags.FlagHolder) -> list[str]:
     sys.exit(1)
 
 
+def adopt_main_module(module_name: str, doc: str | None) -> None:
+  """For a console command (pyproject.toml), whose __main__ is pip's wrapper script: --help shows
+  the usage and flags of module_name, as `python -m module_name --help` does (absl lists the key
+  flags of the module named by sys.argv[0], and __main__'s docstring)."""
+  for flag in flags.FLAGS.get_key_flags_for_module(module_name):
+    flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
+  sys.modules["__main__"].__doc__ = doc
+
+
 def _unknown_key(argv: list[str], e: Exception) -> str | None:
   """An unknown key in plain words: '--config.model.nlayers: no such config key; did you mean
   num_layers?' from config_flags' KeyError("'nlayers'\nDid you mean \"num_layers\" ...")."""

@@ -55,5 +55,11 @@ def main(argv) -> None:
     sys.exit(1)
 
 
-if __name__ == "__main__":
+def cli() -> None:
+  """The `chartx` console command (pyproject.toml), the same as python -m chartx.main."""
+  errors.adopt_main_module(__name__, __doc__)
   app.run(main, flags_parser=functools.partial(errors.parse_flags, config=_CONFIG))
+
+
+if __name__ == "__main__":
+  cli()

@@ -294,7 +294,13 @@ def main(argv: list[str], holders: dict[str, flags.FlagHolder]) -> None:
       f.write(line + "\n")
 
 
+def cli() -> None:
+  """The `chartx-bench` console command (pyproject.toml), the same as python -m chartx.bench."""
+  holders = _define_flags()
+  errors.adopt_main_module(__name__, __doc__)
+  app.run(functools.partial(main, holders=holders),
+          flags_parser=functools.partial(errors.parse_flags, config=holders["config"]))
+
+
 if __name__ == "__main__":
-  _HOLDERS = _define_flags()
-  app.run(functools.partial(main, holders=_HOLDERS),
-          flags_parser=functools.partial(errors.parse_flags, config=_HOLDERS["config"]))
+  cli()
