@@ -13,8 +13,8 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file with a ge
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results.")
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "sample"], "What to do.")
-# Several processes (GPU hosts): the three flags together start jax.distributed. On a Cloud TPU
-# VM it starts by itself and finds the pod slice's workers; a single-process run needs neither.
+# Several processes (GPU hosts): the three flags together start jax.distributed. Where JAX detects
+# a cluster (Cloud TPU, SLURM, Open MPI, Kubernetes) it starts by itself (chartx.distributed).
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None,
                                    "Multi-process (GPU hosts): HOST:PORT of process 0 (jax.distributed).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-process: number of processes.")
