@@ -15,7 +15,8 @@ def parse_flags(argv: list[str], config: flags.FlagHolder) -> list[str]:
   """absl's parser for app.run: a bad flag, config file or --config override prints one line, exit 1."""
   try:
     argv = flags.FLAGS(argv)
-    config.value.get("seed")  # config_flags defers a config file's load error to first use.
+    if config.value is not None:  # None: no --config (main says whether it needs one).
+      config.value.get("seed")  # config_flags defers a config file's load error to first use.
     return argv
   except Exception as e:  # absl and config_flags raise many types; all mean a bad command line.
     print(f"error: {_unknown_key(argv, e) or ' '.join(str(e).split())}", file=sys.stderr)

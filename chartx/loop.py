@@ -6,7 +6,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from chartx import data, evaluate, report, resume, sharding, signals, train
+from chartx import data, evaluate, report, resume, run_config, sharding, signals, train
 from chartx import model as model_lib
 from chartx.errors import UserError
 
@@ -18,6 +18,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
   loss ends it with a UserError naming the step, and no checkpoint of that state.
   """
   ckpts = resume.Checkpoints(workdir, config)  # First: a bad workdir fails before anything slow.
+  changes = run_config.resume_changes(config, workdir) if ckpts.manager.all_steps() else None
+  if jax.process_index() == 0:
+    if changes:
+      print(f"train: config changed since the saved run: {changes}", flush=True)
+    run_config.save(config, workdir)  # Before training: a run stopped early keeps it too.
   mesh, rules = sharding.check_config(config)
   corpus = data.load_corpus(config.data)
   task = train.make_task(config, corpus.vocab.size)
