@@ -63,6 +63,10 @@ def get_config() -> ml_collections.ConfigDict:
   # bpc, and the step a SIGTERM/SIGINT stops at); 0 turns all of them off.
   config.train.checkpoint_every = 10_000
   config.train.keep_checkpoints = 3  # Newest checkpoints kept on disk (0: all), plus the best by validation bpc.
+  # Micro-batches per update: the batch is split into this many equal parts, whose gradients are
+  # averaged before one optimizer update (the paper's 16 x 512 batch on a small GPU). Steps, the
+  # learning rate and the aux-loss schedule count updates. Must divide batch_size.
+  config.train.grad_accum_steps = 1
 
   config.checkpoint = ml_collections.ConfigDict()
   # Resume from the newest readable checkpoint in WORKDIR/checkpoints. False starts at step 0 and
