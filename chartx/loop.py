@@ -6,7 +6,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from chartx import data, evaluate, report, resume, run_config, sharding, signals, train
+from chartx import data, evaluate, profiling, report, resume, run_config, sharding, signals, train
 from chartx import model as model_lib
 from chartx.errors import UserError
 
@@ -44,12 +44,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
   reporter = report.Reporter(config, task, workdir, start_step, model_lib.count_params(state.params))
   previous = None  # (step, out) of the newest step not yet finished.
   # The jitted step and score bind the mesh and rules themselves (sharding.MeshJit).
-  with signals.StopSignal(ckpts.manager) as stop_requested, ckpts:
+  with (signals.StopSignal(ckpts.manager) as stop_requested, ckpts,
+        profiling.StepProfiler(config.train.profile_steps, workdir) as profiler):
     for step in range(start_step, config.train.num_steps):
-      local_BxS = data.train_batch(corpus.train, seed=config.seed, step=step,
-                                   batch_size=config.train.batch_size, length=seq_len + num_targets,
-                                   process_index=slice_index, process_count=slice_count)
-      state, out = step_fn(state, sharding.global_batch(local_BxS, mesh), dropout_rng)
+      with profiler.step(step):
+        local_BxS = data.train_batch(corpus.train, seed=config.seed, step=step,
+                                     batch_size=config.train.batch_size,
+                                     length=seq_len + num_targets,
+                                     process_index=slice_index, process_count=slice_count)
+        state, out = step_fn(state, sharding.global_batch(local_BxS, mesh), dropout_rng)
+      profiler.done(step, out)
       # Wait for the previous step only now that this one is queued: the device never idles.
       _finish(previous, reporter, ckpts)
       done = step + 1

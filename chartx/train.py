@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from chartx import losses, sharding
+from chartx import losses, profiling, sharding
 from chartx import model as model_lib
 from chartx import optimizer as optimizer_lib
 from chartx.errors import UserError
@@ -49,6 +49,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
                    ("grad_accum_steps", 1)):
     if config.train[key] < low:
       raise UserError(f"config.train.{key} must be >= {low}, got {config.train[key]}")
+  profiling.parse_steps(config.train.profile_steps)
   if config.train.batch_size % config.train.grad_accum_steps:
     raise UserError(f"config.train.grad_accum_steps={config.train.grad_accum_steps} must divide "
                     f"config.train.batch_size={config.train.batch_size} (each update's micro-batches "

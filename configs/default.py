@@ -67,6 +67,9 @@ def get_config() -> ml_collections.ConfigDict:
   # averaged before one optimizer update (the paper's 16 x 512 batch on a small GPU). Steps, the
   # learning rate and the aux-loss schedule count updates. Must divide batch_size.
   config.train.grad_accum_steps = 1
+  # A JAX profiler trace of steps START..STOP-1 ("START,STOP") into WORKDIR/plugins/profile, for
+  # TensorBoard's profile plugin; "" traces nothing.
+  config.train.profile_steps = ""
 
   config.checkpoint = ml_collections.ConfigDict()
   # Resume from the newest readable checkpoint in WORKDIR/checkpoints. False starts at step 0 and
