@@ -7,6 +7,7 @@ split the trace by step.
 
 import contextlib
 import os
+import sys
 
 import jax
 
@@ -25,12 +26,14 @@ def parse_steps(spec: str) -> tuple[int, int] | None:
 
 
 class StepProfiler:
-  """Traces the steps in [start, stop) of the loop; every process traces its own host. As a
-  context manager, ends a trace that is still running when the loop ends (or fails)."""
+  """Traces the steps in [start, stop) of a loop (training's, or the bench's); every process traces
+  its own host. As a context manager, ends a trace still running when the loop ends (or fails).
+  label names the steps in the trace and in the line on stderr that says where it is."""
 
-  def __init__(self, spec: str, workdir: str):
+  def __init__(self, spec: str, workdir: str, label: str = "train"):
     self._range = parse_steps(spec)
     self._workdir = workdir
+    self._label = label
     self._active = False
 
   def step(self, step: int) -> contextlib.AbstractContextManager:
@@ -38,7 +41,7 @@ class StepProfiler:
     if self._range and self._range[0] <= step < self._range[1] and not self._active:
       jax.profiler.start_trace(self._workdir)
       self._active = True
-    return jax.profiler.StepTraceAnnotation("train", step_num=step)
+    return jax.profiler.StepTraceAnnotation(self._label, step_num=step)
 
   def done(self, step: int, out: object) -> None:
     """After step `step` (0-based) was dispatched: ends the trace after its last step."""
@@ -50,8 +53,8 @@ class StepProfiler:
     jax.profiler.stop_trace()
     self._active = False
     if jax.process_index() == 0:
-      print(f"train: profile of steps {self._range[0]}..{self._range[1] - 1} in "
-            f"{os.path.join(self._workdir, 'plugins', 'profile')}", flush=True)
+      print(f"{self._label}: profile of steps {self._range[0]}..{self._range[1] - 1} in "
+            f"{os.path.join(self._workdir, 'plugins', 'profile')}", file=sys.stderr, flush=True)
 
   def __enter__(self) -> "StepProfiler":
     return self

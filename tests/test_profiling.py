@@ -1,5 +1,5 @@
-"""train.profile_steps: a trace of the chosen steps where TensorBoard's profile plugin looks,
-with step annotations; bad ranges are one-line errors."""
+"""train.profile_steps and chartx.bench --profile: a trace of the chosen steps where
+TensorBoard's profile plugin looks, with step annotations; bad ranges are one-line errors."""
 
 import glob
 import os
@@ -9,6 +9,7 @@ import pytest
 
 from chartx import config as config_lib
 from chartx import loop, profiling
+from chartx.tools import bench
 from chartx.errors import UserError
 
 
@@ -23,7 +24,7 @@ def test_training_writes_an_annotated_trace_of_the_steps(tiny_config, tmp_path, 
     trace = f.read()
   assert b"step_num" in trace  # jax.profiler.StepTraceAnnotation's.
   assert (f"train: profile of steps 1..2 in {os.path.join(workdir, 'plugins', 'profile')}"
-          in capsys.readouterr().out)
+          in capsys.readouterr().err)
 
 
 @pytest.mark.parametrize("spec,expected", [("", None), ("0,5", (0, 5)), ("100, 105", (100, 105))])
@@ -46,3 +47,12 @@ def test_a_trace_still_running_when_the_loop_ends_is_written(tmp_path):
       profiler.done(step, out)
     assert not glob.glob(os.path.join(tmp_path, "plugins", "profile", "*", "*.xplane.pb"))
   assert glob.glob(os.path.join(tmp_path, "plugins", "profile", "*", "*.xplane.pb"))
+
+
+def test_bench_profiles_its_timed_steps(tiny_config, tmp_path, capsys):
+  record = bench.benchmark(tiny_config, steps=2, warmup=1, profile_dir=str(tmp_path))
+  assert len(record["step_times_s"]) == 2
+  (xplane,) = glob.glob(os.path.join(tmp_path, "plugins", "profile", "*", "*.xplane.pb"))
+  with open(xplane, "rb") as f:
+    assert b"bench" in f.read()
+  assert "bench: profile of steps 1..2 in" in capsys.readouterr().err
