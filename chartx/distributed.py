@@ -10,7 +10,7 @@ rows of each batch; process 0 alone logs, prints and writes metrics. A run has s
     Kubernetes. The environment gives the coordinator, the process count and this process's id.
 
 Anything else (a laptop, one GPU host driving all its GPUs) is one process, and jax.distributed
-is not started. Whatever starts it, the environment's own count of processes (SLURM_NTASKS,
+is not started. Without the flags, the environment's own count of processes (SLURM_NTASKS,
 OMPI_COMM_WORLD_SIZE) must match JAX's afterwards: a second process that would silently act as
 process 0 and write to the same workdir stops with a UserError instead. This module loads JAX
 only to start it, so a bad flag fails at once.
@@ -110,14 +110,15 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
   Then checks the process count against the environment's. Call it before anything touches a
   JAX device.
   """
-  args = flag_args(coordinator_address, num_processes, process_id)
-  env = detect_cluster() if args is None else None
+  flagged = flag_args(coordinator_address, num_processes, process_id)
+  env = detect_cluster() if flagged is None else None
   import jax  # pylint: disable=import-outside-toplevel
-  if args is not None or env is not None:
-    args = args if args is not None else cluster_args(env)
+  if flagged is not None or env is not None:
+    args = flagged if flagged is not None else cluster_args(env)
     try:
       jax.distributed.initialize(**args)
     except (RuntimeError, ValueError) as e:
       where = args.get("coordinator_address") or f"{env.__name__} detected by JAX"
       raise UserError(f"jax.distributed.initialize failed ({where}): {str(e).splitlines()[0]}") from e
-  check_process_count(jax.process_count())
+  if flagged is None:  # The flags name every process; without them, each might think it is 0.
+    check_process_count(jax.process_count())

@@ -38,7 +38,8 @@ def run(argv) -> None:
     logging.set_verbosity(logging.ERROR)  # Process 0 alone logs, prints and writes metrics.
   from chartx import config, run_config
   config.check(_CONFIG.value)  # Every key of every section, before anything slow.
-  if _MODE.value != "train" and not run_config.is_saved(config_flags.get_config_filename(flags.FLAGS["config"])):
+  given = not run_config.is_saved(config_flags.get_config_filename(flags.FLAGS["config"]))
+  if _MODE.value != "train" and given:  # A --config file: it must be the run's model and data.
     run_config.check_given(_CONFIG.value, _WORKDIR.value)
   if _MODE.value == "eval":
     from chartx import evaluate

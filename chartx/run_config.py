@@ -93,7 +93,8 @@ def is_saved(config_filename: str) -> bool:
   return config_filename.split(":", 1)[0] == os.path.abspath(__file__)
 
 
-def differences(saved: ml_collections.ConfigDict, config: ml_collections.ConfigDict) -> dict[str, tuple[Any, Any]]:
+def differences(saved: ml_collections.ConfigDict,
+                config: ml_collections.ConfigDict) -> dict[str, tuple[Any, Any]]:
   """{key: (saved value, value)} for every dotted key whose values differ (or one lacks)."""
   flat_saved, flat = _flatten(saved.to_dict()), _flatten(config.to_dict())
   return {key: (flat_saved.get(key), flat.get(key)) for key in sorted(flat_saved.keys() | flat.keys())

@@ -55,12 +55,14 @@ def test_a_copied_checkpoint_directory_keeps_the_config(run_copy):
 
 
 @pytest.mark.parametrize("argv,expected", [
-    (["m", "--workdir=/w", "--mode=eval"], ["m", f"--config={run_config.__file__}:/w", "--workdir=/w", "--mode=eval"]),
+    (["m", "--workdir=/w", "--mode=eval"],
+     ["m", f"--config={run_config.__file__}:/w", "--workdir=/w", "--mode=eval"]),
     (["m", "--workdir", "gs://b/r", "-mode", "sample", "--config.sample.top_k=3"],
      ["m", f"--config={run_config.__file__}:gs://b/r", "--workdir", "gs://b/r", "-mode", "sample",
       "--config.sample.top_k=3"]),
     (["m", "--workdir=/w"], ["m", "--workdir=/w"]),  # Training needs its --config.
-    (["m", "--config=c.py", "--workdir=/w", "--mode=eval"], ["m", "--config=c.py", "--workdir=/w", "--mode=eval"]),
+    (["m", "--config=c.py", "--workdir=/w", "--mode=eval"],
+     ["m", "--config=c.py", "--workdir=/w", "--mode=eval"]),
 ])
 def test_eval_and_sample_without_config_get_the_saved_one(argv, expected):
   assert run_config.config_argv(argv) == expected
