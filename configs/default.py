@@ -105,6 +105,11 @@ def get_config() -> ml_collections.ConfigDict:
       ("targets", None),
   )
 
+  config.log = ml_collections.ConfigDict()
+  # Weights & Biases project to log training to as well (pip install 'chartx[wandb]'); "" is off.
+  config.log.wandb_project = ""
+  config.log.wandb_entity = ""  # W&B team or user owning the project; "" is W&B's default one.
+
   config.eval = ml_collections.ConfigDict()
   config.eval.split = "validation"  # "validation" | "test".
   config.eval.stride = 512  # Characters scored per window; 1 is the paper's protocol.
