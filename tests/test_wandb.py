@@ -8,10 +8,11 @@ import os
 import sys
 import types
 
+import numpy as np
 import pytest
 
 from chartx import config as config_lib
-from chartx import loop, wandb_writer
+from chartx import report, train, wandb_writer
 from chartx.errors import UserError
 
 
@@ -33,14 +34,30 @@ def fake_wandb(monkeypatch):
   return runs
 
 
-def test_training_logs_records_and_config_and_a_resumed_run_continues_it(tiny_config, tmp_path,
+def _reporter(config, workdir, start_step):
+  """The training loop's Reporter, without a model run: the task's shapes are all it needs."""
+  task = train.make_task(config, 256)
+  return report.Reporter(config, task, workdir, start_step, num_params=1)
+
+
+def _out(config, loss):
+  """A train step's results as the loop hands them to the Reporter."""
+  layers, targets = config.model.num_layers, config.loss.multiple_targets
+  return {"loss": np.float32(loss), "bpc": np.float32(loss / 2), "grad_norm": np.float32(1),
+          "learning_rate": np.float32(0.01), "nll": np.full((layers, targets), loss, np.float32),
+          "loss_weights": np.ones((layers, targets), np.float32)}
+
+
+def test_training_records_and_config_go_to_one_wandb_run_across_sessions(tiny_config, tmp_path,
                                                                          fake_wandb):
-  (tmp_path / "text.txt").write_text("weights and biases of a character model. " * 200)
-  tiny_config.data.path = str(tmp_path / "text.txt")
   tiny_config.log.wandb_project = "chartx-tests"
-  tiny_config.train.update(num_steps=4, log_every=2, eval_every=4, checkpoint_every=4)
+  tiny_config.train.update(num_steps=6, log_every=2)
   workdir = str(tmp_path / "run")
-  loop.train_and_evaluate(tiny_config, workdir)
+  reporter = _reporter(tiny_config, workdir, 0)
+  for step in range(1, 5):
+    reporter.step_done(step, _out(tiny_config, 5.0 - step))
+  reporter.validation(4, {"validation_bpc": 2.5, "validation_chars": 100})
+  reporter.close()
   (first,) = fake_wandb
   with open(os.path.join(workdir, wandb_writer.RUN_ID_FILE), encoding="utf-8") as f:
     run_id = f.read().strip()
@@ -48,13 +65,24 @@ def test_training_logs_records_and_config_and_a_resumed_run_continues_it(tiny_co
   assert first["init"]["project"] == "chartx-tests" and first["init"]["entity"] is None
   assert first["init"]["config"] == tiny_config.to_dict()
   assert [step for step, _ in first["logs"]] == [2, 4, 4]  # Training at 2 and 4, validation at 4.
-  assert {"loss", "bpc", "chars_per_sec", "grad_norm"} <= set(first["logs"][0][1])
-  assert "validation_bpc" in first["logs"][2][1] and first["finished"]
-  tiny_config.train.num_steps = 6
-  loop.train_and_evaluate(tiny_config, workdir)  # Resumes at step 4.
+  assert {"loss", "bpc", "chars_per_sec", "grad_norm", "loss/layer_1"} <= set(first["logs"][0][1])
+  assert first["logs"][2][1] == {"validation_bpc": 2.5, "validation_chars": 100}
+  assert first["finished"]
+  reporter = _reporter(tiny_config, workdir, 4)  # A resumed session.
+  reporter.step_done(5, _out(tiny_config, 1.0))
+  reporter.step_done(6, _out(tiny_config, 0.5))
+  reporter.close()
   second = fake_wandb[1]
   assert second["init"]["id"] == run_id
-  assert [step for step, _ in second["logs"]] == [6, 6]
+  assert [step for step, _ in second["logs"]] == [6]
+
+
+def test_other_processes_and_runs_without_a_project_start_no_wandb_run(tiny_config, tmp_path,
+                                                                       fake_wandb):
+  assert wandb_writer.open_writer(tiny_config, str(tmp_path), enabled=True) is None
+  tiny_config.log.wandb_project = "p"
+  assert wandb_writer.open_writer(tiny_config, str(tmp_path), enabled=False) is None
+  assert fake_wandb == [] and not os.listdir(tmp_path)
 
 
 @pytest.mark.parametrize("keys,message", [
