@@ -63,21 +63,17 @@ def main(argv) -> None:
     sys.exit(1)
 
 
-def cli() -> None:
-  """The `chartx` console command (pyproject.toml), the same as python -m chartx.main."""
-  errors.adopt_main_module(__name__, __doc__)
-  _run_app()
-
-
 def _parse_flags(argv: list[str]) -> list[str]:
   """errors.parse_flags, after giving --mode=eval/sample the run's saved config if no --config."""
   from chartx import run_config  # pylint: disable=import-outside-toplevel
   return errors.parse_flags(run_config.config_argv(argv), config=_CONFIG)
 
 
-def _run_app() -> None:
+def cli() -> None:
+  """The `chartx` console command (pyproject.toml), the same as python -m chartx.main."""
+  errors.adopt_main_module(__name__, __doc__)
   app.run(main, flags_parser=_parse_flags)
 
 
 if __name__ == "__main__":
-  _run_app()
+  app.run(main, flags_parser=_parse_flags)

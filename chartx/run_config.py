@@ -9,6 +9,7 @@ that differs is an error, since it would restore a different model or score othe
 resumed training run says which keys changed and refuses those a checkpoint cannot follow.
 """
 
+import importlib.util
 import json
 import os
 import re
@@ -20,6 +21,9 @@ from chartx import files
 from chartx.errors import UserError
 
 CONFIG_FILE = "config.json"
+# Every key's default: a run saved before a key existed trained with its default.
+_DEFAULTS_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
+                              "default.py")
 # What a checkpoint is: its parameters' shapes and the text it learned. Resuming cannot change them.
 FIXED_ON_RESUME = ("model.num_layers", "model.d_model", "model.num_heads", "model.d_ff",
                    "model.max_len", "model.per_layer_positions", "model.tie_embeddings",
@@ -33,13 +37,33 @@ def to_json(config: ml_collections.ConfigDict) -> str:
   return json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n"
 
 
+def _defaults() -> ml_collections.ConfigDict:
+  """configs/default.py's config, where chartx runs from its checkout (else an empty one)."""
+  if not os.path.exists(_DEFAULTS_FILE):
+    return ml_collections.ConfigDict()
+  spec = importlib.util.spec_from_file_location("chartx_default_config", _DEFAULTS_FILE)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
 def from_dict(values: dict[str, Any]) -> ml_collections.ConfigDict:
-  """A ConfigDict of saved values; JSON's lists become the tuples configs hold (mesh.*)."""
+  """The config of saved values: configs/default.py's, with every saved value set on it. A key
+  added to chartx after the run was saved keeps its default (what that run did); JSON's lists
+  become the tuples configs hold (mesh.*)."""
   def tuples(value):
-    if isinstance(value, dict):
-      return {k: tuples(v) for k, v in value.items()}
     return tuple(tuples(v) for v in value) if isinstance(value, list) else value
-  return ml_collections.ConfigDict(tuples(values))
+
+  def merge(config, saved):
+    for key, value in saved.items():
+      if isinstance(value, dict) and isinstance(config.get(key), ml_collections.ConfigDict):
+        merge(config[key], value)
+      else:
+        config[key] = ml_collections.ConfigDict(value) if isinstance(value, dict) else tuples(value)
+
+  config = _defaults()
+  merge(config, values)
+  return config
 
 
 def save(config: ml_collections.ConfigDict, workdir: str) -> None:

@@ -122,3 +122,13 @@ def test_resuming_with_other_settings_says_what_changed_and_saves_them(run_copy,
   assert ("train: config changed since the saved run: eval.max_chars 2048 -> 512, "
           "optimizer.learning_rate 0.01 -> 0.005") in out
   assert run_config.differences(run_config.load(workdir), config) == {}
+
+
+def test_a_config_saved_before_a_key_existed_gets_its_default(tmp_path):
+  values = json.loads(run_config.to_json(tiny.get_config()))
+  del values["train"]["grad_accum_steps"], values["log"]  # Keys newer than the saved run.
+  values["mesh"]["shape"] = [2, 1, 1]
+  (tmp_path / run_config.CONFIG_FILE).write_text(json.dumps(values))
+  saved = run_config.load(str(tmp_path))
+  assert saved.train.grad_accum_steps == 1 and saved.log.wandb_project == ""
+  assert saved.mesh.shape == (2, 1, 1) and saved.model.num_layers == 2
