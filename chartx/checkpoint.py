@@ -63,17 +63,36 @@ def make_manager(workdir: str, config: ml_collections.ConfigDict | None = None) 
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: Any,
-         metrics: Mapping[str, Any] | None = None) -> None:
+         metrics: Mapping[str, Any] | None = None,
+         config: ml_collections.ConfigDict | None = None) -> None:
   """Starts an asynchronous save of `state` as checkpoint `step`; manager.wait_until_finished() waits.
 
   metrics: the loop's validation results at `step`, if any; their validation_bpc ranks the
-  checkpoint for keep-best. Raises UserError instead of saving a state that holds a NaN or Inf.
+  checkpoint for keep-best. config: the run's, kept in the checkpoint's metadata (saved_config).
+  Raises UserError instead of saving a state that holds a NaN or Inf.
   """
   if not bool(_all_finite(state)):
     raise UserError(f"the train state after step {step} holds NaN or Inf values, so it is not "
                     f"saved; {describe_newest(manager)}")
   kept = {BEST_METRIC: float(metrics[BEST_METRIC])} if metrics and BEST_METRIC in metrics else {}
-  manager.save(step, args=ocp.args.PyTreeSave(state), metrics=kept, force=True)
+  manager.save(step, args=ocp.args.PyTreeSave(state), metrics=kept, force=True,
+               custom_metadata={"config": config.to_dict()} if config is not None else None)
+
+
+def saved_config(workdir: str) -> dict[str, Any] | None:
+  """The config kept in the metadata of WORKDIR's newest checkpoint that has one, as a dict."""
+  manager = make_manager(workdir)
+  try:
+    for step in sorted(manager.all_steps(), reverse=True):
+      try:
+        values = (manager.metadata(step).custom_metadata or {}).get("config")
+      except Exception:  # pylint: disable=broad-except  (a damaged checkpoint: try an older one)
+        continue
+      if values is not None:
+        return values
+    return None
+  finally:
+    manager.close()
 
 
 def restore(manager: ocp.CheckpointManager, target: Any, step: int | None = None, *,

@@ -5,7 +5,7 @@ first thing in every mode, so a bad key of any section fails before data is read
 import jax
 import ml_collections
 
-from chartx import data, evaluate, losses, optimizer, sample, sharding, train
+from chartx import data, evaluate, losses, optimizer, sample, sharding, train, wandb_writer
 from chartx import model as model_lib
 
 
@@ -20,4 +20,5 @@ def check(config: ml_collections.ConfigDict) -> tuple[jax.sharding.Mesh, shardin
   mesh, rules = sharding.check_config(config)  # mesh.*
   evaluate.check_config(config, mesh)  # eval.*
   sample.check_config(config, vocab)  # sample.*
+  wandb_writer.check_config(config)  # log.*
   return mesh, rules

@@ -15,11 +15,21 @@ def parse_flags(argv: list[str], config: flags.FlagHolder) -> list[str]:
   """absl's parser for app.run: a bad flag, config file or --config override prints one line, exit 1."""
   try:
     argv = flags.FLAGS(argv)
-    config.value.get("seed")  # config_flags defers a config file's load error to first use.
+    if config.value is not None:  # None: no --config (main says whether it needs one).
+      config.value.get("seed")  # config_flags defers a config file's load error to first use.
     return argv
   except Exception as e:  # absl and config_flags raise many types; all mean a bad command line.
     print(f"error: {_unknown_key(argv, e) or ' '.join(str(e).split())}", file=sys.stderr)
     sys.exit(1)
+
+
+def adopt_main_module(module_name: str, doc: str | None) -> None:
+  """For a console command (pyproject.toml), whose __main__ is pip's wrapper script: --help shows
+  the usage and flags of module_name, as `python -m module_name --help` does (absl lists the key
+  flags of the module named by sys.argv[0], and __main__'s docstring)."""
+  for flag in flags.FLAGS.get_key_flags_for_module(module_name):
+    flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
+  sys.modules["__main__"].__doc__ = doc
 
 
 def _unknown_key(argv: list[str], e: Exception) -> str | None:

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from chartx import data, inference, metrics, sharding
+from chartx import data, files, inference, metrics, sharding
 from chartx import progress as progress_lib
 from chartx import model as model_lib
 from chartx.errors import UserError
@@ -160,13 +160,17 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
             "bits": bits, "max_chars": config.eval.max_chars, "seconds": round(seconds, 3),
             "chars_per_sec": count / seconds}
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, f"eval_{split}.json"), "w", encoding="utf-8") as f:
-      json.dump(result, f, indent=2)
-      f.write("\n")
-    writer = metrics.MetricWriter(workdir)
-    writer.write(restored.step, {f"eval_{split}_bpc": result["bpc"], f"eval_{split}_chars": count,
-                                 f"eval_{split}_stride": stride})
-    writer.close()
-    print(f"step {restored.step}: {split} bpc {result['bpc']:.4f} over {count:,} characters "
-          f"(stride {stride}, context {window})", flush=True)
+    write_result(workdir, result)
   return result
+
+
+def write_result(workdir: str, result: dict[str, Any]) -> None:
+  """WORKDIR/eval_<split>.json and a metrics.jsonl record of an evaluation, and its line on stdout."""
+  split, step, count, stride = result["split"], result["step"], result["num_chars"], result["stride"]
+  files.write_text(os.path.join(workdir, f"eval_{split}.json"), json.dumps(result, indent=2) + "\n")
+  writer = metrics.MetricWriter(workdir)
+  writer.write(step, {f"eval_{split}_bpc": result["bpc"], f"eval_{split}_chars": count,
+                      f"eval_{split}_stride": stride})
+  writer.close()
+  print(f"step {step}: {split} bpc {result['bpc']:.4f} over {count:,} characters "
+        f"(stride {stride}, context {result['context']})", flush=True)

@@ -6,7 +6,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from chartx import data, evaluate, report, resume, sharding, signals, train
+from chartx import data, evaluate, profiling, report, resume, run_config, sharding, signals, train
 from chartx import model as model_lib
 from chartx.errors import UserError
 
@@ -18,6 +18,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
   loss ends it with a UserError naming the step, and no checkpoint of that state.
   """
   ckpts = resume.Checkpoints(workdir, config)  # First: a bad workdir fails before anything slow.
+  changes = run_config.resume_changes(config, workdir) if ckpts.manager.all_steps() else None
+  if jax.process_index() == 0:
+    if changes:
+      print(f"train: config changed since the saved run: {changes}", flush=True)
+    run_config.save(config, workdir)  # Before training: a run stopped early keeps it too.
   mesh, rules = sharding.check_config(config)
   corpus = data.load_corpus(config.data)
   task = train.make_task(config, corpus.vocab.size)
@@ -39,12 +44,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
   reporter = report.Reporter(config, task, workdir, start_step, model_lib.count_params(state.params))
   previous = None  # (step, out) of the newest step not yet finished.
   # The jitted step and score bind the mesh and rules themselves (sharding.MeshJit).
-  with signals.StopSignal(ckpts.manager) as stop_requested, ckpts:
+  with (signals.StopSignal(ckpts.manager) as stop_requested, ckpts,
+        profiling.StepProfiler(config.train.profile_steps, workdir) as profiler):
     for step in range(start_step, config.train.num_steps):
-      local_BxS = data.train_batch(corpus.train, seed=config.seed, step=step,
-                                   batch_size=config.train.batch_size, length=seq_len + num_targets,
-                                   process_index=slice_index, process_count=slice_count)
-      state, out = step_fn(state, sharding.global_batch(local_BxS, mesh), dropout_rng)
+      with profiler.step(step):
+        local_BxS = data.train_batch(corpus.train, seed=config.seed, step=step,
+                                     batch_size=config.train.batch_size,
+                                     length=seq_len + num_targets,
+                                     process_index=slice_index, process_count=slice_count)
+        state, out = step_fn(state, sharding.global_batch(local_BxS, mesh), dropout_rng)
+      profiler.done(step, out)
       # Wait for the previous step only now that this one is queued: the device never idles.
       _finish(previous, reporter, ckpts)
       done = step + 1

@@ -1,6 +1,8 @@
-"""Command line: python -m chartx.main --config=configs/X.py --workdir=DIR [--mode=...] [--config.KEY=V]."""
+"""Command line: python -m chartx.main --config=configs/X.py --workdir=DIR [--mode=...] [--config.KEY=V].
 
-import functools
+--mode=eval and --mode=sample may leave out --config: they use the config the run saved.
+"""
+
 import sys
 
 from absl import app, flags, logging
@@ -9,22 +11,25 @@ from ml_collections import config_flags
 from chartx import errors
 from chartx.errors import UserError
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file with a get_config().",
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Config file with a get_config(). Optional for --mode=eval and sample: they "
+    "use the config the run saved in WORKDIR/config.json.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results.")
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "sample"], "What to do.")
-# Several processes (GPU hosts): the three flags together start jax.distributed. On a Cloud TPU
-# VM it starts by itself and finds the pod slice's workers; a single-process run needs neither.
+# Several processes (GPU hosts): the three flags together start jax.distributed. Where JAX detects
+# a cluster (Cloud TPU, SLURM, Open MPI, Kubernetes) it starts by itself (chartx.distributed).
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None,
                                    "Multi-process (GPU hosts): HOST:PORT of process 0 (jax.distributed).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-process: number of processes.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-process: this process's index, 0..N-1.")
-flags.mark_flags_as_required(["config", "workdir"])
+flags.mark_flags_as_required(["workdir"])
 
 
 def run(argv) -> None:
   if len(argv) > 1:
     raise UserError(f"unexpected arguments: {' '.join(argv[1:])}")
+  if _CONFIG.value is None:
+    raise UserError("--config is required for --mode=train (eval and sample use the run's saved config)")
   from chartx import malloc
   malloc.keep_freed_memory()  # Before JAX allocates anything (see chartx/malloc.py).
   # Imported late so --help and flag errors do not wait for JAX.
@@ -33,8 +38,11 @@ def run(argv) -> None:
   import jax
   if jax.process_index() != 0:
     logging.set_verbosity(logging.ERROR)  # Process 0 alone logs, prints and writes metrics.
-  from chartx import config
+  from chartx import config, run_config
   config.check(_CONFIG.value)  # Every key of every section, before anything slow.
+  given = not run_config.is_saved(config_flags.get_config_filename(flags.FLAGS["config"]))
+  if _MODE.value != "train" and given:  # A --config file: it must be the run's model and data.
+    run_config.check_given(_CONFIG.value, _WORKDIR.value)
   if _MODE.value == "eval":
     from chartx import evaluate
     evaluate.evaluate_checkpoint(_CONFIG.value, _WORKDIR.value)
@@ -57,5 +65,17 @@ def main(argv) -> None:
     sys.exit(1)
 
 
+def _parse_flags(argv: list[str]) -> list[str]:
+  """errors.parse_flags, after giving --mode=eval/sample the run's saved config if no --config."""
+  from chartx import run_config  # pylint: disable=import-outside-toplevel
+  return errors.parse_flags(run_config.config_argv(argv), config=_CONFIG)
+
+
+def cli() -> None:
+  """The `chartx` console command (pyproject.toml), the same as python -m chartx.main."""
+  errors.adopt_main_module(__name__, __doc__)
+  app.run(main, flags_parser=_parse_flags)
+
+
 if __name__ == "__main__":
-  app.run(main, flags_parser=functools.partial(errors.parse_flags, config=_CONFIG))
+  app.run(main, flags_parser=_parse_flags)

@@ -13,6 +13,7 @@ from typing import Any, Iterator, Mapping
 import numpy as np
 import tensorboardX
 
+from chartx import files
 from chartx.errors import UserError
 
 METRICS_FILE = "metrics.jsonl"
@@ -22,30 +23,6 @@ TIME_KEYS = ("wall_time", "elapsed")
 # as tensorboardX does with its event files on GCS.
 _REMOTE_FLUSH_SECS = 60.0
 _writer_ids = itertools.count()
-
-
-def _is_remote(path: str) -> bool:
-  return "://" in path
-
-
-def _fsspec():
-  try:
-    import fsspec  # pylint: disable=import-outside-toplevel
-  except ImportError:
-    raise UserError("a gs:// (or other URL) workdir needs fsspec and gcsfs: "
-                    "pip install 'chartx[gcs]'") from None
-  return fsspec
-
-
-def _read_text(path: str) -> str | None:
-  """The file's text, or None if there is no such file."""
-  if _is_remote(path):
-    fs, fs_path = _fsspec().core.url_to_fs(path)
-    return fs.cat_file(fs_path).decode("utf-8") if fs.exists(fs_path) else None
-  if not os.path.exists(path):
-    return None
-  with open(path, encoding="utf-8") as f:
-    return f.read()
 
 
 def _read_tail(path: str, size: int) -> str | None:
@@ -98,9 +75,9 @@ class MetricWriter:
     if not enabled:
       return
     self._path = os.path.join(workdir, METRICS_FILE)
-    self._remote = _is_remote(workdir)
+    self._remote = files.is_remote(workdir)
     # The end of the file is enough to continue the clock and to see what a restart redoes.
-    text = (_read_text(self._path) if self._remote else _read_tail(self._path, 1 << 20)) or ""
+    text = (files.read_text(self._path) if self._remote else _read_tail(self._path, 1 << 20)) or ""
     tail = list(_parse_lines(text[-(1 << 20):]))
     self._offset = float(tail[-1].get("elapsed", 0.0)) if tail else 0.0
     self._start = time.time()
@@ -145,8 +122,7 @@ class MetricWriter:
     return record
 
   def _flush_remote(self) -> None:
-    with _fsspec().open(self._path, "w", encoding="utf-8") as f:
-      f.write("".join(self._lines))
+    files.write_text(self._path, "".join(self._lines))
     self._last_flush = time.time()
 
   def close(self) -> None:
@@ -167,7 +143,7 @@ def read_metrics(workdir: str) -> list[dict[str, Any]]:
   s by the abandoned session are dropped; the marker itself is not returned.
   """
   path = os.path.join(workdir, METRICS_FILE)
-  text = _read_text(path)
+  text = files.read_text(path)
   if text is None:
     raise UserError(f"{path}: no such file (is {workdir} a chartx workdir that has trained?)")
   records: list[dict[str, Any]] = []

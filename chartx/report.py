@@ -7,7 +7,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from chartx import flops, losses, metrics, progress, train
+from chartx import flops, losses, metrics, progress, train, wandb_writer
 
 
 def flatten_metrics(out: dict[str, np.ndarray], loss_cfg: losses.LossConfig) -> dict[str, float]:
@@ -36,6 +36,7 @@ class Reporter:
     # Process 0 alone writes records and prints.
     writer = metrics.MetricWriter(workdir, enabled=jax.process_index() == 0, start_step=start_step)
     self._writer, self._loss_cfg, self._split = writer, task.loss_cfg, config.eval.split
+    self._wandb = wandb_writer.open_writer(config, workdir, writer.enabled)  # None unless asked.
     self._log_every, self._num_steps, self._start_step = (config.train.log_every,
                                                           config.train.num_steps, start_step)
     seq_len = config.data.seq_len
@@ -82,7 +83,7 @@ class Reporter:
       scalars["mfu"] = mfu
       postfix["mfu"] = f"{100 * mfu:.1f}%"
     postfix["loss"] = f"{scalars['loss']:.4f}"  # Last: a narrow terminal cuts the bar's end.
-    self._writer.write(step, scalars)
+    self._write(step, scalars)
     self._last.update(bpc=scalars["bpc"])
     self._progress.update(0, line=True, **postfix)
 
@@ -93,8 +94,13 @@ class Reporter:
     yield
     self._mark_time += time.perf_counter() - start
 
+  def _write(self, step: int, scalars: dict[str, float]) -> None:
+    self._writer.write(step, scalars)
+    if self._wandb:
+      self._wandb.write(step, scalars)
+
   def validation(self, step: int, result: dict[str, float]) -> None:
-    self._writer.write(step, result)
+    self._write(step, result)
     bpc, chars = result[f"{self._split}_bpc"], result[f"{self._split}_chars"]
     self._last[f"{self._split} bpc"] = bpc
     self._progress.write(f"step {step}  {self._split} bpc {bpc:.4f}  ({chars:,} chars)")
@@ -105,3 +111,5 @@ class Reporter:
       self._progress.write(f"train: step {self._progress.n}: {summary}")
     self._progress.close()
     self._writer.close()
+    if self._wandb:
+      self._wandb.close()

@@ -68,7 +68,7 @@ class Checkpoints:
             or (validation is not None and validation.get(checkpoint.BEST_METRIC, math.inf) < self._best))
 
   def save(self, step: int, state: Any, validation: Mapping[str, Any] | None = None) -> None:
-    checkpoint.save(self.manager, step, state, validation)
+    checkpoint.save(self.manager, step, state, validation, self._config)
     if validation is not None:
       self._best = min(self._best, validation.get(checkpoint.BEST_METRIC, math.inf))
 

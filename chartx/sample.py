@@ -150,20 +150,32 @@ def check_config(config: ml_collections.ConfigDict, vocab: data.Vocab) -> tuple[
   return encode_prompt(vocab, config.sample.prompt), SamplingConfig.from_config(config, vocab.size)
 
 
+def model_generator(restored: inference.Restored, *, context: int, num_chars: int,
+                    sampling: SamplingConfig) -> Callable[[np.ndarray, int], np.ndarray]:
+  """generate(prompt_ids, seed) -> ids_M: num_chars ids continuing the prompt, drawn by a restored
+  model, compiled once for any prompt (--mode=sample and chartx.load's generate use it)."""
+  generate = sharding.MeshJit(make_generate(model_tokens_to_logits(restored.model), context=context,
+                                           num_chars=num_chars, sampling=sampling),
+                             restored.mesh, restored.rules)
+
+  def run(prompt_ids: np.ndarray, seed: int) -> np.ndarray:
+    prompt_C, length = prompt_block(prompt_ids, context)
+    cache = restored.model.cfg.init_cache(1, context)
+    return np.asarray(generate({"params": restored.params}, cache, prompt_C, length,
+                               jax.random.key(seed)))
+  return run
+
+
 def sample_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> str:
   """--mode=sample: the prompt and its continuation, from the checkpoint eval.step/eval.best choose."""
   vocab = data.vocab_for(config.data)
   prompt_ids, sampling = check_config(config, vocab)
   restored = inference.restore(config, workdir, vocab.size)
-  context = config.data.seq_len  # The positions the model was trained on.
-  generate = sharding.MeshJit(make_generate(model_tokens_to_logits(restored.model), context=context,
-                                           num_chars=config.sample.num_chars, sampling=sampling),
-                             restored.mesh, restored.rules)
-  prompt_C, length = prompt_block(prompt_ids, context)
-  cache = restored.model.cfg.init_cache(1, context)
+  # The context is the positions the model was trained on.
+  generate = model_generator(restored, context=config.data.seq_len,
+                             num_chars=config.sample.num_chars, sampling=sampling)
   start = time.time()
-  ids_M = np.asarray(generate({"params": restored.params}, cache, prompt_C, length,
-                              jax.random.key(config.sample.seed)))
+  ids_M = generate(prompt_ids, config.sample.seed)
   seconds = time.time() - start
   if jax.process_index() == 0:
     print(f"sample: step {restored.step}, {len(ids_M)} characters in {seconds:.1f}s "

@@ -85,6 +85,9 @@ def check_config(config: ml_collections.ConfigDict) -> tuple[Mesh, Rules]:
   """The mesh section's owner: (mesh, rules) from mesh.*, and train.batch_size splits over the mesh."""
   mesh = make_mesh(config)
   check_batch(config.train.batch_size, mesh, "config.train.batch_size")
+  if config.train.grad_accum_steps > 1:  # Each micro-batch is split over the devices too.
+    check_batch(config.train.batch_size // config.train.grad_accum_steps, mesh,
+                "config.train.batch_size / config.train.grad_accum_steps")
   return mesh, logical_rules(config)
 
 

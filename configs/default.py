@@ -75,6 +75,13 @@ def get_config() -> ml_collections.ConfigDict:
   # bpc, and the step a SIGTERM/SIGINT stops at); 0 turns all of them off.
   config.train.checkpoint_every = 10_000
   config.train.keep_checkpoints = 3  # Newest checkpoints kept on disk (0: all), plus the best by validation bpc.
+  # Micro-batches per update: the batch is split into this many equal parts, whose gradients are
+  # averaged before one optimizer update (the paper's 16 x 512 batch on a small GPU). Steps, the
+  # learning rate and the aux-loss schedule count updates. Must divide batch_size.
+  config.train.grad_accum_steps = 1
+  # A JAX profiler trace of steps START..STOP-1 ("START,STOP") into WORKDIR/plugins/profile, for
+  # TensorBoard's profile plugin; "" traces nothing.
+  config.train.profile_steps = ""
 
   config.checkpoint = ml_collections.ConfigDict()
   # Resume from the newest readable checkpoint in WORKDIR/checkpoints. False starts at step 0 and
@@ -109,6 +116,11 @@ def get_config() -> ml_collections.ConfigDict:
       ("layers", None),
       ("targets", None),
   )
+
+  config.log = ml_collections.ConfigDict()
+  # Weights & Biases project to log training to as well (pip install 'chartx[wandb]'); "" is off.
+  config.log.wandb_project = ""
+  config.log.wandb_entity = ""  # W&B team or user owning the project; "" is W&B's default one.
 
   config.eval = ml_collections.ConfigDict()
   config.eval.split = "validation"  # "validation" | "test".

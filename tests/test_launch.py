@@ -82,6 +82,8 @@ def test_tpu_vm_flags_from_environment_keep_and_runtime_for_v5e():
     ("gpu_host.sh", ["--config=c.py"], "--workdir"),
     ("gpu_cluster.sh", ["--config=c.py", "--workdir=/w"], "--hosts"),
     ("gpu_host.sh", ["--config=c.py", "--workdir=/w", "--zone=z"], "--zone"),
+    ("slurm.sbatch", ["--workdir=/w"], "--config"),
+    ("slurm.sbatch", ["--config=c.py", "--workdir=/w", "--hosts=a"], "--hosts"),
 ])
 def test_bad_flags_exit_2_with_one_line_naming_the_flag(script, args, culprit):
   result = launch(script, "--dry-run", *args)
@@ -98,6 +100,31 @@ def test_gpu_host_installs_then_runs_one_process():
   assert train[0].endswith("/.venv/bin/python") and train[1:3] == ["-m", "chartx.main"]
   assert train[3:] == ["--config=configs/t.py", "--workdir=/runs/a", "--mode=eval", PROMPT]
   assert not any("--process_id" in a or "--coordinator_address" in a for a in train)
+
+
+def test_slurm_sbatch_runs_one_srun_task_per_node_on_all_its_gpus():
+  cmds = dry_run("slurm.sbatch", "--install", "--config=configs/t.py", "--workdir=/shared/a", "--",
+                 "--mode=eval", PROMPT)
+  install, train = cmds
+  assert install[:2] == ["bash", "-c"] and '"jax[cuda13]"' in install[2]
+  assert train[:4] == ["srun", "--ntasks-per-node=1", "--kill-on-bad-exit=1", "--label"]
+  assert train[4].endswith("/.venv/bin/python") and train[5:7] == ["-m", "chartx.main"]
+  # No multi-process flags: chartx.main reads SLURM's environment (chartx.distributed).
+  assert train[7:] == ["--config=configs/t.py", "--workdir=/shared/a", "--mode=eval", PROMPT]
+  with open(LAUNCH / "slurm.sbatch", encoding="utf-8") as f:
+    directives = [line.split()[1] for line in f if line.startswith("#SBATCH")]
+  assert "--ntasks-per-node=1" in directives and "--gpus-per-node=8" in directives
+
+
+def test_slurm_sbatch_run_from_the_spool_finds_the_checkout(tmp_path):
+  # sbatch runs a copy of the script from its spool directory, with SLURM_SUBMIT_DIR the checkout.
+  (tmp_path / "slurm_script").write_text((LAUNCH / "slurm.sbatch").read_text())
+  result = subprocess.run(["bash", str(tmp_path / "slurm_script"), "--dry-run", "--config=c.py",
+                           "--workdir=/w"], capture_output=True, text=True, timeout=20,
+                          env={"PATH": "/usr/bin:/bin", "SLURM_SUBMIT_DIR": str(LAUNCH.parent)})
+  assert result.returncode == 0, result.stderr
+  (train,) = [shlex.split(line) for line in result.stdout.splitlines()]
+  assert train[4] == str(LAUNCH.parent / ".venv" / "bin" / "python")
 
 
 def test_gpu_cluster_one_process_per_host_with_coordinator_of_host_0():

@@ -285,19 +285,6 @@ def test_bad_multi_process_flags_are_user_errors(args, message):
     distributed.flag_args(*args)
 
 
-def test_jax_distributed_starts_with_the_flags_or_on_a_tpu_vm_only(monkeypatch):
-  calls = []
-  monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(kw))
-  assert not distributed.on_cloud_tpu_vm()  # JAX's own flag exists, and this is no TPU VM.
-  distributed.initialize()  # A laptop: not started.
-  assert calls == []
-  distributed.initialize("127.0.0.1:1234", 2, 1)
-  assert calls == [{"coordinator_address": "127.0.0.1:1234", "num_processes": 2, "process_id": 1}]
-  monkeypatch.setattr(distributed, "on_cloud_tpu_vm", lambda: True)
-  distributed.initialize()  # A TPU VM: JAX finds the workers itself.
-  assert calls[-1] == {}
-
-
 def test_cli_reports_incomplete_multi_process_flags_in_one_line(tmp_path):
   proc = subprocess.run([sys.executable, "-m", "chartx.main", "--config=configs/tiny.py",
                          f"--workdir={tmp_path}", "--num_processes=2"], cwd=ROOT, env=_env(),

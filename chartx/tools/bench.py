@@ -2,6 +2,7 @@
 
     python -m chartx.bench --config=configs/bench_cpu.py --torch --out=/tmp/bench.jsonl
     python -m chartx.bench --config=configs/enwik8_64l.py --compile_only
+    python -m chartx.bench --config=configs/bench_cpu.py --profile=/tmp/bench_profile
     python -m chartx.bench --config=configs/enwik8_12l.py --config.model.dtype=bfloat16 \
         --config.model.attention=cudnn --config.model.dropout=0
 
@@ -45,6 +46,7 @@ With --compile_only the step, FLOPs and memory keys are absent.
 import datetime
 import functools
 import importlib.util
+import itertools
 import json
 import os
 import platform
@@ -61,7 +63,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from chartx import errors, flops, losses, malloc, sharding, train
+from chartx import errors, flops, losses, malloc, profiling, sharding, train
 from chartx import model as model_lib
 from chartx import data
 from chartx.errors import UserError
@@ -112,8 +114,10 @@ def _time_steps(step: Callable[[], Any], count: int) -> tuple[list[float], list[
 
 
 def benchmark(config: ml_collections.ConfigDict, *, steps: int = 10, warmup: int = 2,
-              compile_only: bool = False, with_torch: bool = False, vocab_size: int = 0) -> dict[str, Any]:
-  """Runs the benchmark for one config and returns its JSON record."""
+              compile_only: bool = False, with_torch: bool = False, vocab_size: int = 0,
+              profile_dir: str = "") -> dict[str, Any]:
+  """Runs the benchmark for one config and returns its JSON record. profile_dir: trace the timed
+  chartx steps with the JAX profiler into PROFILE_DIR/plugins/profile (as train.profile_steps)."""
   if steps < 1:
     raise UserError(f"--steps must be >= 1, got {steps}")
   if warmup < 0:
@@ -160,10 +164,17 @@ def benchmark(config: ml_collections.ConfigDict, *, steps: int = 10, warmup: int
     return record
 
   current = [create_state(init_rng)]
+  # The timed steps follow the warmup; a profiled run's step times include the profiler's cost.
+  profiler = profiling.StepProfiler(f"{warmup},{warmup + steps}" if profile_dir else "",
+                                    profile_dir, label="bench")
+  calls = itertools.count()
 
   def chartx_step() -> jax.Array:
-    current[0], out = compiled(current[0], windows_BxS, dropout_rng)
+    step = next(calls)
+    with profiler.step(step):
+      current[0], out = compiled(current[0], windows_BxS, dropout_rng)
     jax.block_until_ready(current[0])
+    profiler.done(step, current[0])
     return out["loss"]
 
   _time_steps(chartx_step, warmup)
@@ -282,6 +293,8 @@ def _define_flags() -> dict[str, flags.FlagHolder]:
       "torch": flags.DEFINE_bool("torch", False, "Also time the PyTorch reference on the same dims "
                                  "(needs the bench extra: pip install 'chartx[bench]')."),
       "out": flags.DEFINE_string("out", None, "Append the JSON line to this file as well."),
+      "profile": flags.DEFINE_string("profile", "", "Trace the timed steps with the JAX profiler into "
+                                     "DIR/plugins/profile (tensorboard --logdir DIR, PROFILE tab)."),
       "compile_only": flags.DEFINE_bool("compile_only", False, "Only lower and compile the train step."),
       "vocab_size": flags.DEFINE_integer("vocab_size", 0, "Vocabulary size; 0: from config.data.name "
                                          "(27 for text8, 256 bytes otherwise)."),
@@ -298,7 +311,8 @@ def main(argv: list[str], holders: dict[str, flags.FlagHolder]) -> None:
       raise UserError(f"unexpected arguments: {' '.join(argv[1:])}")
     record = benchmark(holders["config"].value, steps=holders["steps"].value,
                        warmup=holders["warmup"].value, compile_only=holders["compile_only"].value,
-                       with_torch=holders["torch"].value, vocab_size=holders["vocab_size"].value)
+                       with_torch=holders["torch"].value, vocab_size=holders["vocab_size"].value,
+                       profile_dir=holders["profile"].value)
     record["malloc_tuned"] = malloc_tuned
     record["config"] = config_flags.get_config_filename(flags.FLAGS["config"])
     record["overrides"] = {k: _jsonable(v) for k, v in
@@ -313,7 +327,13 @@ def main(argv: list[str], holders: dict[str, flags.FlagHolder]) -> None:
       f.write(line + "\n")
 
 
+def cli() -> None:
+  """The `chartx-bench` console command (pyproject.toml), the same as python -m chartx.bench."""
+  holders = _define_flags()
+  errors.adopt_main_module(__name__, __doc__)
+  app.run(functools.partial(main, holders=holders),
+          flags_parser=functools.partial(errors.parse_flags, config=holders["config"]))
+
+
 if __name__ == "__main__":
-  _HOLDERS = _define_flags()
-  app.run(functools.partial(main, holders=_HOLDERS),
-          flags_parser=functools.partial(errors.parse_flags, config=_HOLDERS["config"]))
+  cli()

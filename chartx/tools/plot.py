@@ -12,6 +12,7 @@ those runs. Needs matplotlib: pip install 'chartx[plot]'.
 """
 
 import argparse
+import io
 import json
 import math
 import os
@@ -20,7 +21,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from chartx import metrics
+from chartx import files, metrics
 from chartx.errors import UserError
 
 _TRAIN_SMOOTHING = 0.6  # As TensorBoard's default: an exponential moving average over log steps.
@@ -31,14 +32,14 @@ def find_runs(paths: Sequence[str]) -> list[str]:
   runs = []
   for path in paths:
     path = path.rstrip("/") or "/"
-    if os.path.isfile(os.path.join(path, metrics.METRICS_FILE)):
+    if files.exists(os.path.join(path, metrics.METRICS_FILE)):
       runs.append(path)
       continue
-    if not os.path.isdir(path):
+    if not files.is_dir(path):
       raise UserError(f"{path}: no such directory")
-    subdirs = _sweep_order(path) or sorted(
-        os.path.join(path, d) for d in os.listdir(path)
-        if os.path.isfile(os.path.join(path, d, metrics.METRICS_FILE)))
+    subdirs = _sweep_order(path) or [
+        os.path.join(path, d) for d in files.list_dir(path)
+        if files.exists(os.path.join(path, d, metrics.METRICS_FILE))]
     if not subdirs:
       raise UserError(f"{path}: no {metrics.METRICS_FILE} in it or in its subdirectories")
     runs += subdirs
@@ -48,27 +49,34 @@ def find_runs(paths: Sequence[str]) -> list[str]:
 def _sweep_order(root: str) -> list[str]:
   """A chartx.sweep root's runs in the sweep's order (from sweep.json), if it has one."""
   try:
-    with open(os.path.join(root, "sweep.json"), encoding="utf-8") as f:
-      rows = json.load(f)
+    rows = json.loads(files.read_text(os.path.join(root, "sweep.json")) or "[]")
   except (OSError, ValueError):
     return []
   return [os.path.join(root, row["name"]) for row in rows
-          if os.path.isfile(os.path.join(root, row["name"], metrics.METRICS_FILE))]
+          if files.exists(os.path.join(root, row["name"], metrics.METRICS_FILE))]
 
 
 def labels(runs: Sequence[str]) -> list[str]:
   """Short names: the directory names, or paths under the common parent when those clash."""
-  names = [os.path.basename(os.path.abspath(run)) for run in runs]
+  names = [os.path.basename(_absolute(run)) for run in runs]
   if len(set(names)) == len(names):
     return names
-  common = os.path.commonpath([os.path.abspath(run) for run in runs])
-  return [os.path.relpath(os.path.abspath(run), common) for run in runs]
+  common = os.path.commonpath([_absolute(run) for run in runs])
+  return [os.path.relpath(_absolute(run), common) for run in runs]
+
+
+def _absolute(run: str) -> str:
+  """A local run's absolute path; a URL's path after its scheme (gs://b/r: /b/r)."""
+  return "/" + run.split("://", 1)[1].strip("/") if files.is_remote(run) else os.path.abspath(run)
 
 
 def default_out(runs: Sequence[str]) -> str:
   if len(runs) == 1:
     return os.path.join(runs[0], "curves.png")
-  common = os.path.commonpath([os.path.abspath(run) for run in runs])
+  common = os.path.commonpath([_absolute(run) for run in runs])
+  schemes = {run.split("://", 1)[0] for run in runs if files.is_remote(run)}
+  if len(schemes) == 1 and all(files.is_remote(run) for run in runs):
+    return f"{schemes.pop()}://{common.lstrip('/')}/curves.png"
   return os.path.join(common if os.access(common, os.W_OK) else ".", "curves.png")
 
 
@@ -222,9 +230,10 @@ def plot(runs: Sequence[str], out: str, title: str | None = None) -> str:
     fig.suptitle(title)
   rows = math.ceil(len(handles) / 2)
   fig.tight_layout(rect=(0, 0.04 + 0.035 * rows, 1, 0.95 if title else 1))
-  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-  fig.savefig(out, dpi=110)
+  png = io.BytesIO()
+  fig.savefig(png, format="png", dpi=110)
   plt.close(fig)
+  files.write_bytes(out, png.getvalue())
   return out
 
 

@@ -23,6 +23,7 @@ resumes from a workdir's newest checkpoint). Compare the learning curves with
 """
 
 import argparse
+import contextlib
 import importlib.util
 import itertools
 import json
@@ -32,7 +33,7 @@ import sys
 import time
 from typing import Any, Sequence
 
-from chartx import metrics, progress
+from chartx import files, metrics, progress
 from chartx.errors import UserError
 
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
@@ -131,19 +132,28 @@ def command(config_path: str, workdir: str, overrides: dict[str, Any], extra: Se
 def run_one(name: str, cmd: list[str], workdir: str, echo: bool) -> tuple[int, str]:
   """Runs cmd with its output in workdir/train.log (echoed with the run's name in front).
 
-  Returns (exit status, last line of output)."""
-  os.makedirs(workdir, exist_ok=True)
-  last = ""
-  with open(os.path.join(workdir, "train.log"), "a", encoding="utf-8") as log, \
-       subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                        bufsize=1) as process:
+  Returns (exit status, last line of output). A URL workdir's log (gs://) cannot be appended to:
+  it is written once the run ends."""
+  log_path, remote = os.path.join(workdir, "train.log"), files.is_remote(workdir)
+  lines, last = [], ""
+  with contextlib.ExitStack() as stack:
+    if not remote:
+      os.makedirs(workdir, exist_ok=True)
+      log = stack.enter_context(open(log_path, "a", encoding="utf-8"))
+    process = stack.enter_context(subprocess.Popen(cmd, stdout=subprocess.PIPE,
+                                                   stderr=subprocess.STDOUT, text=True, bufsize=1))
     for line in process.stdout:
-      log.write(line)
-      log.flush()
+      if remote:
+        lines.append(line)
+      else:
+        log.write(line)
+        log.flush()
       if line.strip():
         last = line.strip()
         if echo:
           print(f"  [{name}] {line.rstrip()}", file=sys.stderr, flush=True)
+  if remote:
+    files.write_text(log_path, (files.read_text(log_path) or "") + "".join(lines))
   return process.returncode, last
 
 
@@ -236,11 +246,8 @@ def _sweep(args: argparse.Namespace, extra: list[str]) -> int:
   if args.dry_run:
     return 0
   text = table(rows)
-  with open(os.path.join(args.workdir, "sweep.md"), "w", encoding="utf-8") as f:
-    f.write(text + "\n")
-  with open(os.path.join(args.workdir, "sweep.json"), "w", encoding="utf-8") as f:
-    json.dump(rows, f, indent=2, default=str)
-    f.write("\n")
+  files.write_text(os.path.join(args.workdir, "sweep.md"), text + "\n")
+  files.write_text(os.path.join(args.workdir, "sweep.json"), json.dumps(rows, indent=2, default=str) + "\n")
   print(text)
   print(f"sweep: table in {os.path.join(args.workdir, 'sweep.md')}; learning curves: "
         f"python -m chartx.plot {args.workdir}", file=sys.stderr)

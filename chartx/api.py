@@ -1,0 +1,86 @@
+"""chartx.load(workdir): a trained run in Python (notebooks, other programs), restored as
+--mode=eval and --mode=sample restore it (inference.restore, with the run's saved config), and
+scored and sampled with the functions those modes use.
+
+    import chartx
+    run = chartx.load("/tmp/chartx_quickstart")
+    run.score("def main():\\n")  # bits per character
+    run.generate("def ", 80, temperature=0.8, seed=1)  # the continuation, without the prompt
+"""
+
+import dataclasses
+from typing import Any, Callable
+
+import ml_collections
+import numpy as np
+
+from chartx import config as config_lib
+from chartx import data, evaluate, inference, run_config, sample
+from chartx import model as model_lib
+from chartx.errors import UserError
+
+
+@dataclasses.dataclass
+class Run:
+  """A trained run's model restored from its workdir (chartx.load)."""
+  config: ml_collections.ConfigDict  # The run's saved config.
+  vocab: data.Vocab
+  restored: inference.Restored
+  _score: evaluate.ScoreFn
+  _generators: dict[tuple[int, sample.SamplingConfig], Callable[[np.ndarray, int], np.ndarray]] = (
+      dataclasses.field(default_factory=dict))  # Compiled once per length and sampling.
+
+  @property
+  def model(self) -> model_lib.Transformer:
+    return self.restored.model
+
+  @property
+  def params(self) -> Any:
+    return self.restored.params
+
+  @property
+  def step(self) -> int:
+    return self.restored.step
+
+  def score(self, text: str, stride: int | None = None) -> float:
+    """The bits per character of text (every character but the first, which nothing predicts),
+    by windows of data.seq_len sliding by `stride` (default: the run's eval.stride; 1 is the
+    paper's protocol). Raises UserError for a character outside the vocabulary."""
+    ids_M = self.vocab.encode(text, source="score's text")
+    if len(ids_M) < 2:
+      raise UserError(f"score's text has {len(ids_M)} characters; a score needs at least 2")
+    stride = self.config.eval.stride if stride is None else stride
+    if not 1 <= stride <= self.config.data.seq_len:
+      raise UserError(f"stride={stride} must be in [1, data.seq_len={self.config.data.seq_len}]")
+    bits, count = evaluate.evaluate_bits(self._score, self.params, ids_M,
+                                         seq_len=self.config.data.seq_len, stride=stride,
+                                         batch_size=self.config.eval.batch_size,
+                                         mesh=self.restored.mesh)
+    return bits / count
+
+  def generate(self, prompt: str, num_chars: int, *, temperature: float = 1.0, top_k: int = 0,
+               top_p: float = 1.0, seed: int = 0) -> str:
+    """num_chars characters continuing prompt (without it), drawn as --mode=sample draws them:
+    temperature 0 is greedy, top_k 0 and top_p 1 keep every character."""
+    config = ml_collections.ConfigDict(self.config.to_dict())
+    config.sample.update(prompt=prompt, num_chars=num_chars, temperature=float(temperature),
+                         top_k=top_k, top_p=float(top_p), seed=seed)
+    prompt_ids, sampling = sample.check_config(config, self.vocab)  # The sample keys' own checks.
+    key = (num_chars, sampling)
+    if key not in self._generators:
+      self._generators[key] = sample.model_generator(self.restored, context=config.data.seq_len,
+                                                     num_chars=num_chars, sampling=sampling)
+    return self.vocab.decode(self._generators[key](prompt_ids, seed))
+
+
+def load(workdir: str, *, step: int | None = None, best: bool = False) -> Run:
+  """The run in workdir, restored with its saved config: its newest checkpoint, checkpoint
+  `step`, or (best=True) the one with the lowest validation bpc. Raises UserError if workdir
+  has no saved config or no such checkpoint."""
+  config = run_config.get_config(workdir)
+  config.eval.update(step=-1 if step is None else step, best=best)
+  config_lib.check(config)
+  vocab = data.vocab_for(config.data)
+  restored = inference.restore(config, workdir, vocab.size)
+  score = evaluate.jit_score_fn(evaluate.model_score_fn(restored.model), restored.mesh, restored.rules)
+  return Run(config=config, vocab=vocab, restored=restored, _score=score)
