@@ -1,7 +1,6 @@
 """CPU benchmark: the issue's dims, chartx's train step timed beside the PyTorch reference.
 
     pip install -e '.[bench]'   # torch==2.13.0, for --torch only
-    export GLIBC_TUNABLES=glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736
     python -m chartx.bench --config=configs/bench_cpu.py --torch --steps=20 --out=bench_cpu.jsonl
 
 6 layers, d_model 256, 8 heads, d_ff 1024, context 256, batch 16, float32, 256 symbols (enwik8's
@@ -13,15 +12,16 @@ cost is not what is being compared.
 
 The layers are unrolled (scan_layers False): six layers compile in seconds either way, and on
 XLA:CPU the unrolled step needs about 15% less CPU time than the scanned one, whose while loop
-keeps XLA from scheduling and fusing across layers. GLIBC_TUNABLES (optional, both sides run
-under it) keeps freed memory in the process: XLA:CPU allocates each step's scratch buffer (0.87
-GB here) afresh, and glibc otherwise maps it from the kernel every step, page by page (0.3 s of
-system time a step on a 2-core machine).
+keeps XLA from scheduling and fusing across layers. The bench applies chartx.malloc's glibc
+settings before JAX starts, as python -m chartx.main does (XLA:CPU's scratch memory, about 1 GB a
+step here, then stays in the process instead of being faulted in afresh every step), and the
+PyTorch reference runs in the same process under the same settings.
 
-Hardware: any CPU. chartx_over_torch in the JSON line is chartx's throughput over PyTorch's,
-measured one step of each in turn in one process. Expect, on 2 cores of an AMD EPYC (AVX-512)
-with jax 0.10.2 and torch 2.13.0: about 0.86 s a step for chartx and 1.09 s for PyTorch
-(chartx_over_torch 1.26); with GLIBC_TUNABLES, 0.68 s and 0.94 s (1.39).
+Hardware: any CPU. chartx_over_torch_paired in the JSON line is chartx's throughput over
+PyTorch's, one step of each in turn in one process. Measured on 2026-11-29 on 2 cores of an AMD
+EPYC (AVX-512), jax 0.10.2, torch 2.13.0: QUIET_DOC; with other jobs on the machine (load 2 to
+5), 2.2 to 2.3 s against 3.8 to 5.1 s (paired 1.63 to 2.08). Peak RSS: chartx 2.5 GB, PyTorch
+2.7 GB.
 """
 
 from configs import default

@@ -10,7 +10,8 @@ of warm-up, cosine decay, clipping at 1, weight decay 0.1, b2 0.99). What differ
 paper's configs, and why, is in README.md's Performance section (measured by
 benchmarks/time_to_bpc.py on a 2-core CPU).
 
-Hardware: a CPU; a 2-core one runs about 1 to 2 steps a second.
+Hardware: a CPU. On one core of a 2-core AMD EPYC shared with other jobs, about 2 s a step;
+benchmarks/time_to_bpc.py measured it against a PyTorch GPT loop (README.md, Performance).
 """
 
 import sysconfig
