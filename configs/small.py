@@ -16,21 +16,13 @@ benchmarks/time_to_bpc.py measured it against a PyTorch GPT loop (README.md, Per
 
 import sysconfig
 
-from configs import default
+from configs import bench_cpu
 
 
 def get_config():
-  config = default.get_config()
+  config = bench_cpu.get_config()  # Its dims, dropout 0 and unrolled layers.
   config.data.name = "text_files"
   config.data.path = sysconfig.get_paths()["stdlib"] + "/*.py"
-  config.data.seq_len = 256
-  config.model.num_layers = 6
-  config.model.d_model = 256
-  config.model.num_heads = 8
-  config.model.d_ff = 1024
-  config.model.max_len = 256
-  config.model.dropout = 0.0
-  config.model.scan_layers = False  # Six layers compile in seconds unrolled, and run faster on a CPU.
   config.loss.intermediate_layers = False
   config.loss.multiple_targets = 1
   config.optimizer.name = "adamw"
@@ -41,7 +33,6 @@ def get_config():
   config.optimizer.schedule = "cosine"
   config.optimizer.warmup_steps = 100
   config.optimizer.grad_clip = 1.0
-  config.train.batch_size = 16
   config.train.num_steps = 2000
   config.train.log_every = 50
   config.train.eval_every = 500
