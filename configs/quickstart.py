@@ -5,9 +5,9 @@
     python -m chartx.main --config=configs/quickstart.py --workdir=/tmp/chartx_quickstart
     python -m chartx.main --config=configs/quickstart.py --workdir=/tmp/chartx_quickstart --mode=sample
 
-Hardware: a 2-core CPU, about four minutes. Measured on 2026-11-21 (2-core AMD EPYC, `make demo`
-with .venv in place): 3 min 24 s of training, validation bpc 3.40 at step 250, 2.89 at 500, 2.46
-at 750, 2.27 at 1000, 2.07 at 1500, then a sample that reads like Python's email package.
+Hardware: a 2-core CPU, about four minutes. Measured on 2026-11-29 (2-core AMD EPYC, `make demo`,
+the machine otherwise quiet): 3 min 45 s of training, validation bpc 3.42 at step 250, 2.89 at 500,
+2.48 at 750, 2.27 at 1000, 2.06 at 1500, then a sample that reads like Python's email package.
 """
 
 import sysconfig
