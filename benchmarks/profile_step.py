@@ -76,18 +76,13 @@ def torch_profile(config, steps: int) -> dict[str, float]:
   """Milliseconds per step of each aten op group of the PyTorch reference's step."""
   import numpy as np  # pylint: disable=import-outside-toplevel
   import torch  # pylint: disable=import-outside-toplevel
-  from chartx.tools import torch_reference  # pylint: disable=import-outside-toplevel
+  from chartx import train  # pylint: disable=import-outside-toplevel
+  from chartx.tools import bench, torch_reference  # pylint: disable=import-outside-toplevel
   torch.set_num_threads(1)
-  m, loss = config.model, config.loss
-  step = torch_reference.make_torch_step(
-      vocab_size=256, num_layers=m.num_layers, d_model=m.d_model, num_heads=m.num_heads, d_ff=m.d_ff,
-      max_len=m.max_len, dropout=0.0, num_targets=loss.multiple_targets,
-      per_layer_positions=m.per_layer_positions, tie_embeddings=m.tie_embeddings,
-      multiple_positions=loss.multiple_positions, intermediate_layers=loss.intermediate_layers,
-      aux_target_weight=loss.aux_target_weight, num_steps=config.train.num_steps,
-      learning_rate=config.optimizer.learning_rate, momentum=config.optimizer.momentum, seed=0)
+  task = train.make_task(config, 256)
+  step = torch_reference.make_torch_step(**bench.torch_step_kwargs(config, task.model_cfg, task.loss_cfg))
   windows_BxS = np.random.default_rng(0).integers(
-      0, 256, (config.train.batch_size, config.data.seq_len + loss.multiple_targets), dtype=np.int32)
+      0, 256, (config.train.batch_size, config.data.seq_len + task.model_cfg.num_targets), dtype=np.int32)
   for _ in range(2):
     step(windows_BxS)
   groups = {"aten::mm": "matmuls (aten::mm)", "aten::bmm": "heads (aten::bmm)",

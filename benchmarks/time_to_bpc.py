@@ -16,6 +16,7 @@ windows). Writes OUT/results.jsonl (one line per repeat) and prints a table.
 """
 
 import argparse
+import functools
 import json
 import os
 import signal
@@ -113,14 +114,19 @@ _TORCH_FLAGS = {"seq_len": "data.seq_len", "num_layers": "model.num_layers", "d_
                 "weight_decay": "optimizer.weight_decay", "seed": "seed"}
 
 
+@functools.lru_cache(maxsize=1)
+def _small_config():
+  sys.path.insert(0, ROOT)
+  from configs import small  # pylint: disable=import-outside-toplevel
+  return small.get_config()
+
+
 def _config_value(overrides: list[str], key: str) -> str:
   """The value of config key `key`: its --config override, else configs/small.py's."""
   for arg in overrides:
     if arg.startswith(f"--config.{key}="):
       return arg.split("=", 1)[1]
-  sys.path.insert(0, ROOT)
-  from configs import small  # pylint: disable=import-outside-toplevel
-  value = small.get_config()
+  value = _small_config()
   for part in key.split("."):
     value = value[part]
   return str(value)

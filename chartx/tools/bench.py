@@ -244,13 +244,11 @@ def _check_torch_comparable(config: ml_collections.ConfigDict, cfg: model_lib.Mo
     raise UserError("--torch needs PyTorch: pip install 'chartx[bench]'")
 
 
-def _torch_step(config: ml_collections.ConfigDict, cfg: model_lib.ModelConfig,
-                loss_cfg: losses.LossConfig, windows_BxS: np.ndarray) -> tuple[Callable[[], None], dict]:
-  """The PyTorch reference's train step on the same dims, losses and windows; and what it ran."""
-  import torch  # pylint: disable=import-outside-toplevel
-  from chartx.tools import torch_reference  # pylint: disable=import-outside-toplevel
+def torch_step_kwargs(config: ml_collections.ConfigDict, cfg: model_lib.ModelConfig,
+                      loss_cfg: losses.LossConfig) -> dict[str, Any]:
+  """chartx.tools.torch_reference.make_torch_step's arguments for the model and losses of a run."""
   opt = config.optimizer
-  kwargs = dict(
+  return dict(
       vocab_size=cfg.vocab_size, num_layers=cfg.num_layers, d_model=cfg.d_model,
       num_heads=cfg.num_heads, d_ff=cfg.d_ff, max_len=cfg.max_len, dropout=cfg.dropout,
       num_targets=cfg.num_targets, per_layer_positions=cfg.per_layer_positions,
@@ -258,6 +256,14 @@ def _torch_step(config: ml_collections.ConfigDict, cfg: model_lib.ModelConfig,
       intermediate_layers=loss_cfg.intermediate_layers, aux_target_weight=loss_cfg.aux_target_weight,
       num_steps=loss_cfg.num_steps, learning_rate=opt.learning_rate, momentum=opt.momentum,
       seed=config.seed)
+
+
+def _torch_step(config: ml_collections.ConfigDict, cfg: model_lib.ModelConfig,
+                loss_cfg: losses.LossConfig, windows_BxS: np.ndarray) -> tuple[Callable[[], None], dict]:
+  """The PyTorch reference's train step on the same dims, losses and windows; and what it ran."""
+  import torch  # pylint: disable=import-outside-toplevel
+  from chartx.tools import torch_reference  # pylint: disable=import-outside-toplevel
+  kwargs = torch_step_kwargs(config, cfg, loss_cfg)
   step = torch_reference.make_torch_step(**kwargs)
   info = {"torch_version": torch.__version__, "torch_threads": torch.get_num_threads(),
           "torch_params": torch_reference.count_params(step.model),
