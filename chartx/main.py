@@ -33,7 +33,10 @@ def run(argv) -> None:
   from chartx import malloc
   malloc.keep_freed_memory()  # Before JAX allocates anything (see chartx/malloc.py).
   # Imported late so --help and flag errors do not wait for JAX.
-  from chartx import distributed
+  from chartx import cpu_devices, distributed
+  flagged = distributed.flag_args(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  cpu_devices.split_cores(_CONFIG.value, _MODE.value,
+                          multi_process=flagged is not None or distributed.detect_cluster() is not None)
   distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   import jax
   if jax.process_index() != 0:

@@ -21,7 +21,8 @@ import sys
 _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
 
 
-def _cpu_only() -> bool:
+def cpu_only() -> bool:
+  """Whether JAX will run on the CPU alone (no GPU or TPU plugin installed, or JAX_PLATFORMS=cpu)."""
   platforms = os.environ.get("JAX_PLATFORMS", "")
   if platforms:
     return platforms.split(",") == ["cpu"]
@@ -33,7 +34,7 @@ def keep_freed_memory() -> bool:
   """Applies the settings above where they apply; returns whether it did."""
   if not sys.platform.startswith("linux") or "glibc.malloc" in os.environ.get("GLIBC_TUNABLES", ""):
     return False
-  if not _cpu_only():
+  if not cpu_only():
     return False
   try:
     libc = ctypes.CDLL("libc.so.6")

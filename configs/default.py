@@ -99,6 +99,9 @@ def get_config() -> ml_collections.ConfigDict:
   # (-1, 1, 1) fits a laptop or one GPU host; (-1, 8, 1) shards the state 8 ways on a pod, e.g.
   # --config.mesh.shape="(-1,8,1)". train.batch_size and eval.batch_size: multiples of data x fsdp.
   config.mesh.shape = (-1, 1, 1)
+  # CPU-only hosts: XLA CPU devices to split the cores into (the data axis then spans them; see
+  # chartx/cpu_devices.py). 0: one per usable core, as many as divide the batch sizes.
+  config.mesh.cpu_devices = 0
   # Logical axis name -> mesh axes (None: not split). Parameters: vocab, embed, heads, head_dim,
   # mlp, length (positions), layers (the scanned stack's leading axis), targets; activations:
   # batch, length, embed, mlp. For each array the rules apply in order and a mesh axis is used

@@ -63,7 +63,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from chartx import errors, flops, losses, malloc, profiling, sharding, train
+from chartx import cpu_devices, errors, flops, losses, malloc, profiling, sharding, train
 from chartx import model as model_lib
 from chartx import data
 from chartx.errors import UserError
@@ -315,6 +315,7 @@ def main(argv: list[str], holders: dict[str, flags.FlagHolder]) -> None:
   try:
     if len(argv) > 1:
       raise UserError(f"unexpected arguments: {' '.join(argv[1:])}")
+    cpu_devices.split_cores(holders["config"].value, "train")  # As python -m chartx.main does.
     record = benchmark(holders["config"].value, steps=holders["steps"].value,
                        warmup=holders["warmup"].value, compile_only=holders["compile_only"].value,
                        with_torch=holders["torch"].value, vocab_size=holders["vocab_size"].value,
