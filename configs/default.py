@@ -45,6 +45,12 @@ def get_config() -> ml_collections.ConfigDict:
   # Projection initialization: "lecun" (variance 1/fan_in; embeddings N(0, 1)) | "gpt2" (N(0, 0.02),
   # residual output projections divided by sqrt(2 x layers), embeddings N(0, 0.02)).
   config.model.init = "lecun"
+  # Model family: "fixed" (Al-Rfou et al.: fixed context, learned positions) | "xl" (Transformer-XL,
+  # Dai et al. 2019: segment recurrence with a memory, relative positions; chartx/xl.py).
+  config.model.family = "fixed"
+  config.model.mem_len = 0  # xl: memory rows kept per layer in training (the previous segments' states).
+  config.model.clamp_len = 0  # xl: relative distances above it use its encoding; 0: no clamp.
+  config.model.same_length = False  # xl: every query sees mem_len + 1 keys (itself and mem_len before it).
 
   config.loss = ml_collections.ConfigDict()
   config.loss.multiple_positions = True  # Aux 1: next-char loss at every position (False: last position only).
