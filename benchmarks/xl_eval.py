@@ -15,7 +15,9 @@ For each attention length A (--lengths), both models see A characters for every 
          character sees itself and the A - 1 before it, as chartx.evaluate's recurrent protocol
          does, --batch_size streams per call.
 Parameters are random and the text is random bytes (speed does not depend on them); the cost of a
-call depends on its shapes only, so the memory is not filled first. Each measurement compiles
+call depends on its shapes only, so the memory is not filled first. With --sample_chars, each
+model also samples that many characters per call with chartx.sample: the fixed model with its
+KV cache from a prompt of A characters, XL with a memory of A - 1. Each measurement compiles
 with an untimed call, then repeats the call until --min_seconds have passed (at least once) and
 reports characters per second over the timed calls. Prints a JSON line per length and, at the
 end, a markdown table with the machine and the 1-minute load averages before and after.
@@ -35,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from chartx import evaluate, sharding, train
+from chartx import evaluate, sample, sharding, train
 from chartx import model as model_lib
 from configs import enwik8_12l, enwik8_xl_12l
 
@@ -60,9 +62,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                  help="Windows (fixed) and streams (XL) per call (default 4; --tiny 2).")
   p.add_argument("--min_seconds", type=float, default=None,
                  help="Seconds each measurement repeats its call for (default 10; --tiny 0).")
+  p.add_argument("--sample_chars", type=int, default=None,
+                 help="Characters each sampler generates per call (default 256; --tiny 32; 0: no sampling).")
   args = p.parse_args(argv)
-  defaults = (dict(lengths="32,64", segment=8, batch_size=2, min_seconds=0.0) if args.tiny
-              else dict(lengths="512,800,1800,3800", segment=128, batch_size=4, min_seconds=10.0))
+  defaults = (dict(lengths="32,64", segment=8, batch_size=2, min_seconds=0.0, sample_chars=32) if args.tiny
+              else dict(lengths="512,800,1800,3800", segment=128, batch_size=4, min_seconds=10.0,
+                        sample_chars=256))
   for key, value in defaults.items():
     if getattr(args, key) is None:
       setattr(args, key, value)
@@ -77,6 +82,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
       p.error(f"--{key} must be >= 1, got {getattr(args, key)}")
   if args.min_seconds < 0:
     p.error(f"--min_seconds must be >= 0, got {args.min_seconds}")
+  if args.sample_chars < 0:
+    p.error(f"--sample_chars must be >= 0, got {args.sample_chars}")
   return args
 
 
@@ -115,8 +122,18 @@ def fixed_rate(length: int, args: argparse.Namespace, mesh, rules) -> dict[str, 
   windows_BxS = rng.integers(0, 256, (args.batch_size, length + 1)).astype(np.int32)
   first_B = np.full(args.batch_size, length - 1, np.int32)  # Stride 1: the last target only.
   rate, calls = _rate(lambda: score(params, windows_BxS, first_B), args.batch_size, args.min_seconds)
-  return {"fixed_params": model_lib.count_params(params), "fixed_chars_per_sec": rate,
-          "fixed_calls": calls}
+  record = {"fixed_params": model_lib.count_params(params), "fixed_chars_per_sec": rate,
+            "fixed_calls": calls}
+  if args.sample_chars:
+    # chartx.sample's KV-cache sampler from a full prompt of `length` characters (it re-encodes
+    # the last length / 2 whenever the cache fills).
+    generate = sample.make_generate(sample.model_tokens_to_logits(net), context=length,
+                                    num_chars=args.sample_chars, sampling=sample.SamplingConfig())
+    prompt_C = rng.integers(0, 256, length).astype(np.int32)
+    record["fixed_sample_chars_per_sec"], _ = _rate(
+        lambda: generate({"params": params}, cfg.init_cache(1, length), prompt_C, length, jax.random.key(1)),
+        args.sample_chars, args.min_seconds)
+  return record
 
 
 def xl_rate(length: int, args: argparse.Namespace, mesh, rules) -> dict[str, Any]:
@@ -141,8 +158,18 @@ def xl_rate(length: int, args: argparse.Namespace, mesh, rules) -> dict[str, Any
     nats, count, state["memory"] = score(params, state["memory"], inputs_BxT, targets_BxT, mask_BxT)
     return nats, count
   rate, calls = _rate(call, args.batch_size * args.segment, args.min_seconds)
-  return {"xl_params": model_lib.count_params(params), "xl_chars_per_sec": rate, "xl_calls": calls,
-          "xl_mem_len": length - 1}
+  record = {"xl_params": model_lib.count_params(params), "xl_chars_per_sec": rate, "xl_calls": calls,
+            "xl_mem_len": length - 1}
+  if args.sample_chars:
+    # chartx.sample's recurrent sampler: one position with the memory per character (its cost
+    # does not depend on how full the memory is, so a one-character prompt times the same).
+    generate = sample.make_recurrent_generate(sample.model_read_char(net), num_chars=args.sample_chars,
+                                              sampling=sample.SamplingConfig())
+    prompt_C = np.zeros(64, np.int32)
+    record["xl_sample_chars_per_sec"], _ = _rate(
+        lambda: generate({"params": params}, cfg.init_memory(1), prompt_C, 1, jax.random.key(1)),
+        args.sample_chars, args.min_seconds)
+  return record
 
 
 def benchmark(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -168,11 +195,15 @@ def table(records: list[dict[str, Any]], args: argparse.Namespace) -> str:
            f"{jax.__version__}; {'tiny models' if args.tiny else 'T12 (fixed) against XL 12L'}, "
            f"XL segments of {args.segment}, batch {args.batch_size}",
            "",
-           "| attention length | fixed, stride 1 (chars/s) | XL, recurrent (chars/s) | XL / fixed | load avg |",
-           "|---|---|---|---|---|"]
+           "| attention length | eval: fixed, stride 1 (chars/s) | eval: XL, recurrent (chars/s) "
+           "| XL / fixed | sampling: fixed, KV cache (chars/s) | sampling: XL, memory (chars/s) | load avg |",
+           "|---|---|---|---|---|---|---|"]
+  number = lambda r, key, fmt: format(r[key], fmt) if key in r else "-"
   for r in records:
-    lines.append(f"| {r['attention_length']:,} | {r['fixed_chars_per_sec']:,.1f} | "
+    lines.append(f"| {r['attention_length']:,} | {r['fixed_chars_per_sec']:,.2f} | "
                  f"{r['xl_chars_per_sec']:,.0f} | {r['xl_over_fixed']:,.0f}x | "
+                 f"{number(r, 'fixed_sample_chars_per_sec', ',.0f')} | "
+                 f"{number(r, 'xl_sample_chars_per_sec', ',.0f')} | "
                  f"{r['load_avg_before']:.2f}-{r['load_avg_after']:.2f} |")
   return "\n".join(lines)
 

@@ -81,7 +81,7 @@ def boxed_memory(cfg: model_lib.ModelConfig, batch_size: int) -> Any:
   if cfg.family != "xl":
     return None
   memory = cfg.init_memory(batch_size)
-  return memory.replace(**{name: nn.Partitioned(getattr(memory, name), names)
+  return memory.replace(**{name: nn.LogicallyPartitioned(getattr(memory, name), names)
                            for name, names in MEMORY_AXES.items()})
 
 
