@@ -15,8 +15,9 @@ bfloat16 and dropout as configured) it measures, each in a section of its own:
                              and KV-cache sampling chars/s over --sample_chars (benchmarks.eval_sample's
                              functions), with model.attention "auto" (cuDNN on a GPU in bf16);
                              infer/T12 also Transformer-XL 12L's recurrent evaluation at the same
-                             attention length, seq_len (xl_recurrent_eval: benchmarks.xl_eval's
-                             xl_rate, segments of 128, a memory of seq_len - 1, same_length).
+                             attention length, seq_len, and its sampling with the memory
+                             (xl_recurrent_eval: benchmarks.xl_eval's xl_rate, segments of 128, a
+                             memory of seq_len - 1, same_length).
 Parameters are random and the text is random bytes: nothing is downloaded.
 
 Every section runs in a child process of its own (python -m benchmarks.gpu_check --section=...),
@@ -198,7 +199,8 @@ def infer_section(model: str, args: argparse.Namespace) -> dict[str, Any]:
   if model == "T12":  # Transformer-XL 12L's recurrent eval at the same attention length as stride 1's.
     from benchmarks import xl_eval  # pylint: disable=import-outside-toplevel
     xl_args = argparse.Namespace(tiny=args.tiny, segment=8 if args.tiny else 128,
-                                 batch_size=args.eval_batch_size, min_seconds=0.0 if args.tiny else 5.0)
+                                 batch_size=args.eval_batch_size, min_seconds=0.0 if args.tiny else 5.0,
+                                 sample_chars=args.sample_chars)
     mesh, rules = sharding.make_mesh(config), sharding.logical_rules(config)
     measure(result, "xl_recurrent_eval", lambda: xl_eval.xl_rate(seq_len, xl_args, mesh, rules))
   result["peak_memory_bytes"], result["peak_memory_source"] = bench.peak_memory()

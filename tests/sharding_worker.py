@@ -104,7 +104,7 @@ def run(c, devices, windows_steps_BxS, resets_steps_B=None):
   }
   memory = None if state.memory is None else np.asarray(state.memory.h_LxBxMxD)
   if memory is not None:
-    record["memory_spec"] = str(state.memory.h_LxBxMxD.sharding.spec)
+    record["memory_spec"] = list(state.memory.h_LxBxMxD.sharding.spec)
   return record, {name: np.asarray(x) for name, (_, x) in zip(names, leaves)}, memory
 
 
