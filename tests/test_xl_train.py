@@ -112,7 +112,7 @@ def _direct_stream_bits(net, params, ids_M, start, stop, seq_len):
   return nats / math.log(2)
 
 
-@pytest.mark.parametrize("num_chars,streams,same_length", [(301, 4, False), (203, 2, True), (5, 4, False)])
+@pytest.mark.parametrize("num_chars,streams,same_length", [(301, 4, False), (203, 2, True)])
 def test_recurrent_evaluation_scores_every_character_once_as_a_direct_loop(tiny_config, num_chars,
                                                                            streams, same_length):
   """Batched over contiguous streams (the last one shorter, or empty), padded to whole segments:
@@ -137,14 +137,20 @@ def test_recurrent_evaluation_scores_every_character_once_as_a_direct_loop(tiny_
   np.testing.assert_allclose(bits, want, rtol=2e-5)
 
 
-def test_stream_segments_cover_each_target_once_in_order():
-  ids_M = np.arange(24)  # 23 targets in 5 streams of 5 (the last of 3), segments of 2.
-  inputs_BxP, targets_BxP, mask_BxP = evaluate.stream_segments(ids_M, seq_len=2, batch_size=5)
-  assert inputs_BxP.shape == (5, 6)
-  np.testing.assert_array_equal(np.sort(targets_BxP[mask_BxP]), np.arange(1, 24))
+@pytest.mark.parametrize("num_chars,streams,per_stream", [
+    (24, 5, [5, 5, 5, 5, 3]),  # 23 targets: the last stream shorter.
+    (6, 4, [2, 2, 1, 0]),  # 5 targets: the last stream empty.
+])
+def test_stream_segments_cover_each_target_once_in_order(num_chars, streams, per_stream):
+  ids_M = np.arange(num_chars)  # Each id is its position.
+  inputs_BxP, targets_BxP, mask_BxP = evaluate.stream_segments(ids_M, seq_len=2, batch_size=streams)
+  assert inputs_BxP.shape[0] == streams and inputs_BxP.shape[1] % 2 == 0
+  np.testing.assert_array_equal(np.sort(targets_BxP[mask_BxP]), np.arange(1, num_chars))
   np.testing.assert_array_equal(targets_BxP[mask_BxP], inputs_BxP[mask_BxP] + 1)
-  np.testing.assert_array_equal(inputs_BxP[0], [0, 1, 2, 3, 4, 0])  # In order; padding masked.
-  assert mask_BxP.sum(1).tolist() == [5, 5, 5, 5, 3]
+  assert mask_BxP.sum(1).tolist() == per_stream
+  for b in range(streams):  # In order within a stream, the padding after it.
+    np.testing.assert_array_equal(inputs_BxP[b, :per_stream[b]], b * per_stream[0] + np.arange(per_stream[b]))
+    assert not mask_BxP[b, per_stream[b]:].any()
 
 
 def test_protocol_fields_of_both_families(tiny_config):
@@ -270,13 +276,13 @@ def test_too_short_a_split_for_the_streams_is_named_before_training(tiny_config,
 
 
 def test_xl_eval_benchmark_runs_at_tiny_dims():
-  done = subprocess.run([sys.executable, "-m", "benchmarks.xl_eval", "--tiny"], cwd=ROOT,
+  done = subprocess.run([sys.executable, "-m", "benchmarks.xl_eval", "--tiny", "--lengths=32"], cwd=ROOT,
                         capture_output=True, text=True, timeout=600, check=False,
                         env=dict(os.environ, JAX_PLATFORMS="cpu"))
   assert done.returncode == 0, done.stderr[-3000:]
   lines = done.stdout.splitlines()
   records = [json.loads(line) for line in lines if line.startswith("{")]
-  assert [r["attention_length"] for r in records] == [32, 64]
+  assert [r["attention_length"] for r in records] == [32]
   for r in records:
     assert r["fixed_chars_per_sec"] > 0 and r["xl_chars_per_sec"] > 0 and r["xl_mem_len"] == r["attention_length"] - 1
     assert r["xl_over_fixed"] == pytest.approx(r["xl_chars_per_sec"] / r["fixed_chars_per_sec"])
