@@ -147,9 +147,9 @@ class XLBlock(nn.Module):
     C = M + T
     mem_BxMxD = nn.with_logical_constraint(mem_BxMxD, ("batch", "length", "embed"))
     cat_BxCxD = jnp.concatenate([mem_BxMxD.astype(x_BxTxD.dtype), x_BxTxD], axis=1)
-    in_init = model_lib._head_in_init(cfg)  # pylint: disable=protected-access
+    in_init = model_lib.head_in_init(cfg)
     with jax.named_scope("layer_norm"):
-      h_BxCxD = model_lib._layer_norm(cfg, "attention_norm")(cat_BxCxD)  # pylint: disable=protected-access
+      h_BxCxD = model_lib.layer_norm(cfg, "attention_norm")(cat_BxCxD)
     with jax.named_scope("projections"):
       kernel = lambda name: self.param(name, in_init, (D, N, H)).reshape(D, N * H)
       q_BxTxNxH = matmul(h_BxCxD[:, M:], kernel("query")).reshape(B, T, N, H)
@@ -159,8 +159,8 @@ class XLBlock(nn.Module):
     with jax.named_scope("attention"):
       a_BxTxNxH = relative_attention(q_BxTxNxH, k_BxCxNxH, value_BxCxNxH, rk_CxNxH, content_bias_NxH,
                                      position_bias_NxH, mask_Bx1xTxC, impl=cfg.attention)
-    x_BxTxD = model_lib._attention_out_residual(self, x_BxTxD, a_BxTxNxH)  # pylint: disable=protected-access
-    x_BxTxD = model_lib._feed_forward_residual(cfg, self.deterministic, x_BxTxD)  # pylint: disable=protected-access
+    x_BxTxD = model_lib.attention_out_residual(self, x_BxTxD, a_BxTxNxH)
+    x_BxTxD = model_lib.feed_forward_residual(cfg, self.deterministic, x_BxTxD)
     return x_BxTxD, _last_rows(cat_BxCxD, cfg.mem_len)
 
 
@@ -173,8 +173,7 @@ class _ScanBody(nn.Module):
 
   @nn.compact
   def __call__(self, x_BxTxD, mem_BxMxD, r_CxD, content_bias_NxH, position_bias_NxH, mask_Bx1xTxC):
-    block = model_lib._block_cls(self.cfg, XLBlock)(  # pylint: disable=protected-access
-        self.cfg, self.deterministic, name="block")
+    block = model_lib.layer_cls(self.cfg, XLBlock)(self.cfg, self.deterministic, name="block")
     x_BxTxD, new_mem_BxMxD = block(x_BxTxD, mem_BxMxD, r_CxD, content_bias_NxH, position_bias_NxH,
                                    mask_Bx1xTxC)
     return x_BxTxD, (new_mem_BxMxD, x_BxTxD if self.keep_all_layers else None)
@@ -190,7 +189,7 @@ class XLTransformer(nn.Module):
   def setup(self):
     cfg = self.cfg
     self.embedding = model_lib.embedding_param(self, cfg)
-    bias_init = model_lib._init(nn.initializers.zeros, "heads", "head_dim")  # pylint: disable=protected-access
+    bias_init = nn.with_logical_partitioning(nn.initializers.zeros, ("heads", "head_dim"))
     # u and v, shared by every layer (the paper); zero at first: plain content attention.
     self.content_bias = self.param("content_bias", bias_init, (cfg.num_heads, cfg.head_dim))
     self.position_bias = self.param("position_bias", bias_init, (cfg.num_heads, cfg.head_dim))
@@ -201,7 +200,7 @@ class XLTransformer(nn.Module):
                       length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
       self.layers = stack(cfg, self.deterministic, self.all_layers)
     else:
-      self.layers = [model_lib._block_cls(cfg, XLBlock)(cfg, self.deterministic)  # pylint: disable=protected-access
+      self.layers = [model_lib.layer_cls(cfg, XLBlock)(cfg, self.deterministic)
                      for _ in range(cfg.num_layers)]
     self.classifiers = model_lib.head_params(self, cfg, self.embedding)
 
@@ -217,9 +216,11 @@ class XLTransformer(nn.Module):
     M = memory.h_LxBxMxD.shape[2]
     x_BxTxD = self.dropout(model_lib.embed(cfg, self.embedding, tokens_BxT), deterministic=self.deterministic)
     x_BxTxD = nn.with_logical_constraint(x_BxTxD, ("batch", "length", "embed"))
+    memory_axes = ("layers", "batch", "length", "embed")
     mem_LxBxMxD = nn.with_logical_constraint(
-        jax.lax.stop_gradient(memory.h_LxBxMxD.astype(cfg.compute_dtype)), ("layers", "batch", "length", "embed"))
-    r_CxD = self.dropout(relative_encodings(M + T, cfg.d_model, cfg.clamp_len), deterministic=self.deterministic)
+        jax.lax.stop_gradient(memory.h_LxBxMxD.astype(cfg.compute_dtype)), memory_axes)
+    r_CxD = self.dropout(relative_encodings(M + T, cfg.d_model, cfg.clamp_len),
+                         deterministic=self.deterministic)
     mask_Bx1xTxC = attention_mask(T, M, memory.valid_B, cfg.mem_len if cfg.same_length else None)
     biases = (self.content_bias, self.position_bias)
     if cfg.scan_layers:
@@ -232,8 +233,7 @@ class XLTransformer(nn.Module):
         new_mems.append(new_BxMxD)
       new_LxBxMxD = jnp.stack(new_mems)
       h_LxBxTxD = jnp.stack(outputs) if self.all_layers else None
-    new_LxBxMxD = nn.with_logical_constraint(jax.lax.stop_gradient(new_LxBxMxD),
-                                             ("layers", "batch", "length", "embed"))
+    new_LxBxMxD = nn.with_logical_constraint(jax.lax.stop_gradient(new_LxBxMxD), memory_axes)
     new_memory = Memory(h_LxBxMxD=new_LxBxMxD, valid_B=jnp.minimum(cfg.mem_len, memory.valid_B + T))
     return (h_LxBxTxD if self.all_layers else x_BxTxD), new_memory
 
