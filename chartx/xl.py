@@ -12,16 +12,17 @@ the pre-LN layer's input, and the new memory is the last M positions of [memory;
 layer (Memory). Nothing in the model is an absolute position, so a memory can follow a segment
 anywhere in the text, and an evaluation can use a longer memory than training did.
 
-Relative positional attention. The score of query i for key j, at distance i - j >= 0, is, in
-the paper's words, the content term plus the position term:
+Relative positional attention. The score of query i for key j, at distance i - j >= 0, is the
+paper's content term plus its position term:
     (q_i + u) . k_j  +  (q_i + v) . (W_R R_{i-j}),   scaled by 1/sqrt(H) as usual,
 where q, k are the query and key projections, R_d is the sinusoid of distance d (Vaswani et
 al.'s encoding of d: sines then cosines at the frequencies 1/10000^(2k/D)), W_R (DxNxH) is each
 layer's own projection of it, and u, v (NxH) are learned biases that replace the query's
 position: a content bias u (how much key j matters whatever its distance) and a position bias v
 (how much distance i - j matters whatever the content). u and v are shared by all layers, as in
-the paper (its equation has one u and one v; the public TensorFlow code has a flag to give each
-layer its own); W_R is per layer.
+the paper (its equation has one u and one v) and the public code's defaults (its TensorFlow code
+has a flag, untie_r, to give each layer its own); W_R is per layer. u and v start at zero (plain
+content attention); the public code draws them from N(0, 0.02).
 
 The relative shift. The position term is computed once per (query, distance) instead of per
 (query, key): the C distances C-1, C-2, ..., 0 (descending: the farthest key first) are encoded
@@ -34,7 +35,8 @@ index" into "key index". Entries with j > M + i (future keys) hold leftovers of 
 and are masked. No TxC gather: a pad and two reshapes (relative_shift).
 
 clamp_len (> 0): distances above clamp_len use the encoding of clamp_len, so a model evaluated
-with a longer memory than it was trained with sees no distance it never saw.
+with a longer memory than it was trained with need not meet the encodings of distances it never
+saw (with clamp_len at most training's longest distance, mem_len + seq_len - 1).
 
 same_length: every query sees the same number of keys, mem_len + 1 (itself and the mem_len
 positions before it), where plain XL gives query i of the segment M + i + 1 keys (the later
@@ -46,8 +48,8 @@ every layer attends to the last mem_len + 1 positions only (tests/test_xl.py).
 
 Attention runs through jax.nn.dot_product_attention with the position term (pre-scaled by
 1/sqrt(H)) as its bias and a mask for causality, invalid memory rows (Memory.valid_B) and
-same_length: implementation "xla" or "cudnn" (model.attention; splash has no bias, and is
-refused for XL by ModelConfig.from_config).
+same_length: implementation "xla" or "cudnn" (model.attention; cuDNN's kernel with a bias
+wants even T and C when training; splash has no bias, and ModelConfig.from_config refuses it).
 
 Dropout, where the public code has it: on the embedded input, on the relative encodings R, and on
 each residual branch (as in the fixed family). No absolute positions, so model.max_len and

@@ -290,7 +290,7 @@ def test_bfloat16_runs_and_is_finite():
 def test_the_auxiliary_losses_run_on_xl():
   """losses.layer_nlls on every layer's output (all_layers: LxBxTxD) and heads(): every layer's
   every target, finite, with gradients for every layer's parameters."""
-  cfg = _cfg(num_targets=3, remat="dots")
+  cfg = _cfg(num_targets=3, remat="dots", dropout=0.1)
   params = _params(cfg)
   model = model_lib.build(cfg, deterministic=False, all_layers=True)
   windows_BxS = _tokens((2, 8 + 3))
