@@ -98,8 +98,9 @@ class ModelConfig:
 
     family "xl" (T = seq_len, M = mem_len, per layer and character), on top of the same q, k, v,
     output and feed-forward count for the T current rows:
-      - keys and values of the M memory rows, recomputed every segment: 2 x 4 d^2 M / T (forward
-        2 d^2 and the weight gradient 2 d^2; the memory is stop-gradient, so no input gradient);
+      - keys and values of the M memory rows, recomputed every segment: 2 x 6 d^2 M / T (the
+        memory is stop-gradient, but the input gradient of these products still runs: it is
+        the attention norm's parameters' gradient);
       - the positional projection W_R R of the M + T relative distances, computed once per batch
         for all batch_size rows (R is a constant): 4 d^2 (M + T) / (T x batch_size); the default
         batch_size 1 gives an upper bound;
@@ -114,7 +115,7 @@ class ModelConfig:
     if self.family == "xl":
       mem = self.mem_len
       keys = mem + 1 if self.same_length else mem + seq_len / 2
-      matmuls += n * (8 * d * d * mem / seq_len + 4 * d * d * (mem + seq_len) / (seq_len * batch_size))
+      matmuls += n * (12 * d * d * mem / seq_len + 4 * d * d * (mem + seq_len) / (seq_len * batch_size))
       attention = 18 * n * d * keys
     heads = 6 * (n if intermediate_layers else 1) * self.num_targets * d * self.vocab_size
     return float(matmuls + attention + heads)
@@ -142,6 +143,7 @@ class ModelConfig:
     if m.attention not in (*attention.IMPLS, "auto"):
       raise UserError(f"config.model.attention must be one of {', '.join(attention.IMPLS)}, auto; "
                       f"got {m.attention!r}")
+    _check_family(m)
     if m.attention == "cudnn" and (dtype == "float32" or backend != "gpu"):
       # cuDNN's flash attention takes only 16-bit inputs, on a GPU; "auto" falls back to xla.
       raise UserError(f"config.model.attention=cudnn needs a GPU and config.model.dtype=bfloat16 "
@@ -154,7 +156,6 @@ class ModelConfig:
     if m.init not in _INITS:
       raise UserError(f"config.model.init must be one of {', '.join(_INITS)}; got {m.init!r}")
     impl = attention.resolve(m.attention, backend, dtype, config.data.seq_len)
-    _check_family(m)
     if m.family == "xl" and impl == "splash":  # Only from "auto" (_check_family refuses it named).
       impl = "xla"
     return cls(vocab_size=vocab_size, num_layers=m.num_layers, d_model=m.d_model,
@@ -308,10 +309,10 @@ class Block(nn.Module):
 
     N, H, D = cfg.num_heads, cfg.head_dim, cfg.d_model
     B, T = x_BxTxD.shape[:2]
-    in_init = _head_in_init(cfg)
+    in_init = head_in_init(cfg)
     # Named scopes label the ops in profiles (benchmarks/profile_step.py, TensorBoard's profiler).
     with jax.named_scope("layer_norm"):
-      h_BxTxD = _layer_norm(cfg, "attention_norm")(x_BxTxD)
+      h_BxTxD = layer_norm(cfg, "attention_norm")(x_BxTxD)
     with jax.named_scope("projections"):
       q_BxTxNxH, k_BxTxNxH, v_BxTxNxH = (
           matmul(h_BxTxD, self.param(name, in_init, (D, N, H)).reshape(D, N * H)).reshape(B, T, N, H)
@@ -321,29 +322,29 @@ class Block(nn.Module):
         a_BxTxNxH = attention.causal_attention(q_BxTxNxH, k_BxTxNxH, v_BxTxNxH, impl=cfg.attention)
       else:
         a_BxTxNxH, cache = _cached_attention(q_BxTxNxH, k_BxTxNxH, v_BxTxNxH, cache)
-    x_BxTxD = _attention_out_residual(self, x_BxTxD, a_BxTxNxH)
-    x_BxTxD = _feed_forward_residual(cfg, self.deterministic, x_BxTxD)
+    x_BxTxD = attention_out_residual(self, x_BxTxD, a_BxTxNxH)
+    x_BxTxD = feed_forward_residual(cfg, self.deterministic, x_BxTxD)
     return x_BxTxD if cache is None else (x_BxTxD, cache[:2])
 
 
 # The layers' building blocks, shared by the families (chartx.xl's layer is built from them too),
 # so that their parameters, initializers, profile scopes and sharding annotations stay the same.
 
-def _layer_norm(cfg: ModelConfig, name: str) -> nn.LayerNorm:
+def layer_norm(cfg: ModelConfig, name: str) -> nn.LayerNorm:
   """A LayerNorm over D, computed in the compute dtype; a submodule of the calling layer."""
   return nn.LayerNorm(epsilon=1e-6, dtype=cfg.compute_dtype, name=name,
                       scale_init=_init(nn.initializers.ones, "embed"),
                       bias_init=_init(nn.initializers.zeros, "embed"))
 
 
-def _head_in_init(cfg: ModelConfig) -> nn.initializers.Initializer:
+def head_in_init(cfg: ModelConfig) -> nn.initializers.Initializer:
   """The initializer of a DxNxH projection (query, key, value; XL's W_R). Per-head projections as
   explicit DxNxH / NxHxD parameters keep the head axis visible to the sharding rules
   (DenseGeneral would flatten it at init); the products flatten it."""
   return _init(_initializer(cfg, in_axis=0, out_axis=(1, 2)), "embed", "heads", "head_dim")
 
 
-def _attention_out_residual(layer: nn.Module, x_BxTxD: jax.Array, a_BxTxNxH: jax.Array) -> jax.Array:
+def attention_out_residual(layer: nn.Module, x_BxTxD: jax.Array, a_BxTxNxH: jax.Array) -> jax.Array:
   """x + dropout(a @ attention_out): the attention's output projection (a parameter of `layer`,
   which must have cfg and deterministic) back into the residual stream."""
   cfg = layer.cfg
@@ -357,11 +358,11 @@ def _attention_out_residual(layer: nn.Module, x_BxTxD: jax.Array, a_BxTxNxH: jax
   return x_BxTxD + nn.Dropout(cfg.dropout)(a_BxTxD, deterministic=layer.deterministic)
 
 
-def _feed_forward_residual(cfg: ModelConfig, deterministic: bool, x_BxTxD: jax.Array) -> jax.Array:
+def feed_forward_residual(cfg: ModelConfig, deterministic: bool, x_BxTxD: jax.Array) -> jax.Array:
   """x + dropout(feed_forward(layer_norm(x))), its submodules (mlp_norm, mlp_in, mlp_out) created
   in the calling layer."""
   with jax.named_scope("layer_norm"):
-    h_BxTxD = _layer_norm(cfg, "mlp_norm")(x_BxTxD)
+    h_BxTxD = layer_norm(cfg, "mlp_norm")(x_BxTxD)
   with jax.named_scope("feed_forward"):
     h_BxTxF = _Dense(cfg.d_ff, _init(_initializer(cfg), "embed", "mlp"), name="mlp_in")(h_BxTxD)
     h_BxTxF = nn.with_logical_constraint(_ACTIVATIONS[cfg.activation](h_BxTxF), ("batch", "length", "mlp"))
@@ -402,14 +403,14 @@ class _ScanBody(nn.Module):
   @nn.compact
   def __call__(self, x_BxTxD: jax.Array, cache: LayerCache | None) -> tuple[jax.Array, Any]:
     """cache is None in training; when decoding, y is the layer's updated (key, value)."""
-    block = _block_cls(self.cfg)(self.cfg, self.deterministic, name="block")
+    block = layer_cls(self.cfg)(self.cfg, self.deterministic, name="block")
     if cache is not None:
       return block(x_BxTxD, cache)
     x_BxTxD = block(x_BxTxD)
     return x_BxTxD, (x_BxTxD if self.keep_all_layers else None)
 
 
-def _block_cls(cfg: ModelConfig, block: type[nn.Module] = Block) -> type[nn.Module]:
+def layer_cls(cfg: ModelConfig, block: type[nn.Module] = Block) -> type[nn.Module]:
   """The layer class `block` (a family's layer), rematerialized as cfg.remat says."""
   if cfg.remat == "none":
     return block
@@ -439,7 +440,7 @@ class Transformer(nn.Module):
                       length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
       self.layers = stack(cfg, self.deterministic, self.all_layers)
     else:
-      self.layers = [_block_cls(cfg)(cfg, self.deterministic) for _ in range(cfg.num_layers)]
+      self.layers = [layer_cls(cfg)(cfg, self.deterministic) for _ in range(cfg.num_layers)]
     self.classifiers = head_params(self, cfg, self.embedding)
 
   def __call__(self, tokens_BxT: jax.Array) -> jax.Array:

@@ -12,16 +12,17 @@ the pre-LN layer's input, and the new memory is the last M positions of [memory;
 layer (Memory). Nothing in the model is an absolute position, so a memory can follow a segment
 anywhere in the text, and an evaluation can use a longer memory than training did.
 
-Relative positional attention. The score of query i for key j, at distance i - j >= 0, is, in
-the paper's words, the content term plus the position term:
+Relative positional attention. The score of query i for key j, at distance i - j >= 0, is the
+paper's content term plus its position term:
     (q_i + u) . k_j  +  (q_i + v) . (W_R R_{i-j}),   scaled by 1/sqrt(H) as usual,
 where q, k are the query and key projections, R_d is the sinusoid of distance d (Vaswani et
 al.'s encoding of d: sines then cosines at the frequencies 1/10000^(2k/D)), W_R (DxNxH) is each
 layer's own projection of it, and u, v (NxH) are learned biases that replace the query's
 position: a content bias u (how much key j matters whatever its distance) and a position bias v
 (how much distance i - j matters whatever the content). u and v are shared by all layers, as in
-the paper (its equation has one u and one v; the public TensorFlow code has a flag to give each
-layer its own); W_R is per layer.
+the paper (its equation has one u and one v) and the public code's defaults (its TensorFlow code
+has a flag, untie_r, to give each layer its own); W_R is per layer. u and v start at zero (plain
+content attention); the public code draws them from N(0, 0.02).
 
 The relative shift. The position term is computed once per (query, distance) instead of per
 (query, key): the C distances C-1, C-2, ..., 0 (descending: the farthest key first) are encoded
@@ -34,7 +35,8 @@ index" into "key index". Entries with j > M + i (future keys) hold leftovers of 
 and are masked. No TxC gather: a pad and two reshapes (relative_shift).
 
 clamp_len (> 0): distances above clamp_len use the encoding of clamp_len, so a model evaluated
-with a longer memory than it was trained with sees no distance it never saw.
+with a longer memory than it was trained with need not meet the encodings of distances it never
+saw (with clamp_len at most training's longest distance, mem_len + seq_len - 1).
 
 same_length: every query sees the same number of keys, mem_len + 1 (itself and the mem_len
 positions before it), where plain XL gives query i of the segment M + i + 1 keys (the later
@@ -46,8 +48,8 @@ every layer attends to the last mem_len + 1 positions only (tests/test_xl.py).
 
 Attention runs through jax.nn.dot_product_attention with the position term (pre-scaled by
 1/sqrt(H)) as its bias and a mask for causality, invalid memory rows (Memory.valid_B) and
-same_length: implementation "xla" or "cudnn" (model.attention; splash has no bias, and is
-refused for XL by ModelConfig.from_config).
+same_length: implementation "xla" or "cudnn" (model.attention; cuDNN's kernel with a bias
+wants even T and C when training; splash has no bias, and ModelConfig.from_config refuses it).
 
 Dropout, where the public code has it: on the embedded input, on the relative encodings R, and on
 each residual branch (as in the fixed family). No absolute positions, so model.max_len and
@@ -147,9 +149,9 @@ class XLBlock(nn.Module):
     C = M + T
     mem_BxMxD = nn.with_logical_constraint(mem_BxMxD, ("batch", "length", "embed"))
     cat_BxCxD = jnp.concatenate([mem_BxMxD.astype(x_BxTxD.dtype), x_BxTxD], axis=1)
-    in_init = model_lib._head_in_init(cfg)  # pylint: disable=protected-access
+    in_init = model_lib.head_in_init(cfg)
     with jax.named_scope("layer_norm"):
-      h_BxCxD = model_lib._layer_norm(cfg, "attention_norm")(cat_BxCxD)  # pylint: disable=protected-access
+      h_BxCxD = model_lib.layer_norm(cfg, "attention_norm")(cat_BxCxD)
     with jax.named_scope("projections"):
       kernel = lambda name: self.param(name, in_init, (D, N, H)).reshape(D, N * H)
       q_BxTxNxH = matmul(h_BxCxD[:, M:], kernel("query")).reshape(B, T, N, H)
@@ -159,8 +161,8 @@ class XLBlock(nn.Module):
     with jax.named_scope("attention"):
       a_BxTxNxH = relative_attention(q_BxTxNxH, k_BxCxNxH, value_BxCxNxH, rk_CxNxH, content_bias_NxH,
                                      position_bias_NxH, mask_Bx1xTxC, impl=cfg.attention)
-    x_BxTxD = model_lib._attention_out_residual(self, x_BxTxD, a_BxTxNxH)  # pylint: disable=protected-access
-    x_BxTxD = model_lib._feed_forward_residual(cfg, self.deterministic, x_BxTxD)  # pylint: disable=protected-access
+    x_BxTxD = model_lib.attention_out_residual(self, x_BxTxD, a_BxTxNxH)
+    x_BxTxD = model_lib.feed_forward_residual(cfg, self.deterministic, x_BxTxD)
     return x_BxTxD, _last_rows(cat_BxCxD, cfg.mem_len)
 
 
@@ -173,8 +175,7 @@ class _ScanBody(nn.Module):
 
   @nn.compact
   def __call__(self, x_BxTxD, mem_BxMxD, r_CxD, content_bias_NxH, position_bias_NxH, mask_Bx1xTxC):
-    block = model_lib._block_cls(self.cfg, XLBlock)(  # pylint: disable=protected-access
-        self.cfg, self.deterministic, name="block")
+    block = model_lib.layer_cls(self.cfg, XLBlock)(self.cfg, self.deterministic, name="block")
     x_BxTxD, new_mem_BxMxD = block(x_BxTxD, mem_BxMxD, r_CxD, content_bias_NxH, position_bias_NxH,
                                    mask_Bx1xTxC)
     return x_BxTxD, (new_mem_BxMxD, x_BxTxD if self.keep_all_layers else None)
@@ -190,7 +191,7 @@ class XLTransformer(nn.Module):
   def setup(self):
     cfg = self.cfg
     self.embedding = model_lib.embedding_param(self, cfg)
-    bias_init = model_lib._init(nn.initializers.zeros, "heads", "head_dim")  # pylint: disable=protected-access
+    bias_init = nn.with_logical_partitioning(nn.initializers.zeros, ("heads", "head_dim"))
     # u and v, shared by every layer (the paper); zero at first: plain content attention.
     self.content_bias = self.param("content_bias", bias_init, (cfg.num_heads, cfg.head_dim))
     self.position_bias = self.param("position_bias", bias_init, (cfg.num_heads, cfg.head_dim))
@@ -201,7 +202,7 @@ class XLTransformer(nn.Module):
                       length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
       self.layers = stack(cfg, self.deterministic, self.all_layers)
     else:
-      self.layers = [model_lib._block_cls(cfg, XLBlock)(cfg, self.deterministic)  # pylint: disable=protected-access
+      self.layers = [model_lib.layer_cls(cfg, XLBlock)(cfg, self.deterministic)
                      for _ in range(cfg.num_layers)]
     self.classifiers = model_lib.head_params(self, cfg, self.embedding)
 
@@ -217,9 +218,11 @@ class XLTransformer(nn.Module):
     M = memory.h_LxBxMxD.shape[2]
     x_BxTxD = self.dropout(model_lib.embed(cfg, self.embedding, tokens_BxT), deterministic=self.deterministic)
     x_BxTxD = nn.with_logical_constraint(x_BxTxD, ("batch", "length", "embed"))
+    memory_axes = ("layers", "batch", "length", "embed")
     mem_LxBxMxD = nn.with_logical_constraint(
-        jax.lax.stop_gradient(memory.h_LxBxMxD.astype(cfg.compute_dtype)), ("layers", "batch", "length", "embed"))
-    r_CxD = self.dropout(relative_encodings(M + T, cfg.d_model, cfg.clamp_len), deterministic=self.deterministic)
+        jax.lax.stop_gradient(memory.h_LxBxMxD.astype(cfg.compute_dtype)), memory_axes)
+    r_CxD = self.dropout(relative_encodings(M + T, cfg.d_model, cfg.clamp_len),
+                         deterministic=self.deterministic)
     mask_Bx1xTxC = attention_mask(T, M, memory.valid_B, cfg.mem_len if cfg.same_length else None)
     biases = (self.content_bias, self.position_bias)
     if cfg.scan_layers:
@@ -232,8 +235,7 @@ class XLTransformer(nn.Module):
         new_mems.append(new_BxMxD)
       new_LxBxMxD = jnp.stack(new_mems)
       h_LxBxTxD = jnp.stack(outputs) if self.all_layers else None
-    new_LxBxMxD = nn.with_logical_constraint(jax.lax.stop_gradient(new_LxBxMxD),
-                                             ("layers", "batch", "length", "embed"))
+    new_LxBxMxD = nn.with_logical_constraint(jax.lax.stop_gradient(new_LxBxMxD), memory_axes)
     new_memory = Memory(h_LxBxMxD=new_LxBxMxD, valid_B=jnp.minimum(cfg.mem_len, memory.valid_B + T))
     return (h_LxBxTxD if self.all_layers else x_BxTxD), new_memory
 
