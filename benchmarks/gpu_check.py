@@ -13,7 +13,11 @@ bfloat16 and dropout as configured) it measures, each in a section of its own:
   infer/<model>              evaluation chars/s at stride 1 (the paper's protocol) and at stride
                              seq_len, over --eval_windows windows in batches of --eval_batch_size,
                              and KV-cache sampling chars/s over --sample_chars (benchmarks.eval_sample's
-                             functions), with model.attention "auto" (cuDNN on a GPU in bf16).
+                             functions), with model.attention "auto" (cuDNN on a GPU in bf16);
+                             infer/T12 also Transformer-XL 12L's recurrent evaluation at the same
+                             attention length, seq_len, and its sampling with the memory
+                             (xl_recurrent_eval: benchmarks.xl_eval's xl_rate, segments of 128, a
+                             memory of seq_len - 1, same_length).
 Parameters are random and the text is random bytes: nothing is downloaded.
 
 Every section runs in a child process of its own (python -m benchmarks.gpu_check --section=...),
@@ -177,6 +181,7 @@ def infer_section(model: str, args: argparse.Namespace) -> dict[str, Any]:
   import jax  # pylint: disable=import-outside-toplevel
   from benchmarks import eval_sample  # pylint: disable=import-outside-toplevel
   from chartx import model as model_lib  # pylint: disable=import-outside-toplevel
+  from chartx import sharding  # pylint: disable=import-outside-toplevel
   from chartx.tools import bench  # pylint: disable=import-outside-toplevel
   config, overrides = model_config(model, args, jax.default_backend(), "auto")
   seq_len = config.data.seq_len
@@ -191,6 +196,13 @@ def infer_section(model: str, args: argparse.Namespace) -> dict[str, Any]:
         config, net, variables, stride=stride, windows=args.eval_windows, batch_size=args.eval_batch_size))
   measure(result, "sample_cached_chars_per_sec",
           lambda: eval_sample.cached_sample_rate(net, variables, seq_len, args.sample_chars))
+  if model == "T12":  # Transformer-XL 12L's recurrent eval at the same attention length as stride 1's.
+    from benchmarks import xl_eval  # pylint: disable=import-outside-toplevel
+    xl_args = argparse.Namespace(tiny=args.tiny, segment=8 if args.tiny else 128,
+                                 batch_size=args.eval_batch_size, min_seconds=0.0 if args.tiny else 5.0,
+                                 sample_chars=args.sample_chars)
+    mesh, rules = sharding.make_mesh(config), sharding.logical_rules(config)
+    measure(result, "xl_recurrent_eval", lambda: xl_eval.xl_rate(seq_len, xl_args, mesh, rules))
   result["peak_memory_bytes"], result["peak_memory_source"] = bench.peak_memory()
   record["result"] = result
   return record
@@ -362,6 +374,9 @@ def summary_line(section: str, entry: dict[str, Any]) -> str:
                      ("sample_cached_chars_per_sec", "sample")):
     value = result.get(key)
     parts.append(f"{label} " + (f"{value:,.0f} chars/s" if isinstance(value, float) else "error"))
+  if "xl_recurrent_eval" in result:
+    value = result["xl_recurrent_eval"].get("xl_chars_per_sec")
+    parts.append("XL recurrent eval " + (f"{value:,.0f} chars/s" if isinstance(value, float) else "error"))
   return f"{section:<16} " + ", ".join(parts)
 
 

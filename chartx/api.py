@@ -16,7 +16,6 @@ import numpy as np
 
 from chartx import config as config_lib
 from chartx import data, evaluate, inference, run_config, sample
-from chartx import model as model_lib
 from chartx.errors import UserError
 
 
@@ -25,13 +24,13 @@ class Run:
   """A trained run's model restored from its workdir (chartx.load)."""
   config: ml_collections.ConfigDict  # The run's saved config.
   vocab: data.Vocab
-  restored: inference.Restored
-  _score: evaluate.ScoreFn
+  restored: inference.Restored  # Its model as evaluation runs it (evaluate.inference_model).
+  _evaluator: evaluate.Evaluator
   _generators: dict[tuple[int, sample.SamplingConfig], Callable[[np.ndarray, int], np.ndarray]] = (
       dataclasses.field(default_factory=dict))  # Compiled once per length and sampling.
 
   @property
-  def model(self) -> model_lib.Transformer:
+  def model(self) -> Any:
     return self.restored.model
 
   @property
@@ -44,18 +43,20 @@ class Run:
 
   def score(self, text: str, stride: int | None = None) -> float:
     """The bits per character of text (every character but the first, which nothing predicts),
-    by windows of data.seq_len sliding by `stride` (default: the run's eval.stride; 1 is the
-    paper's protocol). Raises UserError for a character outside the vocabulary."""
+    by the run's eval protocol: the fixed family's windows of data.seq_len sliding by `stride`
+    (default: the run's eval.stride; 1 is the paper's protocol), or Transformer-XL's recurrence
+    over eval.batch_size streams of the text (no stride). Raises UserError for a character
+    outside the vocabulary."""
     ids_M = self.vocab.encode(text, source="score's text")
     if len(ids_M) < 2:
       raise UserError(f"score's text has {len(ids_M)} characters; a score needs at least 2")
-    stride = self.config.eval.stride if stride is None else stride
-    if not 1 <= stride <= self.config.data.seq_len:
-      raise UserError(f"stride={stride} must be in [1, data.seq_len={self.config.data.seq_len}]")
-    bits, count = evaluate.evaluate_bits(self._score, self.params, ids_M,
-                                         seq_len=self.config.data.seq_len, stride=stride,
-                                         batch_size=self.config.eval.batch_size,
-                                         mesh=self.restored.mesh)
+    if stride is not None:
+      if self._evaluator.protocol.name != evaluate.SLIDING_WINDOW:
+        raise UserError(f"stride={stride} is the fixed family's sliding window; this run "
+                        f"(model.family={self.config.model.family}) evaluates recurrently")
+      if not 1 <= stride <= self.config.data.seq_len:
+        raise UserError(f"stride={stride} must be in [1, data.seq_len={self.config.data.seq_len}]")
+    bits, count = self._evaluator(self.params, ids_M, stride=stride)
     return bits / count
 
   def generate(self, prompt: str, num_chars: int, *, temperature: float = 1.0, top_k: int = 0,
@@ -82,5 +83,8 @@ def load(workdir: str, *, step: int | None = None, best: bool = False) -> Run:
   config_lib.check(config)
   vocab = data.vocab_for(config.data)
   restored = inference.restore(config, workdir, vocab.size)
-  score = evaluate.jit_score_fn(evaluate.model_score_fn(restored.model), restored.mesh, restored.rules)
-  return Run(config=config, vocab=vocab, restored=restored, _score=score)
+  proto = evaluate.protocol(config)
+  restored = dataclasses.replace(restored, model=evaluate.inference_model(restored.model, proto))
+  evaluator = evaluate.Evaluator(restored.model, proto, restored.mesh, restored.rules,
+                                 config.eval.batch_size)
+  return Run(config=config, vocab=vocab, restored=restored, _evaluator=evaluator)

@@ -1,8 +1,9 @@
 """Orbax checkpoints of the train state in WORKDIR/checkpoints: the manager, save, restore, diagnostics.
 
-WORKDIR/checkpoints/<step>/ holds one TrainState (step, params, opt_state, loss_weights). Batches
-are a pure function of (seed, step) and dropout keys are fold_in(rng, step), so that state is all
-a run needs to continue bit for bit. Orbax writes a save into <step>.orbax-checkpoint-tmp/ and
+WORKDIR/checkpoints/<step>/ holds one TrainState (step, params, opt_state, loss_weights, and
+Transformer-XL's memory: None for the fixed family). Batches are a pure function of (seed, step)
+and dropout keys are fold_in(rng, step), so that state is all a run needs to continue bit for
+bit. Orbax writes a save into <step>.orbax-checkpoint-tmp/ and
 renames it to <step>/ once complete, so a crash in the middle of a save leaves only the former.
 
 Training (chartx.resume.Checkpoints) keeps the newest config.train.keep_checkpoints and the one with
@@ -113,7 +114,7 @@ def restore(manager: ocp.CheckpointManager, target: Any, step: int | None = None
     raise UserError(f"{manager.directory / str(step)} does not fit this config: {mismatch}")
   restored = manager.restore(step, args=ocp.args.PyTreeRestore(
       item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
-      partial_restore=params_only))
+      partial_restore=params_only or _lacks_unused_fields(saved, item)))
   return restored["params"] if params_only else restored
 
 
@@ -216,6 +217,16 @@ def read_newest(manager: ocp.CheckpointManager, steps: list[int], target: Any, *
     except Exception as e:  # Orbax and TensorStore raise many types for a damaged checkpoint.
       failures.append((step, e))
   return None, None, failures
+
+
+def _lacks_unused_fields(saved: Any, item: Any) -> bool:
+  """Whether the checkpoint lacks top-level fields that item holds as None: fields added to the
+  state after it was written that this run does not use (the memory, None for the fixed family),
+  restored as None."""
+  paths = jax.tree_util.tree_flatten_with_path(item, is_leaf=lambda x: x is None)[0]
+  unused = {str(getattr(path[0], "name", getattr(path[0], "key", ""))) for path, leaf in paths
+            if leaf is None and path}
+  return any(name not in saved for name in unused)
 
 
 def _shape_mismatch(saved: Any, item: Any) -> str | None:

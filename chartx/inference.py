@@ -5,10 +5,9 @@ import dataclasses
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 
-from chartx import checkpoint, sharding
+from chartx import checkpoint, sharding, train
 from chartx import model as model_lib
 from chartx.errors import UserError
 
@@ -16,7 +15,7 @@ from chartx.errors import UserError
 @dataclasses.dataclass(frozen=True)
 class Restored:
   """A model restored from a workdir for evaluation or sampling."""
-  model: model_lib.Transformer  # Deterministic, last layer only.
+  model: Any  # The family's module (model_lib.build), deterministic, last layer only.
   params: Any
   step: int
   mesh: jax.sharding.Mesh
@@ -41,12 +40,11 @@ def restore(config: ml_collections.ConfigDict, workdir: str, vocab_size: int) ->
   sharding.sharded_init gives, so nothing is initialized and the mesh may differ from training's.
   """
   step = checkpoint_step(config)
-  model = model_lib.Transformer(model_lib.ModelConfig.from_config(config, vocab_size))
+  model = model_lib.build(model_lib.ModelConfig.from_config(config, vocab_size))
   mesh = sharding.make_mesh(config)
   rules = sharding.logical_rules(config)
-  tokens_1xT = jnp.zeros((1, config.data.seq_len), jnp.int32)
-  params_like, _, _ = sharding.sharded_init(lambda rng: model.init(rng, tokens_1xT)["params"],
-                                            mesh, rules)
+  params_like, _, _ = sharding.sharded_init(
+      lambda rng: train.init_params(model, rng, config.data.seq_len), mesh, rules)
   try:
     params, step = checkpoint.restore_params(workdir, params_like, step)
   except UserError as e:

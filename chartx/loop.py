@@ -27,6 +27,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
   corpus = data.load_corpus(config.data)
   task = train.make_task(config, corpus.vocab.size)
   seq_len, num_targets = config.data.seq_len, task.model_cfg.num_targets
+  # Transformer-XL trains on contiguous streams, its memory carrying each from step to step.
+  sequential = task.model_cfg.family == "xl"
+  if sequential:  # Before anything slow: the streams must hold a segment.
+    data.segments_per_pass(len(corpus.train), batch_size=config.train.batch_size, seq_len=seq_len,
+                           num_targets=num_targets)
 
   rng = jax.random.key(config.seed)
   init_rng, dropout_rng = jax.random.split(rng)
@@ -39,7 +44,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
   # The slice of each global batch this process feeds (processes holding replicas share one).
   slice_index, slice_count = sharding.process_slice(mesh, config.train.batch_size)
   eval_ids = evaluate.eval_ids(config, corpus) if config.train.eval_every else None
-  score = evaluate.jit_score_fn(evaluate.model_score_fn(task.model), mesh, rules)
+  evaluator = evaluate.Evaluator(task.model, evaluate.protocol(config), mesh, rules,
+                                 config.eval.batch_size)
 
   reporter = report.Reporter(config, task, workdir, start_step, model_lib.count_params(state.params))
   previous = None  # (step, out) of the newest step not yet finished.
@@ -48,11 +54,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
         profiling.StepProfiler(config.train.profile_steps, workdir) as profiler):
     for step in range(start_step, config.train.num_steps):
       with profiler.step(step):
-        local_BxS = data.train_batch(corpus.train, seed=config.seed, step=step,
-                                     batch_size=config.train.batch_size,
-                                     length=seq_len + num_targets,
-                                     process_index=slice_index, process_count=slice_count)
-        state, out = step_fn(state, sharding.global_batch(local_BxS, mesh), dropout_rng)
+        if not sequential:  # Windows at random positions.
+          local_BxS = data.train_batch(corpus.train, seed=config.seed, step=step,
+                                       batch_size=config.train.batch_size,
+                                       length=seq_len + num_targets,
+                                       process_index=slice_index, process_count=slice_count)
+          resets = ()
+        else:  # The next segment of each stream (its memory is in the state).
+          local_BxS, local_B = data.stream_batch(corpus.train, step=step,
+                                                 batch_size=config.train.batch_size, seq_len=seq_len,
+                                                 num_targets=num_targets, process_index=slice_index,
+                                                 process_count=slice_count)
+          resets = (sharding.global_batch(local_B, mesh),)
+        state, out = step_fn(state, sharding.global_batch(local_BxS, mesh), dropout_rng, *resets)
       profiler.done(step, out)
       # Wait for the previous step only now that this one is queued: the device never idles.
       _finish(previous, reporter, ckpts)
@@ -63,9 +77,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
                                       or done == config.train.num_steps):
         previous = _finish(previous, reporter, ckpts)  # Its log line comes before the validation.
         with reporter.paused():
-          bits, count = evaluate.evaluate_bits(score, state.params, eval_ids, seq_len=seq_len,
-                                               stride=config.eval.stride, mesh=mesh,
-                                               batch_size=config.eval.batch_size)
+          bits, count = evaluator(state.params, eval_ids)
         validation = {f"{config.eval.split}_bpc": bits / count, f"{config.eval.split}_chars": count}
         reporter.validation(done, validation)
       stop = stop_requested(done)

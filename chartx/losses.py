@@ -144,23 +144,30 @@ def layer_nlls(model_cfg: model_lib.ModelConfig, heads: model_lib.Heads, h_LxBxT
   return both_LxKx2[..., 0], both_LxKx2[..., 1]
 
 
-def compute_loss(model: model_lib.Transformer, cfg: LossConfig, params: Any, windows_BxS: jax.Array,
-                 weights_LxK: jax.Array, rng: jax.Array | None) -> tuple[jax.Array, jax.Array]:
-  """(total loss, nll_LxK) of windows of T inputs and K targets; rng: dropout's key (None: none).
-  Without intermediate layers only the last layer runs its heads (L = 1)."""
+def compute_loss(model: Any, cfg: LossConfig, params: Any, windows_BxS: jax.Array,
+                 weights_LxK: jax.Array, rng: jax.Array | None,
+                 memory: Any = None) -> tuple[jax.Array, tuple[jax.Array, Any]]:
+  """(total loss, (nll_LxK, memory)) of windows of T inputs and K targets; rng: dropout's key
+  (None: none). model: the family's module (model.build); memory: Transformer-XL's memory of
+  the windows' streams, which the model reads and returns updated (None for the fixed family,
+  and then None back). Without intermediate layers only the last layer runs its heads (L = 1)."""
   num_targets = model.cfg.num_targets
   seq_len = windows_BxS.shape[1] - num_targets
   inputs_BxT = windows_BxS[:, :seq_len]
   targets_KxBxT = targets(windows_BxS, seq_len, num_targets)
   variables = {"params": params}
   net = model.clone(deterministic=rng is None, all_layers=cfg.intermediate_layers)
-  h = net.apply(variables, inputs_BxT, rngs={} if rng is None else {"dropout": rng})
+  rngs = {} if rng is None else {"dropout": rng}
+  if memory is None:
+    h = net.apply(variables, inputs_BxT, rngs=rngs)
+  else:
+    h, memory = net.apply(variables, inputs_BxT, memory, rngs=rngs)
   heads = model.apply(variables, method="heads")
   if not cfg.intermediate_layers:
     h, weights_LxK, heads = h[None], weights_LxK[-1:], heads.layer(slice(-1, None))
   loss_LxK, nll_LxK = layer_nlls(model.cfg, heads, h, targets_KxBxT, cfg.multiple_positions,
                                  cfg.label_smoothing)
-  return (weights_LxK * loss_LxK).sum(), nll_LxK
+  return (weights_LxK * loss_LxK).sum(), (nll_LxK, memory)
 
 
 def bits(nats: jax.Array) -> jax.Array:

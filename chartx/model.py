@@ -1,4 +1,7 @@
-"""The deep causal character transformer of Al-Rfou et al. (2019), in Flax Linen.
+"""The deep causal character transformer of Al-Rfou et al. (2019), in Flax Linen, and what the
+model families share: ModelConfig, the per-layer classifiers (Heads), the layers' building blocks,
+and build(), the one place that picks a family (config.model.family: "fixed", this module's
+Transformer; "xl", chartx.xl's XLTransformer).
 
 A pre-LayerNorm residual stack. Each layer adds its own learned positional table to its
 input (the sinusoid at the bottom would fade over 64 layers), and each layer has its own
@@ -13,6 +16,7 @@ Arrays throughout chartx carry their shape in their names (x_BxTxD), one letter 
   Q a query block's rows   E the keys a query block sees (attention's blockwise kernel)
   W evaluation windows     M a stream's characters (a split, a prompt, a sample)
   I, O a matmul's input and output width, R its rows (any leading axes: chartx.matmul)
+In chartx.xl, M is also a memory's rows and C the keys a segment's queries see, M + T.
 """
 
 import dataclasses
@@ -36,6 +40,7 @@ _REMAT_POLICIES = {
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 _ACTIVATIONS = {"relu": nn.relu, "gelu": functools.partial(nn.gelu, approximate=False)}
 _INITS = ("lecun", "gpt2")
+FAMILIES = ("fixed", "xl")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +62,12 @@ class ModelConfig:
   attention: str = "xla"
   activation: str = "relu"
   init: str = "lecun"
+  family: str = "fixed"  # "fixed": Transformer (this module); "xl": chartx.xl.XLTransformer.
+  # XL only. Evaluation and sampling may replace these three on a restored model (the parameters
+  # do not depend on them): dataclasses.replace(cfg, mem_len=..., clamp_len=..., same_length=...).
+  mem_len: int = 0  # Memory rows kept per layer (M).
+  clamp_len: int = 0  # Relative distances above it use its encoding; 0: no clamp.
+  same_length: bool = False  # Every query sees mem_len + 1 keys: itself and the mem_len before it.
 
   @property
   def head_dim(self) -> int:
@@ -71,15 +82,41 @@ class ModelConfig:
     shape = (self.num_layers, batch_size, length, self.num_heads, self.head_dim)
     return {"key": jnp.zeros(shape, self.compute_dtype), "value": jnp.zeros(shape, self.compute_dtype)}
 
-  def flops_per_char(self, seq_len: int, intermediate_layers: bool = True) -> float:
+  def init_memory(self, batch_size: int) -> "xl.Memory":
+    """An empty XL memory: mem_len zero rows per layer and row, none of them valid."""
+    from chartx import xl  # pylint: disable=import-outside-toplevel  (xl builds on this module)
+    return xl.Memory(
+        h_LxBxMxD=jnp.zeros((self.num_layers, batch_size, self.mem_len, self.d_model), self.compute_dtype),
+        valid_B=jnp.zeros((batch_size,), jnp.int32))
+
+  def flops_per_char(self, seq_len: int, intermediate_layers: bool = True, batch_size: int = 1) -> float:
     """Model FLOPs of one training character, forward and backward (MaxText's count, for MFU):
     6 x the matmul parameters but the embedding (per layer 4 d^2 + 2 d f); causal attention, 6 n
     seq_len d (2 x 2 seq_len d forward, halved by the mask, x 3); 6 d V per target of each head
     that runs (every layer's when intermediate_layers: they keep running after their loss stops).
-    Not counted, by convention: recomputation (remat), layer norms, softmaxes, biases."""
+    Not counted, by convention: recomputation (remat), layer norms, softmaxes, biases.
+
+    family "xl" (T = seq_len, M = mem_len, per layer and character), on top of the same q, k, v,
+    output and feed-forward count for the T current rows:
+      - keys and values of the M memory rows, recomputed every segment: 2 x 6 d^2 M / T (the
+        memory is stop-gradient, but the input gradient of these products still runs: it is
+        the attention norm's parameters' gradient);
+      - the positional projection W_R R of the M + T relative distances, computed once per batch
+        for all batch_size rows (R is a constant): 4 d^2 (M + T) / (T x batch_size); the default
+        batch_size 1 gives an upper bound;
+      - attention: three products per (query, key) pair that a query sees (content scores,
+        positional scores, the weighted values), 2 d each forward, x 3 with the backward pass:
+        18 d per key, over M + T / 2 keys (the memory, and the causal half of the segment, as
+        above), or M + 1 with same_length.
+    """
     d, f, n = self.d_model, self.d_ff, self.num_layers
     matmuls = 6 * n * (4 * d * d + 2 * d * f)
     attention = 6 * n * seq_len * d
+    if self.family == "xl":
+      mem = self.mem_len
+      keys = mem + 1 if self.same_length else mem + seq_len / 2
+      matmuls += n * (12 * d * d * mem / seq_len + 4 * d * d * (mem + seq_len) / (seq_len * batch_size))
+      attention = 18 * n * d * keys
     heads = 6 * (n if intermediate_layers else 1) * self.num_targets * d * self.vocab_size
     return float(matmuls + attention + heads)
 
@@ -106,6 +143,7 @@ class ModelConfig:
     if m.attention not in (*attention.IMPLS, "auto"):
       raise UserError(f"config.model.attention must be one of {', '.join(attention.IMPLS)}, auto; "
                       f"got {m.attention!r}")
+    _check_family(m)
     if m.attention == "cudnn" and (dtype == "float32" or backend != "gpu"):
       # cuDNN's flash attention takes only 16-bit inputs, on a GPU; "auto" falls back to xla.
       raise UserError(f"config.model.attention=cudnn needs a GPU and config.model.dtype=bfloat16 "
@@ -117,13 +155,40 @@ class ModelConfig:
                       f"got {m.activation!r}")
     if m.init not in _INITS:
       raise UserError(f"config.model.init must be one of {', '.join(_INITS)}; got {m.init!r}")
+    impl = attention.resolve(m.attention, backend, dtype, config.data.seq_len)
+    if m.family == "xl" and impl == "splash":  # Only from "auto" (_check_family refuses it named).
+      impl = "xla"
     return cls(vocab_size=vocab_size, num_layers=m.num_layers, d_model=m.d_model,
                num_heads=m.num_heads, d_ff=m.d_ff, max_len=m.max_len, dropout=m.dropout,
                num_targets=int(config.loss.multiple_targets),  # Checked by losses.LossConfig.
                per_layer_positions=m.per_layer_positions, tie_embeddings=m.tie_embeddings,
                scan_layers=m.scan_layers, remat=m.remat, dtype=dtype,
-               attention=attention.resolve(m.attention, backend, dtype, config.data.seq_len),
-               activation=m.activation, init=m.init)
+               attention=impl, activation=m.activation, init=m.init, family=m.family,
+               mem_len=m.mem_len, clamp_len=m.clamp_len, same_length=m.same_length)
+
+
+def _check_family(m: ml_collections.ConfigDict) -> None:
+  """model.family and its keys (mem_len, clamp_len, same_length), against the rest of model.*."""
+  if m.family not in FAMILIES:
+    raise UserError(f"config.model.family must be one of {', '.join(FAMILIES)}; got {m.family!r}")
+  for key in ("mem_len", "clamp_len"):
+    if m[key] < 0:
+      raise UserError(f"config.model.{key} must be >= 0, got {m[key]}")
+  if m.family == "fixed":
+    for key, off in (("mem_len", 0), ("clamp_len", 0), ("same_length", False)):
+      if m[key] != off:
+        raise UserError(f"config.model.{key}={m[key]} is for config.model.family=xl only "
+                        f"(the fixed family has no memory)")
+    return
+  if m.attention == "splash":
+    raise UserError("config.model.attention=splash does not support config.model.family=xl "
+                    "(XL's relative positions are an attention bias); use auto, xla or cudnn")
+  if m.d_model % 2:
+    raise UserError(f"config.model.d_model must be even for config.model.family=xl (sinusoidal "
+                    f"relative positions), got {m.d_model}")
+  if m.same_length and m.mem_len < 1:
+    raise UserError("config.model.same_length needs config.model.mem_len >= 1 (with no memory, "
+                    "every query would see only itself)")
 
 
 def _init(initializer, *names: str):
@@ -166,6 +231,46 @@ class Heads:
     return matmul(z_BxTxD, self.kernel[slot], jnp.float32) + self.bias[slot]
 
 
+def embedding_param(module: nn.Module, cfg: ModelConfig) -> jax.Array:
+  """The input embedding VxD, a parameter of `module` (call it from the family's setup())."""
+  embedding_init = nn.initializers.normal(1.0 if cfg.init == "lecun" else 0.02)
+  return module.param("embedding", _init(embedding_init, "vocab", "embed"), (cfg.vocab_size, cfg.d_model))
+
+
+def embed(cfg: ModelConfig, embedding_VxD: jax.Array, tokens_BxT: jax.Array) -> jax.Array:
+  """x_BxTxD: the tokens' rows of the embedding, in the compute dtype."""
+  # Gather the table's fsdp-sharded embed axis before the lookup (as FSDP does for any weight):
+  # the lookup and its gradient then stay batch-sharded, where XLA would otherwise move the
+  # activations through a full replication to match the table.
+  table_VxD = nn.with_logical_constraint(embedding_VxD, ("vocab", None))
+  return table_VxD[tokens_BxT].astype(cfg.compute_dtype)
+
+
+def head_params(module: nn.Module, cfg: ModelConfig, embedding_VxD: jax.Array) -> Heads:
+  """Every layer's classifiers as parameters of `module` (call it from the family's setup()):
+  head_norm_scale, head_norm_bias, head_kernel and head_bias, the same names, shapes and
+  initializers in every family, so losses.layer_nlls and the auxiliary losses work unchanged.
+
+  They are plain stacked arrays (layer axis first) rather than submodules, so a loss can map over
+  layers, and inference can take the last layer's slice. embedding_VxD: the module's input
+  embedding, the next-character classifier when tied.
+  """
+  num_own = cfg.num_targets - 1 if cfg.tie_embeddings else cfg.num_targets
+  L, D, V = cfg.num_layers, cfg.d_model, cfg.vocab_size
+  norm_scale = module.param("head_norm_scale", _init(nn.initializers.ones, "layers", "embed"), (L, D))
+  norm_bias = module.param("head_norm_bias", _init(nn.initializers.zeros, "layers", "embed"), (L, D))
+  kernel = bias = None
+  if num_own:
+    kernel = module.param(
+        "head_kernel", _init(nn.initializers.variance_scaling(1.0, "fan_in", "normal", in_axis=-2,
+                                                              out_axis=-1),
+                             "layers", "targets", "embed", "vocab"), (L, num_own, D, V))
+    bias = module.param("head_bias", _init(nn.initializers.zeros, "layers", "targets", "vocab"),
+                        (L, num_own, V))
+  return Heads(norm_scale=norm_scale, norm_bias=norm_bias, kernel=kernel, bias=bias,
+               embedding=embedding_VxD if cfg.tie_embeddings else None)
+
+
 def _initializer(cfg: ModelConfig, in_axis: Any = -2, out_axis: Any = -1,
                  residual: bool = False) -> nn.initializers.Initializer:
   """A projection's initializer. "lecun": variance 1/fan_in. "gpt2" (GPT-2's recipe): normal
@@ -202,17 +307,12 @@ class Block(nn.Module):
                            (cfg.max_len, cfg.d_model))
       x_BxTxD = x_BxTxD + _positions(pos_PxD, seq_len, None if cache is None else cache[2]).astype(dtype)
 
-    norm = functools.partial(nn.LayerNorm, epsilon=1e-6, dtype=dtype,
-                             scale_init=_init(nn.initializers.ones, "embed"),
-                             bias_init=_init(nn.initializers.zeros, "embed"))
     N, H, D = cfg.num_heads, cfg.head_dim, cfg.d_model
     B, T = x_BxTxD.shape[:2]
-    # Per-head projections as explicit DxNxH / NxHxD parameters keep the head axis visible to
-    # the sharding rules (DenseGeneral would flatten it at init); the products flatten it.
-    in_init = _init(_initializer(cfg, in_axis=0, out_axis=(1, 2)), "embed", "heads", "head_dim")
+    in_init = head_in_init(cfg)
     # Named scopes label the ops in profiles (benchmarks/profile_step.py, TensorBoard's profiler).
     with jax.named_scope("layer_norm"):
-      h_BxTxD = norm(name="attention_norm")(x_BxTxD)
+      h_BxTxD = layer_norm(cfg, "attention_norm")(x_BxTxD)
     with jax.named_scope("projections"):
       q_BxTxNxH, k_BxTxNxH, v_BxTxNxH = (
           matmul(h_BxTxD, self.param(name, in_init, (D, N, H)).reshape(D, N * H)).reshape(B, T, N, H)
@@ -222,23 +322,54 @@ class Block(nn.Module):
         a_BxTxNxH = attention.causal_attention(q_BxTxNxH, k_BxTxNxH, v_BxTxNxH, impl=cfg.attention)
       else:
         a_BxTxNxH, cache = _cached_attention(q_BxTxNxH, k_BxTxNxH, v_BxTxNxH, cache)
-    out_init = _init(_initializer(cfg, in_axis=(0, 1), out_axis=2, residual=True),
-                     "heads", "head_dim", "embed")
-    with jax.named_scope("projections"):
-      a_BxTxD = matmul(a_BxTxNxH.reshape(B, T, N * H),
-                       self.param("attention_out", out_init, (N, H, D)).reshape(N * H, D))
-    x_BxTxD = x_BxTxD + nn.Dropout(cfg.dropout)(a_BxTxD, deterministic=self.deterministic)
-
-    with jax.named_scope("layer_norm"):
-      h_BxTxD = norm(name="mlp_norm")(x_BxTxD)
-    with jax.named_scope("feed_forward"):
-      h_BxTxF = _Dense(cfg.d_ff, _init(_initializer(cfg), "embed", "mlp"), name="mlp_in")(h_BxTxD)
-      h_BxTxF = nn.with_logical_constraint(_ACTIVATIONS[cfg.activation](h_BxTxF), ("batch", "length", "mlp"))
-      h_BxTxD = _Dense(cfg.d_model, _init(_initializer(cfg, residual=True), "mlp", "embed"),
-                       name="mlp_out")(h_BxTxF)
-    x_BxTxD = x_BxTxD + nn.Dropout(cfg.dropout)(h_BxTxD, deterministic=self.deterministic)
-    x_BxTxD = nn.with_logical_constraint(x_BxTxD, ("batch", "length", "embed"))
+    x_BxTxD = attention_out_residual(self, x_BxTxD, a_BxTxNxH)
+    x_BxTxD = feed_forward_residual(cfg, self.deterministic, x_BxTxD)
     return x_BxTxD if cache is None else (x_BxTxD, cache[:2])
+
+
+# The layers' building blocks, shared by the families (chartx.xl's layer is built from them too),
+# so that their parameters, initializers, profile scopes and sharding annotations stay the same.
+
+def layer_norm(cfg: ModelConfig, name: str) -> nn.LayerNorm:
+  """A LayerNorm over D, computed in the compute dtype; a submodule of the calling layer."""
+  return nn.LayerNorm(epsilon=1e-6, dtype=cfg.compute_dtype, name=name,
+                      scale_init=_init(nn.initializers.ones, "embed"),
+                      bias_init=_init(nn.initializers.zeros, "embed"))
+
+
+def head_in_init(cfg: ModelConfig) -> nn.initializers.Initializer:
+  """The initializer of a DxNxH projection (query, key, value; XL's W_R). Per-head projections as
+  explicit DxNxH / NxHxD parameters keep the head axis visible to the sharding rules
+  (DenseGeneral would flatten it at init); the products flatten it."""
+  return _init(_initializer(cfg, in_axis=0, out_axis=(1, 2)), "embed", "heads", "head_dim")
+
+
+def attention_out_residual(layer: nn.Module, x_BxTxD: jax.Array, a_BxTxNxH: jax.Array) -> jax.Array:
+  """x + dropout(a @ attention_out): the attention's output projection (a parameter of `layer`,
+  which must have cfg and deterministic) back into the residual stream."""
+  cfg = layer.cfg
+  N, H, D = cfg.num_heads, cfg.head_dim, cfg.d_model
+  B, T = x_BxTxD.shape[:2]
+  out_init = _init(_initializer(cfg, in_axis=(0, 1), out_axis=2, residual=True),
+                   "heads", "head_dim", "embed")
+  with jax.named_scope("projections"):
+    a_BxTxD = matmul(a_BxTxNxH.reshape(B, T, N * H),
+                     layer.param("attention_out", out_init, (N, H, D)).reshape(N * H, D))
+  return x_BxTxD + nn.Dropout(cfg.dropout)(a_BxTxD, deterministic=layer.deterministic)
+
+
+def feed_forward_residual(cfg: ModelConfig, deterministic: bool, x_BxTxD: jax.Array) -> jax.Array:
+  """x + dropout(feed_forward(layer_norm(x))), its submodules (mlp_norm, mlp_in, mlp_out) created
+  in the calling layer."""
+  with jax.named_scope("layer_norm"):
+    h_BxTxD = layer_norm(cfg, "mlp_norm")(x_BxTxD)
+  with jax.named_scope("feed_forward"):
+    h_BxTxF = _Dense(cfg.d_ff, _init(_initializer(cfg), "embed", "mlp"), name="mlp_in")(h_BxTxD)
+    h_BxTxF = nn.with_logical_constraint(_ACTIVATIONS[cfg.activation](h_BxTxF), ("batch", "length", "mlp"))
+    h_BxTxD = _Dense(cfg.d_model, _init(_initializer(cfg, residual=True), "mlp", "embed"),
+                     name="mlp_out")(h_BxTxF)
+  x_BxTxD = x_BxTxD + nn.Dropout(cfg.dropout)(h_BxTxD, deterministic=deterministic)
+  return nn.with_logical_constraint(x_BxTxD, ("batch", "length", "embed"))
 
 
 def _positions(pos_PxD: jax.Array, seq_len: int, index: jax.Array | None) -> jax.Array:
@@ -272,18 +403,19 @@ class _ScanBody(nn.Module):
   @nn.compact
   def __call__(self, x_BxTxD: jax.Array, cache: LayerCache | None) -> tuple[jax.Array, Any]:
     """cache is None in training; when decoding, y is the layer's updated (key, value)."""
-    block = _block_cls(self.cfg)(self.cfg, self.deterministic, name="block")
+    block = layer_cls(self.cfg)(self.cfg, self.deterministic, name="block")
     if cache is not None:
       return block(x_BxTxD, cache)
     x_BxTxD = block(x_BxTxD)
     return x_BxTxD, (x_BxTxD if self.keep_all_layers else None)
 
 
-def _block_cls(cfg: ModelConfig) -> type[Block]:
+def layer_cls(cfg: ModelConfig, block: type[nn.Module] = Block) -> type[nn.Module]:
+  """The layer class `block` (a family's layer), rematerialized as cfg.remat says."""
   if cfg.remat == "none":
-    return Block
+    return block
   # Under scan, CSE across iterations cannot happen, so the optimization barrier is not needed.
-  return nn.remat(Block, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+  return nn.remat(block, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
 
 
 class Transformer(nn.Module):
@@ -298,9 +430,7 @@ class Transformer(nn.Module):
 
   def setup(self):
     cfg = self.cfg
-    embedding_init = nn.initializers.normal(1.0 if cfg.init == "lecun" else 0.02)
-    self.embedding = self.param("embedding", _init(embedding_init, "vocab", "embed"),
-                                (cfg.vocab_size, cfg.d_model))
+    self.embedding = embedding_param(self, cfg)
     if not cfg.per_layer_positions:
       self.pos_embedding = self.param("pos_embedding", _init(_normal_002, "length", "embed"),
                                       (cfg.max_len, cfg.d_model))
@@ -310,31 +440,13 @@ class Transformer(nn.Module):
                       length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
       self.layers = stack(cfg, self.deterministic, self.all_layers)
     else:
-      self.layers = [_block_cls(cfg)(cfg, self.deterministic) for _ in range(cfg.num_layers)]
-    # Head parameters are plain stacked arrays (layer axis first) rather than submodules, so a
-    # loss can map over layers, and inference can take the last layer's slice.
-    num_own = cfg.num_targets - 1 if cfg.tie_embeddings else cfg.num_targets
-    L, D, V = cfg.num_layers, cfg.d_model, cfg.vocab_size
-    self.head_norm_scale = self.param("head_norm_scale", _init(nn.initializers.ones, "layers", "embed"),
-                                      (L, D))
-    self.head_norm_bias = self.param("head_norm_bias", _init(nn.initializers.zeros, "layers", "embed"),
-                                     (L, D))
-    if num_own:
-      self.head_kernel = self.param(
-          "head_kernel", _init(nn.initializers.variance_scaling(1.0, "fan_in", "normal", in_axis=-2,
-                                                                out_axis=-1),
-                               "layers", "targets", "embed", "vocab"), (L, num_own, D, V))
-      self.head_bias = self.param("head_bias", _init(nn.initializers.zeros, "layers", "targets", "vocab"),
-                                  (L, num_own, V))
+      self.layers = [layer_cls(cfg)(cfg, self.deterministic) for _ in range(cfg.num_layers)]
+    self.classifiers = head_params(self, cfg, self.embedding)
 
   def __call__(self, tokens_BxT: jax.Array) -> jax.Array:
     """Returns h_LxBxTxD if all_layers else h_BxTxD (before the per-layer head norm)."""
     cfg = self.cfg
-    # Gather the table's fsdp-sharded embed axis before the lookup (as FSDP does for any weight):
-    # the lookup and its gradient then stay batch-sharded, where XLA would otherwise move the
-    # activations through a full replication to match the table.
-    table_VxD = nn.with_logical_constraint(self.embedding, ("vocab", None))
-    x_BxTxD = table_VxD[tokens_BxT].astype(cfg.compute_dtype)
+    x_BxTxD = embed(cfg, self.embedding, tokens_BxT)
     if not cfg.per_layer_positions:
       x_BxTxD = x_BxTxD + self.pos_embedding[:tokens_BxT.shape[1]].astype(cfg.compute_dtype)
     x_BxTxD = self.dropout(x_BxTxD, deterministic=self.deterministic)
@@ -351,10 +463,7 @@ class Transformer(nn.Module):
 
   def heads(self) -> Heads:
     """Every layer's classifiers (for a loss); inference uses heads().layer(-1)."""
-    own = self.cfg.num_targets > 1 or not self.cfg.tie_embeddings
-    return Heads(norm_scale=self.head_norm_scale, norm_bias=self.head_norm_bias,
-                 kernel=self.head_kernel if own else None, bias=self.head_bias if own else None,
-                 embedding=self.embedding if self.cfg.tie_embeddings else None)
+    return self.classifiers
 
   def logits(self, tokens_BxT: jax.Array) -> jax.Array:
     """Inference: the last layer's next-character logits, float32 BxTxV."""
@@ -392,3 +501,12 @@ class Transformer(nn.Module):
 
 def count_params(params: Any) -> int:
   return sum(int(x.size) for x in jax.tree.leaves(params))
+
+
+def build(cfg: ModelConfig, deterministic: bool = True, all_layers: bool = False) -> nn.Module:
+  """The module of cfg.family (the one place that picks it): Transformer for "fixed",
+  chartx.xl.XLTransformer for "xl"."""
+  if cfg.family == "xl":
+    from chartx import xl  # pylint: disable=import-outside-toplevel  (xl builds on this module)
+    return xl.XLTransformer(cfg, deterministic=deterministic, all_layers=all_layers)
+  return Transformer(cfg, deterministic=deterministic, all_layers=all_layers)

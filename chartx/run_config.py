@@ -25,9 +25,12 @@ CONFIG_FILE = "config.json"
 _DEFAULTS_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
                               "default.py")
 # What a checkpoint is: its parameters' shapes and the text it learned. Resuming cannot change them.
-FIXED_ON_RESUME = ("model.num_layers", "model.d_model", "model.num_heads", "model.d_ff",
+FIXED_ON_RESUME = ("model.family", "model.num_layers", "model.d_model", "model.num_heads", "model.d_ff",
                    "model.max_len", "model.per_layer_positions", "model.tie_embeddings",
                    "model.scan_layers", "loss.multiple_targets", "data.name")
+# A Transformer-XL run's checkpoints also hold its memory: mem_len rows per layer for each of
+# train.batch_size streams.
+FIXED_ON_RESUME_XL = ("model.mem_len", "train.batch_size")
 # model.* keys that say how the model is computed, not what it is: inference may use others
 # (bfloat16 or cuDNN attention on a GPU for a model trained elsewhere; dropout is off anyway).
 _COMPUTE_KEYS = ("model.dtype", "model.attention", "model.remat", "model.dropout")
@@ -165,7 +168,8 @@ def resume_changes(config: ml_collections.ConfigDict, workdir: str) -> str | Non
   if saved is None:
     return None
   changes = differences(saved, config)
-  fixed = {key: change for key, change in changes.items() if key in FIXED_ON_RESUME}
+  keys = FIXED_ON_RESUME + (FIXED_ON_RESUME_XL if saved.model.get("family") == "xl" else ())
+  fixed = {key: change for key, change in changes.items() if key in keys}
   if fixed:
     raise UserError(f"{_describe(fixed)}: a resumed run cannot change what its checkpoints hold; "
                     "train into a new --workdir")

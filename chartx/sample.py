@@ -1,4 +1,5 @@
-"""Autoregressive generation with a KV cache: temperature, top-k, top-p and greedy decoding.
+"""Autoregressive generation with a KV cache (the fixed family) or a memory (Transformer-XL):
+temperature, top-k, top-p and greedy decoding.
 
 The sampler sees the model only through a callback (as in Flax's lm1b example), so it can be
 tested with fake logits:
@@ -14,8 +15,15 @@ a fresh cache at positions 0.. and generation goes on: each new character sees b
 context // 2 and context characters. The context is data.seq_len, the positions the model was
 trained on; a longer prompt is cut to its last seq_len characters. The whole loop of num_chars
 characters is one jitted lax.fori_loop; the prompt enters as a fixed-size padded block, so
-prompts of any length share one compilation. --mode=sample prints the prompt and its
-continuation on stdout (timing on stderr).
+prompts of any length share one compilation.
+
+Transformer-XL needs no cache of its own and never re-encodes: its positions are relative, and
+its memory (the last eval.mem_len positions of every layer) carries the text so far. The prompt
+is read one character at a time, then each drawn character is, so every character costs one
+position with the memory, however long the text (make_recurrent_generate). Its prompt is padded
+to the next power of two (at least 64), so prompts of similar lengths share a compilation.
+
+--mode=sample prints the prompt and its continuation on stdout (timing on stderr).
 
     python -m chartx.main --config=configs/tiny.py --workdir=DIR --mode=sample \
         --config.sample.prompt="def " --config.sample.temperature=0.8
@@ -31,11 +39,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from chartx import data, inference, sharding
+from chartx import data, evaluate, inference, sharding
 from chartx import model as model_lib
 from chartx.errors import UserError
 
 TokensToLogits = Callable[[Any, jax.Array, Any, jax.Array], tuple[jax.Array, Any]]
+# (variables, tokens_Bx1, memory) -> (logits_BxV, memory): a model with a memory reads one character.
+ReadChar = Callable[[Any, jax.Array, Any], tuple[jax.Array, Any]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,6 +134,41 @@ def make_generate(tokens_to_logits: TokensToLogits, *, context: int, num_chars: 
   return jax.jit(generate)
 
 
+def make_recurrent_generate(read_char: ReadChar, *, num_chars: int,
+                            sampling: SamplingConfig) -> Callable[..., jax.Array]:
+  """A jitted generate(variables, memory, prompt_C, prompt_len, rng) -> ids_M of num_chars for a
+  model with a memory: the first prompt_len (>= 1) ids of prompt_C are read one by one, then each
+  drawn character, so each costs read_char's one position whatever came before. memory: an empty
+  memory of one row. Draws as make_generate does (one key split per character)."""
+
+  def generate(variables, memory, prompt_C, prompt_len, rng):
+    read = lambda i, carry: read_char(variables, prompt_C[i][None, None], carry[1])
+    carry = read(0, (None, memory))
+    logits_1xV, memory = jax.lax.fori_loop(1, prompt_len, read, carry)
+
+    def body(i, carry):
+      logits_1xV, memory, rng, ids_M = carry
+      rng, draw = jax.random.split(rng)
+      next_1 = choose(logits_1xV, draw, sampling)
+      logits_1xV, memory = read_char(variables, next_1[None], memory)
+      return logits_1xV, memory, rng, ids_M.at[i].set(next_1[0])
+
+    carry = (logits_1xV, memory, rng, jnp.zeros(num_chars, jnp.int32))
+    return jax.lax.fori_loop(0, num_chars, body, carry)[-1]
+
+  return jax.jit(generate)
+
+
+def model_read_char(model: Any) -> ReadChar:
+  """A Transformer-XL's ReadChar: its last layer's next-character logits, the memory updated."""
+  net = model.clone(deterministic=True, all_layers=False)
+
+  def read_char(variables, tokens_1x1, memory):
+    logits_1x1xV, memory = net.apply(variables, tokens_1x1, memory, method="logits")
+    return logits_1x1xV[:, 0], memory
+  return read_char
+
+
 def prompt_block(prompt_ids: np.ndarray, context: int) -> tuple[np.ndarray, int]:
   """(prompt_C, length): the prompt's last `context` ids, left-aligned and zero-padded."""
   ids = np.asarray(prompt_ids, np.int32)[-context:]
@@ -153,7 +198,24 @@ def check_config(config: ml_collections.ConfigDict, vocab: data.Vocab) -> tuple[
 def model_generator(restored: inference.Restored, *, context: int, num_chars: int,
                     sampling: SamplingConfig) -> Callable[[np.ndarray, int], np.ndarray]:
   """generate(prompt_ids, seed) -> ids_M: num_chars ids continuing the prompt, drawn by a restored
-  model, compiled once for any prompt (--mode=sample and chartx.load's generate use it)."""
+  model, compiled once for any prompt (--mode=sample and chartx.load's generate use it).
+
+  The fixed family sees the last `context` characters; a Transformer-XL (restored.model as
+  evaluate.inference_model gives it) reads the whole prompt and needs no context.
+  """
+  cfg = restored.model.cfg
+  if cfg.family == "xl":
+    generate = sharding.MeshJit(make_recurrent_generate(model_read_char(restored.model),
+                                                        num_chars=num_chars, sampling=sampling),
+                                restored.mesh, restored.rules)
+
+    def run_recurrent(prompt_ids: np.ndarray, seed: int) -> np.ndarray:
+      block = max(64, 1 << (len(prompt_ids) - 1).bit_length())  # A compilation per power of two.
+      prompt_C, length = prompt_block(prompt_ids, block)
+      return np.asarray(generate({"params": restored.params}, cfg.init_memory(1), prompt_C, length,
+                                 jax.random.key(seed)))
+    return run_recurrent
+
   generate = sharding.MeshJit(make_generate(model_tokens_to_logits(restored.model), context=context,
                                            num_chars=num_chars, sampling=sampling),
                              restored.mesh, restored.rules)
@@ -171,7 +233,10 @@ def sample_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> str:
   vocab = data.vocab_for(config.data)
   prompt_ids, sampling = check_config(config, vocab)
   restored = inference.restore(config, workdir, vocab.size)
-  # The context is the positions the model was trained on.
+  # Transformer-XL samples with the memory it evaluates with (eval.mem_len, ...).
+  restored = dataclasses.replace(restored, model=evaluate.inference_model(restored.model,
+                                                                          evaluate.protocol(config)))
+  # The fixed family's context is the positions the model was trained on.
   generate = model_generator(restored, context=config.data.seq_len,
                              num_chars=config.sample.num_chars, sampling=sampling)
   start = time.time()

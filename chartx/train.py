@@ -5,6 +5,7 @@ import functools
 from typing import Any
 
 import flax
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -24,16 +25,20 @@ class TrainState:
   # w_LxK, the auxiliary-loss weights for `step`. A pure function of the step, kept in the state
   # (and so in checkpoints) so a restored run continues the schedule and can be inspected.
   loss_weights: jax.Array
+  # Transformer-XL's memory of each stream (a batch row; see data.stream_batch), carried from one
+  # step to the next and checkpointed with the rest; None for the fixed family, which has none.
+  memory: Any = None
 
 
 @dataclasses.dataclass(frozen=True)
 class Task:
   """The static pieces of a run that the jitted functions close over."""
-  model: model_lib.Transformer
+  model: Any  # The family's module (model_lib.build): Transformer or xl.XLTransformer.
   loss_cfg: losses.LossConfig
   tx: optax.GradientTransformation
   schedule: optax.Schedule
   grad_accum_steps: int = 1  # Micro-batches per update (train.grad_accum_steps).
+  batch_size: int = 1  # The global batch (train.batch_size): the rows of a memory.
 
   @property
   def model_cfg(self) -> model_lib.ModelConfig:
@@ -58,59 +63,112 @@ def check_config(config: ml_collections.ConfigDict) -> None:
 
 def make_task(config: ml_collections.ConfigDict, vocab_size: int) -> Task:
   model_cfg = model_lib.ModelConfig.from_config(config, vocab_size)
-  return Task(model=model_lib.Transformer(model_cfg, deterministic=False, all_layers=True),
+  return Task(model=model_lib.build(model_cfg, deterministic=False, all_layers=True),
               loss_cfg=losses.LossConfig.from_config(config),
               tx=optimizer_lib.make_optimizer(config),
               schedule=optimizer_lib.learning_rate_schedule(config.optimizer, config.train.num_steps),
-              grad_accum_steps=config.train.grad_accum_steps)
+              grad_accum_steps=config.train.grad_accum_steps, batch_size=config.train.batch_size)
+
+
+# The logical axes of each field of a memory (xl.Memory), which config.mesh.rules map to mesh
+# axes as they do the parameters': rows of the batch (streams) split over the batch axes.
+MEMORY_AXES = {"h_LxBxMxD": ("layers", "batch", "length", "embed"), "valid_B": ("batch",)}
+
+
+def boxed_memory(cfg: model_lib.ModelConfig, batch_size: int) -> Any:
+  """The family's empty memory of batch_size rows, each field nn.Partitioned-boxed with its
+  MEMORY_AXES (sharding.sharded_init shards it); None for a family without memory (fixed)."""
+  if cfg.family != "xl":
+    return None
+  memory = cfg.init_memory(batch_size)
+  return memory.replace(**{name: nn.LogicallyPartitioned(getattr(memory, name), names)
+                           for name, names in MEMORY_AXES.items()})
+
+
+def init_params(model: Any, rng: jax.Array, seq_len: int) -> Any:
+  """The family's fresh parameters, nn.Partitioned-boxed with logical axis names."""
+  tokens_1xT = jnp.zeros((1, seq_len), jnp.int32)
+  memory = nn.unbox(boxed_memory(model.cfg, 1))
+  inputs = (tokens_1xT,) if memory is None else (tokens_1xT, memory)
+  return model.clone(deterministic=True, all_layers=False).init(rng, *inputs)["params"]
 
 
 def init_state(task: Task, rng: jax.Array, seq_len: int) -> TrainState:
-  """A fresh state; its params are nn.Partitioned-boxed with logical axis names."""
-  tokens_1xT = jnp.zeros((1, seq_len), jnp.int32)
-  params = task.model.clone(deterministic=True, all_layers=False).init(rng, tokens_1xT)["params"]
+  """A fresh state; its params (and memory) are nn.Partitioned-boxed with logical axis names."""
+  params = init_params(task.model, rng, seq_len)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=task.tx.init(params),
-                    loss_weights=losses.loss_weights(jnp.zeros((), jnp.int32), task.loss_cfg))
+                    loss_weights=losses.loss_weights(jnp.zeros((), jnp.int32), task.loss_cfg),
+                    memory=boxed_memory(task.model_cfg, task.batch_size))
+
+
+def _micro_batches(tree: Any, accum: int, axes: dict[str, int] | None = None) -> Any:
+  """Splits the batch rows of each leaf into accum micro-batches on a new leading axis: micro-batch
+  a is rows a, a + A, ... (axes: a field name's batch axis; leaves without one: axis 0)."""
+  def split(x, axis):
+    shape = x.shape[:axis] + (x.shape[axis] // accum, accum) + x.shape[axis + 1:]
+    return jnp.moveaxis(x.reshape(shape), axis + 1, 0)
+  if axes is None:
+    return jax.tree.map(lambda x: split(x, 0), tree)
+  return tree.replace(**{name: split(getattr(tree, name), axis) for name, axis in axes.items()})
+
+
+def _whole_batch(tree: Any, axes: dict[str, int]) -> Any:
+  """The inverse of _micro_batches for a memory: the micro-batches' rows back in batch order."""
+  def merge(x, axis):
+    x = jnp.moveaxis(x, 0, axis + 1)
+    return x.reshape(x.shape[:axis] + (-1,) + x.shape[axis + 2:])
+  return tree.replace(**{name: merge(getattr(tree, name), axis) for name, axis in axes.items()})
 
 
 def loss_and_grads(task: Task, params: Any, windows_BxS: jax.Array, weights_LxK: jax.Array,
-                   dropout_rng: jax.Array) -> tuple[tuple[jax.Array, jax.Array], Any]:
-  """((loss, nll_LxK), grads) of the batch, as task.grad_accum_steps = A micro-batches of B / A
-  rows, one after another (lax.scan): only one micro-batch's activations are alive at a time.
+                   dropout_rng: jax.Array, memory: Any = None) -> tuple[tuple[jax.Array, Any], Any]:
+  """((loss, (nll_LxK, memory)), grads) of the batch, as task.grad_accum_steps = A micro-batches
+  of B / A rows, one after another (lax.scan): only one micro-batch's activations are alive at a
+  time. memory: the rows' memory (None for the fixed family); the new one is returned.
 
   The loss and its parts are means over the batch, so the mean over equal micro-batches is the
   whole batch's (up to float rounding; dropout draws other masks). Micro-batch a is rows a, a + A,
-  ...: each device's rows are spread over all micro-batches, so each stays split over the devices.
+  ...: each device's rows are spread over all micro-batches, so each stays split over the devices;
+  a memory's rows are split the same way, so each micro-batch carries its own streams' memory.
   """
-  def grads_of(windows_MxS, rng):
+  def grads_of(windows_MxS, memory, rng):
     grad_fn = jax.value_and_grad(losses.compute_loss, argnums=2, has_aux=True)
-    return grad_fn(task.model, task.loss_cfg, params, windows_MxS, weights_LxK, rng)
+    return grad_fn(task.model, task.loss_cfg, params, windows_MxS, weights_LxK, rng, memory)
 
   accum = task.grad_accum_steps
   if accum == 1:
-    return grads_of(windows_BxS, dropout_rng)
-  rows, length = windows_BxS.shape
-  windows_AxMxS = windows_BxS.reshape(rows // accum, accum, length).swapaxes(0, 1)
+    return grads_of(windows_BxS, memory, dropout_rng)
+  memory_axes = {name: axes.index("batch") for name, axes in MEMORY_AXES.items()}
+  windows_AxMxS = _micro_batches(windows_BxS, accum)
+  memory_A = None if memory is None else _micro_batches(memory, accum, memory_axes)
 
   def micro(total, xs):
-    windows_MxS, index = xs
-    out = grads_of(windows_MxS, jax.random.fold_in(dropout_rng, index))
-    return jax.tree.map(jnp.add, total, out), None
+    windows_MxS, memory, index = xs
+    (loss, (nll_LxK, memory)), grads = grads_of(windows_MxS, memory, jax.random.fold_in(dropout_rng, index))
+    return jax.tree.map(jnp.add, total, (loss, nll_LxK, grads)), memory
 
+  first = jax.tree.map(lambda x: x[0], (windows_AxMxS, memory_A))
+  (_, (nll_LxK, _)), grads = jax.eval_shape(grads_of, *first, dropout_rng)
   zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype),
-                       jax.eval_shape(grads_of, windows_AxMxS[0], dropout_rng))
-  total, _ = jax.lax.scan(micro, zeros, (windows_AxMxS, jnp.arange(accum)))
-  return jax.tree.map(lambda x: x / accum, total)
+                       (jax.ShapeDtypeStruct((), jnp.float32), nll_LxK, grads))
+  total, memory_A = jax.lax.scan(micro, zeros, (windows_AxMxS, memory_A, jnp.arange(accum)))
+  loss, nll_LxK, grads = jax.tree.map(lambda x: x / accum, total)
+  memory = None if memory_A is None else _whole_batch(memory_A, memory_axes)
+  return (loss, (nll_LxK, memory)), grads
 
 
-def train_step(task: Task, state: TrainState, windows_BxS: jax.Array,
-               rng: jax.Array) -> tuple[TrainState, dict[str, jax.Array]]:
+def train_step(task: Task, state: TrainState, windows_BxS: jax.Array, rng: jax.Array,
+               reset_B: jax.Array | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
   """One update (of task.grad_accum_steps micro-batches: the step, the learning rate and the
   auxiliary-loss schedule count updates). Pure: the dropout key is rng folded with the step, so
-  a step is reproducible."""
+  a step is reproducible. reset_B (with a memory): the rows whose stream starts over here, whose
+  memory is emptied first (data.stream_batch)."""
   dropout_rng = jax.random.fold_in(rng, state.step)
-  (loss, nll_LxK), grads = loss_and_grads(task, state.params, windows_BxS, state.loss_weights,
-                                          dropout_rng)
+  memory = state.memory
+  if memory is not None:
+    memory = memory.replace(valid_B=jnp.where(reset_B, 0, memory.valid_B))
+  (loss, (nll_LxK, memory)), grads = loss_and_grads(task, state.params, windows_BxS,
+                                                    state.loss_weights, dropout_rng, memory)
   updates, opt_state = task.tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   next_step = state.step + 1
@@ -118,16 +176,19 @@ def train_step(task: Task, state: TrainState, windows_BxS: jax.Array,
          "loss_weights": state.loss_weights, "grad_norm": optax.tree.norm(grads),
          "learning_rate": task.schedule(state.step)}
   return TrainState(step=next_step, params=params, opt_state=opt_state,
-                    loss_weights=losses.loss_weights(next_step, task.loss_cfg)), out
+                    loss_weights=losses.loss_weights(next_step, task.loss_cfg), memory=memory), out
 
 
 def jit_train_step(task: Task, mesh: jax.sharding.Mesh, shardings: TrainState,
                    rules: sharding.Rules) -> sharding.MeshJit:
-  """The train step compiled once, with explicit shardings and the old state's buffers donated.
+  """The train step compiled once, with explicit shardings and the old state's buffers donated:
+  step(state, windows_BxS, rng), and reset_B after them for a family with a memory (XL).
 
   It is traced under the mesh and `rules`, which the activations' sharding constraints need.
   """
+  batch = sharding.batch_sharding(mesh)
+  resets = (batch,) if task.model_cfg.family == "xl" else ()
   return sharding.MeshJit(
       functools.partial(train_step, task), mesh, rules,
-      in_shardings=(shardings, sharding.batch_sharding(mesh), sharding.replicated(mesh)),
+      in_shardings=(shardings, batch, sharding.replicated(mesh), *resets),
       out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)

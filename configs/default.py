@@ -45,6 +45,12 @@ def get_config() -> ml_collections.ConfigDict:
   # Projection initialization: "lecun" (variance 1/fan_in; embeddings N(0, 1)) | "gpt2" (N(0, 0.02),
   # residual output projections divided by sqrt(2 x layers), embeddings N(0, 0.02)).
   config.model.init = "lecun"
+  # Model family: "fixed" (Al-Rfou et al.: fixed context, learned positions) | "xl" (Transformer-XL,
+  # Dai et al. 2019: segment recurrence with a memory, relative positions; chartx/xl.py).
+  config.model.family = "fixed"
+  config.model.mem_len = 0  # xl: memory rows kept per layer in training (the previous segments' states).
+  config.model.clamp_len = 0  # xl: relative distances above it use its encoding; 0: no clamp.
+  config.model.same_length = False  # xl: every query sees mem_len + 1 keys (itself and mem_len before it).
 
   config.loss = ml_collections.ConfigDict()
   config.loss.multiple_positions = True  # Aux 1: next-char loss at every position (False: last position only).
@@ -127,9 +133,19 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.eval = ml_collections.ConfigDict()
   config.eval.split = "validation"  # "validation" | "test".
-  config.eval.stride = 512  # Characters scored per window; 1 is the paper's protocol.
+  # The fixed family's sliding window: characters scored per window of data.seq_len; 1 is the
+  # paper's protocol, 0 means data.seq_len (each window scores all of its characters). Must be 0
+  # for Transformer-XL, which evaluates recurrently (eval.seq_len, eval.mem_len).
+  config.eval.stride = 0
   config.eval.max_chars = 0  # Evaluate only this prefix of the split; 0 means the whole split.
-  config.eval.batch_size = 16  # Windows per eval batch (global).
+  config.eval.batch_size = 16  # Windows per eval batch (global); Transformer-XL: the contiguous streams.
+  # Transformer-XL's recurrent evaluation (model.family=xl only; the defaults mean "as in training"):
+  config.eval.seq_len = 0  # Characters per segment, each scored whole; 0: data.seq_len.
+  config.eval.mem_len = -1  # Positions of memory each segment sees; -1: model.mem_len.
+  config.eval.clamp_len = -1  # Relative distances above it share its encoding (0: none); -1: model.clamp_len.
+  # Every character sees eval.mem_len + 1 characters (else up to eval.mem_len + eval.seq_len):
+  # "true" | "false" | "auto": as model.same_length.
+  config.eval.same_length = "auto"
   config.eval.step = -1  # Checkpoint step for --mode=eval/sample; -1 means the newest.
   config.eval.best = False  # --mode=eval/sample: the checkpoint with the lowest validation bpc instead.
 

@@ -30,7 +30,6 @@ def get_config():
   config.train.log_every = 10
   config.train.eval_every = 25
   config.train.checkpoint_every = 25
-  config.eval.stride = 32
   config.eval.max_chars = 2048
   config.eval.batch_size = 8
   return config

@@ -25,14 +25,30 @@ def trained_workdir(tmp_path_factory):
   The text is generated, not the repository's sources, so that it cannot change while tests run;
   pass the same overrides to --mode=eval/sample. Checkpoints at steps 10 and 20; validation at 20.
   """
+  return _train_tiny(tmp_path_factory.mktemp("trained"), [])
+
+
+# configs/tiny.py as a Transformer-XL: a memory of 16 in training, evaluated with 24 in segments of 16.
+XL_OVERRIDES = ["--config.model.family=xl", "--config.model.mem_len=16",
+                "--config.model.per_layer_positions=False", "--config.eval.seq_len=16",
+                "--config.eval.mem_len=24"]
+
+
+@pytest.fixture(scope="session")
+def trained_xl_workdir(tmp_path_factory):
+  """(workdir, overrides): as trained_workdir, a Transformer-XL (XL_OVERRIDES, which are among the
+  overrides): trained on streams, validated recurrently."""
+  return _train_tiny(tmp_path_factory.mktemp("trained_xl"), XL_OVERRIDES)
+
+
+def _train_tiny(root, extra):
   import subprocess  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
-  root = tmp_path_factory.mktemp("trained")
   words = ("the of and to in is was for that on with as by at from his an are which "
            "character model layer attention window context predict").split()
   text = " ".join(np.random.default_rng(0).choice(words, size=6000)) + "\n"
   (root / "text.txt").write_text(text)
-  overrides = [f"--config.data.path={root / 'text.txt'}"]
+  overrides = [f"--config.data.path={root / 'text.txt'}", *extra]
   workdir = str(root / "workdir")
   proc = subprocess.run([sys.executable, "-m", "chartx.main", "--config=configs/tiny.py",
                          f"--workdir={workdir}", *overrides, "--config.train.num_steps=20",

@@ -3,7 +3,7 @@
     python tests/sharding_worker.py OUT.json
 
 XLA_FLAGS must be set before JAX is imported, so this runs as its own process. For each mesh
-it records the losses of three steps, the largest difference of the updated parameters from the
+(and, for Transformer-XL on stream batches, each of XL_MESHES) it records the losses of three steps, the largest difference of the updated parameters from the
 one-device run, which parameters every device holds whole (from the device buffers), and how
 many compilations each step caused; then it checks that bad configs fail before compiling.
 """
@@ -25,12 +25,13 @@ sys.path.insert(0, ROOT)
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from chartx import loop, sharding, train  # noqa: E402
+from chartx import data, loop, sharding, train  # noqa: E402
 from chartx.tools import layout  # noqa: E402
 from chartx.errors import UserError  # noqa: E402
 from configs import tiny  # noqa: E402
 
 MESHES = [(8, 1, 1), (2, 4, 1), (2, 2, 2), (1, 1, 8)]
+XL_MESHES = [(8, 1, 1), (2, 2, 2)]  # Transformer-XL: its memory's rows split with the batch's.
 VOCAB = 256
 NUM_STEPS = 3
 
@@ -60,8 +61,16 @@ def count_compiles():
     jax.monitoring.unregister_event_duration_listener(listener)
 
 
-def run(c, devices, windows_steps_BxS):
-  """Trains NUM_STEPS steps on `devices` with c.mesh.shape; returns (record, params as numpy)."""
+def xl_config():
+  """config() as a Transformer-XL with a memory of 16."""
+  c = config()
+  c.model.family, c.model.mem_len, c.model.per_layer_positions = "xl", 16, False
+  return c
+
+
+def run(c, devices, windows_steps_BxS, resets_steps_B=None):
+  """Trains NUM_STEPS steps on `devices` with c.mesh.shape (XL: with each step's resets); returns
+  (record, params as numpy, the memory as numpy or None)."""
   mesh = sharding.make_mesh(c, devices)
   rules = sharding.logical_rules(c)
   task = train.make_task(c, VOCAB)
@@ -73,10 +82,12 @@ def run(c, devices, windows_steps_BxS):
   index, count = sharding.process_slice(mesh, c.train.batch_size)
   rows = c.train.batch_size // count
   losses, per_step = [], []
-  for windows_BxS in windows_steps_BxS:
+  for s, windows_BxS in enumerate(windows_steps_BxS):
     with count_compiles() as counts:
-      batch = sharding.global_batch(windows_BxS[index * rows:(index + 1) * rows], mesh)
-      state, out = step_fn(state, batch, dropout_rng)
+      mine = slice(index * rows, (index + 1) * rows)
+      resets = () if resets_steps_B is None else (sharding.global_batch(resets_steps_B[s][mine], mesh),)
+      batch = sharding.global_batch(windows_BxS[mine], mesh)
+      state, out = step_fn(state, batch, dropout_rng, *resets)
       losses.append(float(out["loss"]))
     per_step.append(counts)
   leaves = jax.tree_util.tree_flatten_with_path(state.params)[0]
@@ -91,7 +102,10 @@ def run(c, devices, windows_steps_BxS):
       "largest_replicated": layout.largest_replicated(state.params, shardings.params),
       "describe": layout.describe(state.params, shardings.params),
   }
-  return record, {name: np.asarray(x) for name, (_, x) in zip(names, leaves)}
+  memory = None if state.memory is None else np.asarray(state.memory.h_LxBxMxD)
+  if memory is not None:
+    record["memory_spec"] = list(state.memory.h_LxBxMxD.sharding.spec)
+  return record, {name: np.asarray(x) for name, (_, x) in zip(names, leaves)}, memory
 
 
 def error_before_compiling(c, workdir):
@@ -111,13 +125,28 @@ def main(out_path):
   windows_steps_BxS = np.random.default_rng(0).integers(
       0, VOCAB, (NUM_STEPS, c.train.batch_size, length), dtype=np.int32)
   c.mesh.shape = (1, 1, 1)
-  reference, ref_params = run(c, jax.devices()[:1], windows_steps_BxS)
-  result = {"reference": reference, "meshes": {}}
+  reference, ref_params, _ = run(c, jax.devices()[:1], windows_steps_BxS)
+  result = {"reference": reference, "meshes": {}, "xl_meshes": {}}
   for shape in MESHES:
     c.mesh.shape = shape
-    record, params = run(c, jax.devices(), windows_steps_BxS)
+    record, params, _ = run(c, jax.devices(), windows_steps_BxS)
     record["max_param_diff"] = max(float(np.abs(params[k] - ref_params[k]).max()) for k in params)
     result["meshes"][str(shape)] = record
+
+  # Transformer-XL on stream batches: the memory carries each row's stream from step to step.
+  c = xl_config()
+  ids_M = np.random.default_rng(1).integers(0, VOCAB, 2000).astype(np.int32)
+  streams = [data.stream_batch(ids_M, step=s, batch_size=c.train.batch_size, seq_len=c.data.seq_len,
+                               num_targets=c.loss.multiple_targets) for s in range(NUM_STEPS)]
+  windows_steps_BxS, resets_steps_B = [w for w, _ in streams], [r for _, r in streams]
+  c.mesh.shape = (1, 1, 1)
+  result["xl_reference"], ref_params, ref_memory = run(c, jax.devices()[:1], windows_steps_BxS, resets_steps_B)
+  for shape in XL_MESHES:
+    c.mesh.shape = shape
+    record, params, memory = run(c, jax.devices(), windows_steps_BxS, resets_steps_B)
+    record["max_param_diff"] = max(float(np.abs(params[k] - ref_params[k]).max()) for k in params)
+    record["max_memory_diff"] = float(np.abs(memory - ref_memory).max())
+    result["xl_meshes"][str(shape)] = record
 
   with tempfile.TemporaryDirectory() as tmp:
     text = os.path.join(tmp, "text.txt")

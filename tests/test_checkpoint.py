@@ -165,13 +165,18 @@ def _copy(trained, tmp_path):
   return workdir
 
 
-def test_sigkill_at_a_random_step_then_resume_is_bitwise_exact(tmp_path, text, fresh):
-  """SIGKILL at a random step (mid-step or mid-save), restart: the final state, parameters and
-  optimizer state, is bitwise that of an uninterrupted run of the same length."""
-  num_steps, every = 100, 10
-  kill_at = random.randint(3 * every, 70)
+# Transformer-XL: configs/tiny.py with a memory, trained on streams that the memory carries on.
+XL = {"model.family": "xl", "model.mem_len": 16, "model.per_layer_positions": False}
+
+
+@pytest.mark.parametrize("family", ["fixed", "xl"])
+def test_sigkill_at_a_random_step_then_resume_is_bitwise_exact(tmp_path, text, fresh, family):
+  """SIGKILL at a random step (mid-step or mid-save), restart: the final state, parameters,
+  optimizer state and (XL) memory, is bitwise that of an uninterrupted run of the same length."""
+  num_steps, every = (100, 10) if family == "fixed" else (50, 5)  # XL: fewer, slower steps.
+  kill_at = random.randint(3 * every, num_steps - 3 * every)
   overrides = {"train.num_steps": num_steps, "train.checkpoint_every": every,
-               "train.log_every": 1, "train.eval_every": 0}
+               "train.log_every": 1, "train.eval_every": 0, **(XL if family == "xl" else {})}
   reference_dir, victim_dir = str(tmp_path / "reference"), str(tmp_path / "victim")
   reference, victim = _cli(reference_dir, text, **overrides), _cli(victim_dir, text, **overrides)
   _wait_for_step(victim, victim_dir, kill_at)
@@ -189,8 +194,35 @@ def test_sigkill_at_a_random_step_then_resume_is_bitwise_exact(tmp_path, text, f
   status, out = _finish(reference, reference_dir)
   assert status == 0, out
 
-  _assert_bitwise_equal(jax.device_get(_restore(victim_dir, fresh, num_steps)),
-                        jax.device_get(_restore(reference_dir, fresh, num_steps)))
+  if family == "xl":
+    config = _config(text)
+    config.model.update({key.split(".")[1]: value for key, value in XL.items()})
+    fresh = _init(config)
+    assert fresh.memory is not None
+  final = jax.device_get(_restore(victim_dir, fresh, num_steps))
+  _assert_bitwise_equal(final, jax.device_get(_restore(reference_dir, fresh, num_steps)))
+  if family == "xl":
+    assert final.memory.valid_B.tolist() == [16] * 8  # The memory was saved and restored too.
+
+
+def test_a_checkpoint_saved_before_the_state_had_a_memory_restores(tmp_path, fresh):
+  """A fixed-family checkpoint written before TrainState gained its memory field (a tree without
+  it) restores onto today's state, whose memory is None."""
+  @flax.struct.dataclass
+  class OldTrainState:  # TrainState before Transformer-XL.
+    step: jax.Array
+    params: dict
+    opt_state: tuple
+    loss_weights: jax.Array
+
+  old = OldTrainState(step=np.int32(7), params=fresh.params, opt_state=fresh.opt_state,
+                      loss_weights=fresh.loss_weights)
+  manager = checkpoint.make_manager(str(tmp_path))
+  checkpoint.save(manager, 7, old)
+  manager.close()
+  restored = _restore(tmp_path, fresh, 7)
+  assert int(restored.step) == 7 and restored.memory is None
+  _assert_bitwise_equal(jax.device_get(restored.params), jax.device_get(fresh.params))
 
 
 def test_sigterm_finishes_the_step_saves_and_exits_zero(tmp_path, text, fresh):

@@ -60,8 +60,8 @@ def _run_main(*overrides):
      "error: config.optimizer.learning_rate must be > 0, got -1.0"),
     # Validation is off in this run, and the data file is missing: the bad eval key is still
     # what fails, so it was checked before any data was read (or the workdir created).
-    (["--config.train.eval_every=0", "--config.eval.stride=0", "--config.data.path=/nonexistent.txt"],
-     "error: config.eval.stride=0 must be in [1, data.seq_len=32]"),
+    (["--config.train.eval_every=0", "--config.eval.stride=33", "--config.data.path=/nonexistent.txt"],
+     "error: config.eval.stride=33 must be in [0, data.seq_len=32] (0: data.seq_len)"),
 ])
 def test_cli_start_up_errors_are_one_line_of_english(overrides, line):
   result = _run_main(*overrides)

@@ -402,6 +402,56 @@ def test_batch_errors_name_the_problem():
     data.train_batch(ids_M, seed=0, step=0, batch_size=4, length=101)
 
 
+# ------------------------------------------------------------------ sequential (stream) batches
+
+
+def test_stream_batches_continue_each_stream_and_start_over_with_a_reset():
+  """Row b of every step is stream b: each step's inputs follow the previous step's, the K
+  targets after them overlap the next step's window, and after its last whole segment a stream
+  starts over at its beginning, flagged for a memory reset."""
+  ids_M = np.arange(1003)  # Each id is its own position. 4 streams of 250 (3 left out).
+  seq_len, num_targets = 32, 2
+  segments = data.segments_per_pass(len(ids_M), batch_size=4, seq_len=seq_len, num_targets=num_targets)
+  assert segments == (250 - 2) // 32 == 7
+  seen = []
+  for step in range(2 * segments + 1):
+    windows_BxS, reset_B = data.stream_batch(ids_M, step=step, batch_size=4, seq_len=seq_len,
+                                             num_targets=num_targets)
+    assert windows_BxS.shape == (4, seq_len + num_targets) and windows_BxS.dtype == np.int32
+    segment = step % segments
+    for b, row in enumerate(windows_BxS):
+      np.testing.assert_array_equal(row, b * 250 + segment * seq_len + np.arange(seq_len + num_targets))
+      assert row[-1] < (b + 1) * 250  # A window never reads into the next stream.
+    assert reset_B.tolist() == [segment == 0] * 4
+    seen.append(windows_BxS[:, :seq_len])
+  # One pass reads every stream's inputs once, in order, up to its last whole segment.
+  one_pass = np.concatenate(seen[:segments], axis=1)
+  np.testing.assert_array_equal(one_pass, np.arange(4)[:, None] * 250 + np.arange(segments * seq_len))
+
+
+def test_stream_batches_are_a_pure_function_of_the_step_and_slice_by_process():
+  ids_M = np.random.default_rng(2).integers(0, 256, 5000, dtype=np.uint8)
+  kwargs = dict(batch_size=8, seq_len=16, num_targets=1)
+  for step in (0, 3, 38, 39, 1000):
+    windows_BxS, reset_B = data.stream_batch(ids_M, step=step, **kwargs)
+    again_BxS, again_B = data.stream_batch(ids_M, step=step, **kwargs)  # No hidden state.
+    np.testing.assert_array_equal(windows_BxS, again_BxS)
+    np.testing.assert_array_equal(reset_B, again_B)
+    slices = [data.stream_batch(ids_M, step=step, process_index=p, process_count=4, **kwargs)
+              for p in range(4)]
+    np.testing.assert_array_equal(np.concatenate([w for w, _ in slices]), windows_BxS)
+    np.testing.assert_array_equal(np.concatenate([r for _, r in slices]), reset_B)
+
+
+def test_stream_batch_errors_name_the_problem():
+  ids_M = np.zeros(100, dtype=np.uint8)
+  with pytest.raises(UserError, match="batch_size=6"):
+    data.stream_batch(ids_M, step=0, batch_size=6, seq_len=8, num_targets=1, process_count=4)
+  with pytest.raises(UserError, match=r"train.batch_size=10 streams of 10, has no room for a segment "
+                                      r"of data.seq_len=10 characters and 1 target"):
+    data.stream_batch(ids_M, step=0, batch_size=10, seq_len=10, num_targets=1)
+
+
 def test_loading_benchmark_runs_end_to_end_on_a_small_file(tmp_path, monkeypatch):
   from chartx.tools import data_bench as bench
   monkeypatch.setitem(builders.ZIPS, "enwik8", builders.ZIPS["enwik8"])  # run() repoints it.

@@ -123,6 +123,7 @@ def test_eval_mode_end_to_end_matches_training_validation_on_two_devices(trained
     result = json.load(f)
   assert {"split", "step", "bpc", "num_chars", "stride", "context"} <= set(result)
   assert (result["split"], result["step"], result["stride"], result["context"]) == ("validation", 20, 32, 32)
+  assert (result["protocol"], result["attention_length"]) == ("sliding_window", 32)
   with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
     records = [json.loads(line) for line in f]
   trained = [r for r in records if "validation_bpc" in r and r["step"] == 20]
@@ -143,4 +144,5 @@ def test_evaluate_checkpoint_paper_protocol_on_test_split_at_a_given_step(tiny_c
     assert json.load(f) == result
   assert (result["split"], result["step"], result["stride"], result["num_chars"]) == ("test", 10, 1, 99)
   assert result["min_context"] == 32
+  assert (result["protocol"], result["attention_length"]) == ("sliding_window", 32)
   assert 0 < result["bpc"] < 8.5  # A bpc, not nats or a total: ln(256)/ln(2) = 8 at chance.

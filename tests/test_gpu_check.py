@@ -54,6 +54,9 @@ def test_tiny_check_fills_every_section_and_records_the_failed_ones(tmp_path):
     for key in ("eval_stride_1_chars_per_sec", "eval_stride_64_chars_per_sec",
                 "sample_cached_chars_per_sec", "peak_memory_bytes"):
       assert section["result"][key] > 0, (name, key)
+  xl = report["sections"]["infer/T12"]["result"]["xl_recurrent_eval"]
+  assert xl["xl_chars_per_sec"] > 0 and xl["xl_mem_len"] == 63  # Attention length 64, as stride 1's.
+  assert xl["xl_sample_chars_per_sec"] > 0
   lines = done.stdout.splitlines()
   assert [line.split()[0] for line in lines[:-1]] == names
   assert lines[-1].startswith("gpu_check: ") and str(out) in lines[-1]

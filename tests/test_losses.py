@@ -54,7 +54,8 @@ def _setup(config, seq_len=16, batch=4):
 
 def _loss(task, params, windows_BxS, step=0):
   weights = losses.loss_weights(jnp.int32(step), task.loss_cfg)
-  return losses.compute_loss(task.model, task.loss_cfg, params, windows_BxS, weights, None)
+  loss, (nll_LxK, _) = losses.compute_loss(task.model, task.loss_cfg, params, windows_BxS, weights, None)
+  return loss, nll_LxK
 
 
 def test_each_auxiliary_loss_changes_the_total_only_when_switched_on(tiny_config):
@@ -193,8 +194,7 @@ def test_label_smoothing_changes_the_loss_not_the_reported_nll(tiny_config):
     task = train.make_task(tiny_config, 256)
     state = jax.jit(functools.partial(train.init_state, task, seq_len=16))(jax.random.key(0))
     windows_BxS = jax.random.randint(jax.random.key(1), (2, 18), 0, 256)
-    results[smoothing] = jax.jit(lambda p: losses.compute_loss(
-        task.model, task.loss_cfg, p, windows_BxS, state.loss_weights, None))(state.params)
+    results[smoothing] = jax.jit(lambda p: _loss(task, p, windows_BxS))(state.params)
   (loss0, nll0), (loss2, nll2) = results[0.0], results[0.2]
   np.testing.assert_allclose(nll2, nll0, rtol=1e-6)  # The reported likelihood is the plain one.
   weights_LxK = losses.loss_weights(jnp.zeros((), jnp.int32), task.loss_cfg)

@@ -80,7 +80,9 @@ def test_scanned_and_unrolled_stacks_give_the_same_loss(tiny_config):
   windows_BxS = jax.random.randint(jax.random.key(2), (4, seq_len + 2), 0, 256)
   weights_LxK = losses.loss_weights(jnp.int32(0), scanned.loss_cfg)
   def loss_and_grads(task, params):
-    fn = lambda p: losses.compute_loss(task.model, task.loss_cfg, p, windows_BxS, weights_LxK, None)
+    def fn(p):
+      loss, (nll_LxK, _) = losses.compute_loss(task.model, task.loss_cfg, p, windows_BxS, weights_LxK, None)
+      return loss, nll_LxK
     return jax.jit(jax.value_and_grad(fn, has_aux=True))(params)
 
   (loss_s, nll_s), grads_s = loss_and_grads(scanned, params)

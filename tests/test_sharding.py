@@ -1,5 +1,5 @@
 """Sharding and multi-host: mesh and rule errors, the sharded train step on 8 simulated CPU devices
-equal to one device, the multi-host flags, and a real two-process jax.distributed run.
+equal to one device (Transformer-XL's with its memory too), the multi-host flags, and a real two-process jax.distributed run.
 
 The 8-device check (tests/sharding_worker.py) and the two-process run need processes of their
 own; they start together, in the background, when the first test asks for them.
@@ -215,6 +215,18 @@ def test_sharded_step_matches_one_device(worker, mesh):
   record, reference = worker["meshes"][mesh], worker["reference"]
   assert record["losses"] == pytest.approx(reference["losses"], rel=1e-5)
   assert record["max_param_diff"] < 1e-5  # After 3 updates, momentum and dropout included.
+
+
+@pytest.mark.parametrize("mesh", ["(8, 1, 1)", "(2, 2, 2)"])
+def test_sharded_xl_step_with_its_memory_matches_one_device(worker, mesh):
+  """Transformer-XL on stream batches: the memory (in the state) is split over the batch axes with
+  the rows it belongs to, and three steps give one device's losses, parameters and memory."""
+  record, reference = worker["xl_meshes"][mesh], worker["xl_reference"]
+  assert record["losses"] == pytest.approx(reference["losses"], rel=1e-5)
+  assert record["max_param_diff"] < 1e-5 and record["max_memory_diff"] < 1e-4
+  assert record["memory_spec"] == [None, ["data", "fsdp"], None, None]  # Rows over the batch axes.
+  first, *later = record["per_step"]
+  assert all(step == {"compiles": 0, "traces": 0} for step in later)
 
 
 @pytest.mark.parametrize("mesh", MESHES)

@@ -152,9 +152,13 @@ def benchmark(config: ml_collections.ConfigDict, *, steps: int = 10, warmup: int
       functools.partial(train.init_state, task, seq_len=seq_len), mesh, rules)
   record["params"] = model_lib.count_params(abstract_state.params)
   windows_BxS = synthetic_windows(config, mesh, vocab_size, cfg.num_targets)
+  # Transformer-XL's step also takes the rows whose stream starts over: none, every step.
+  no_resets_B = np.zeros(config.train.batch_size, bool)
+  resets = () if abstract_state.memory is None else (jax.make_array_from_callback(
+      no_resets_B.shape, sharding.batch_sharding(mesh), lambda index: no_resets_B[index]),)
   step_fn = train.jit_train_step(task, mesh, shardings, rules)
   start = time.perf_counter()
-  lowered = step_fn.lower(abstract_state, windows_BxS, dropout_rng)
+  lowered = step_fn.lower(abstract_state, windows_BxS, dropout_rng, *resets)
   record["lower_s"] = time.perf_counter() - start
   start = time.perf_counter()
   compiled = lowered.compile()
@@ -172,7 +176,7 @@ def benchmark(config: ml_collections.ConfigDict, *, steps: int = 10, warmup: int
   def chartx_step() -> jax.Array:
     step = next(calls)
     with profiler.step(step):
-      current[0], out = compiled(current[0], windows_BxS, dropout_rng)
+      current[0], out = compiled(current[0], windows_BxS, dropout_rng, *resets)
     jax.block_until_ready(current[0])
     profiler.done(step, current[0])
     return out["loss"]
@@ -216,7 +220,7 @@ def benchmark(config: ml_collections.ConfigDict, *, steps: int = 10, warmup: int
 def _flops(cfg: model_lib.ModelConfig, task: train.Task, seq_len: int, chars_per_sec: float,
            devices: list[Any]) -> dict[str, Any]:
   """FLOPs per character (MaxText's causal count), achieved FLOP/s and MFU against the bf16 peak."""
-  per_char = cfg.flops_per_char(seq_len, task.loss_cfg.intermediate_layers)
+  per_char = cfg.flops_per_char(seq_len, task.loss_cfg.intermediate_layers, batch_size=task.batch_size)
   achieved = per_char * chars_per_sec
   peak = flops.peak_flops(devices[0])
   if peak is None:

@@ -1,0 +1,218 @@
+"""Evaluation speed at equal attention length: Transformer-XL's recurrent protocol against the
+fixed-context model's stride-1 sliding window (issue 12; the XL paper reports 363x at 800 and
+1,874x at 3,800 on its hardware).
+
+    python -m benchmarks.xl_eval                   # 12 layers, d_model 512: T12 against XL 12L
+    python -m benchmarks.xl_eval --tiny            # 2 layers, d_model 32: seconds (tests/test_xl.py)
+    python -m benchmarks.xl_eval --lengths=800 --batch_size=2 --min_seconds=20
+
+For each attention length A (--lengths), both models see A characters for every scored one:
+  fixed  configs/enwik8_12l.py's model (T12) with positional tables of A rows, scoring windows of
+         A characters at stride 1 (the paper's protocol: one forward pass of A positions per
+         character), as chartx.evaluate's sliding window does, --batch_size windows per call;
+  xl     configs/enwik8_xl_12l.py's model (12 layers, d_model 512, relative positions) scoring
+         segments of --segment characters with a memory of A - 1 and same_length, so every
+         character sees itself and the A - 1 before it, as chartx.evaluate's recurrent protocol
+         does, --batch_size streams per call.
+Parameters are random and the text is random bytes (speed does not depend on them); the cost of a
+call depends on its shapes only, so the memory is not filled first. With --sample_chars, each
+model also samples that many characters per call with chartx.sample: the fixed model with its
+KV cache from a prompt of A characters, XL with a memory of A - 1. Each measurement compiles
+with an untimed call, then repeats the call until --min_seconds have passed (at least once) and
+reports characters per second over the timed calls. Prints a JSON line per length and, at the
+end, a markdown table with the machine and the 1-minute load averages before and after.
+"""
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import sys
+import time
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from chartx import evaluate, sample, sharding, train
+from chartx import model as model_lib
+from configs import enwik8_12l, enwik8_xl_12l
+
+TINY = {"num_layers": 2, "d_model": 32, "num_heads": 2, "d_ff": 64}
+
+
+class _Parser(argparse.ArgumentParser):
+  """argparse whose every complaint is one line, `error: ...`, exit status 1."""
+
+  def error(self, message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(1)
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+  p = _Parser(prog="python -m benchmarks.xl_eval", description=__doc__.splitlines()[0])
+  p.add_argument("--tiny", action="store_true", help="2 layers, d_model 32, lengths 32,64: seconds.")
+  p.add_argument("--lengths", default=None, help="Comma-separated attention lengths "
+                 "(default 512,800,1800,3800; --tiny 32,64).")
+  p.add_argument("--segment", type=int, default=None, help="XL's segment length (default 128; --tiny 8).")
+  p.add_argument("--batch_size", type=int, default=None,
+                 help="Windows (fixed) and streams (XL) per call (default 4; --tiny 2).")
+  p.add_argument("--min_seconds", type=float, default=None,
+                 help="Seconds each measurement repeats its call for (default 10; --tiny 0).")
+  p.add_argument("--sample_chars", type=int, default=None,
+                 help="Characters each sampler generates per call (default 256; --tiny 32; 0: no sampling).")
+  args = p.parse_args(argv)
+  defaults = (dict(lengths="32,64", segment=8, batch_size=2, min_seconds=0.0, sample_chars=32) if args.tiny
+              else dict(lengths="512,800,1800,3800", segment=128, batch_size=4, min_seconds=10.0,
+                        sample_chars=256))
+  for key, value in defaults.items():
+    if getattr(args, key) is None:
+      setattr(args, key, value)
+  try:
+    args.lengths = [int(n) for n in args.lengths.split(",") if n.strip()]
+  except ValueError:
+    p.error(f"--lengths={args.lengths!r} must be comma-separated integers")
+  if not args.lengths or min(args.lengths) < 2:
+    p.error(f"--lengths must be attention lengths >= 2, got {args.lengths}")
+  for key in ("segment", "batch_size"):
+    if getattr(args, key) < 1:
+      p.error(f"--{key} must be >= 1, got {getattr(args, key)}")
+  if args.min_seconds < 0:
+    p.error(f"--min_seconds must be >= 0, got {args.min_seconds}")
+  if args.sample_chars < 0:
+    p.error(f"--sample_chars must be >= 0, got {args.sample_chars}")
+  return args
+
+
+def _config(module: Any, tiny: bool) -> Any:
+  config = module.get_config()
+  config.data.name = "text_files"  # Bytes: 256 symbols, no dataset to read.
+  config.model.dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
+  config.model.dropout = 0.0
+  if tiny:
+    config.model.update(TINY)
+  return config
+
+
+def _rate(call: Callable[[], Any], chars_per_call: int, min_seconds: float) -> tuple[float, int]:
+  """(characters per second, timed calls): one untimed call (compilation), then calls until
+  min_seconds have passed, at least one."""
+  jax.block_until_ready(call())
+  calls, start = 0, time.perf_counter()
+  while True:
+    jax.block_until_ready(call())
+    calls += 1
+    elapsed = time.perf_counter() - start
+    if elapsed >= min_seconds:
+      return calls * chars_per_call / elapsed, calls
+
+
+def fixed_rate(length: int, args: argparse.Namespace, mesh, rules) -> dict[str, Any]:
+  """The fixed model's stride-1 sliding window over windows of `length` characters."""
+  config = _config(enwik8_12l, args.tiny)
+  config.data.seq_len = config.model.max_len = length
+  cfg = model_lib.ModelConfig.from_config(config, 256)
+  net = model_lib.build(cfg)
+  params = flax.linen.unbox(jax.jit(lambda r: train.init_params(net, r, length))(jax.random.key(0)))
+  score = evaluate.jit_score_fn(evaluate.model_score_fn(net), mesh, rules)
+  rng = np.random.default_rng(0)
+  windows_BxS = rng.integers(0, 256, (args.batch_size, length + 1)).astype(np.int32)
+  first_B = np.full(args.batch_size, length - 1, np.int32)  # Stride 1: the last target only.
+  rate, calls = _rate(lambda: score(params, windows_BxS, first_B), args.batch_size, args.min_seconds)
+  record = {"fixed_params": model_lib.count_params(params), "fixed_chars_per_sec": rate,
+            "fixed_calls": calls}
+  if args.sample_chars:
+    # chartx.sample's KV-cache sampler from a full prompt of `length` characters (it re-encodes
+    # the last length / 2 whenever the cache fills).
+    generate = sample.make_generate(sample.model_tokens_to_logits(net), context=length,
+                                    num_chars=args.sample_chars, sampling=sample.SamplingConfig())
+    prompt_C = rng.integers(0, 256, length).astype(np.int32)
+    record["fixed_sample_chars_per_sec"], _ = _rate(
+        lambda: generate({"params": params}, cfg.init_cache(1, length), prompt_C, length, jax.random.key(1)),
+        args.sample_chars, args.min_seconds)
+  return record
+
+
+def xl_rate(length: int, args: argparse.Namespace, mesh, rules) -> dict[str, Any]:
+  """XL's recurrent protocol: segments of args.segment with a memory of length - 1, same_length."""
+  config = _config(enwik8_xl_12l, args.tiny)
+  config.data.seq_len = config.model.max_len = args.segment
+  cfg = dataclasses.replace(model_lib.ModelConfig.from_config(config, 256), mem_len=length - 1,
+                            same_length=True)
+  net = model_lib.build(cfg)
+  params = flax.linen.unbox(jax.jit(lambda r: train.init_params(net, r, args.segment))(jax.random.key(0)))
+  _, memory_shardings, empty_memory = sharding.sharded_init(
+      lambda _: train.boxed_memory(cfg, args.batch_size), mesh, rules)
+  score = evaluate.jit_segment_score_fn(evaluate.model_segment_score_fn(net), memory_shardings,
+                                        mesh, rules)
+  rng = np.random.default_rng(0)
+  inputs_BxT, targets_BxT = (rng.integers(0, 256, (args.batch_size, args.segment)).astype(np.int32)
+                             for _ in range(2))
+  mask_BxT = np.ones((args.batch_size, args.segment), bool)
+  state = {"memory": empty_memory(jax.random.key(0))}
+
+  def call():
+    nats, count, state["memory"] = score(params, state["memory"], inputs_BxT, targets_BxT, mask_BxT)
+    return nats, count
+  rate, calls = _rate(call, args.batch_size * args.segment, args.min_seconds)
+  record = {"xl_params": model_lib.count_params(params), "xl_chars_per_sec": rate, "xl_calls": calls,
+            "xl_mem_len": length - 1}
+  if args.sample_chars:
+    # chartx.sample's recurrent sampler: one position with the memory per character (its cost
+    # does not depend on how full the memory is, so a one-character prompt times the same).
+    generate = sample.make_recurrent_generate(sample.model_read_char(net), num_chars=args.sample_chars,
+                                              sampling=sample.SamplingConfig())
+    prompt_C = np.zeros(64, np.int32)
+    record["xl_sample_chars_per_sec"], _ = _rate(
+        lambda: generate({"params": params}, cfg.init_memory(1), prompt_C, 1, jax.random.key(1)),
+        args.sample_chars, args.min_seconds)
+  return record
+
+
+def benchmark(args: argparse.Namespace) -> list[dict[str, Any]]:
+  config = _config(enwik8_12l, args.tiny)
+  config.mesh.shape = (1, 1, 1)
+  mesh = sharding.make_mesh(config, jax.devices()[:1])
+  rules = sharding.logical_rules(config)
+  records = []
+  for length in args.lengths:
+    record = {"attention_length": length, "segment": args.segment, "batch_size": args.batch_size,
+              "load_avg_before": os.getloadavg()[0]}
+    record.update(xl_rate(length, args, mesh, rules))
+    record.update(fixed_rate(length, args, mesh, rules))
+    record["xl_over_fixed"] = record["xl_chars_per_sec"] / record["fixed_chars_per_sec"]
+    record["load_avg_after"] = os.getloadavg()[0]
+    print(json.dumps(record), flush=True)
+    records.append(record)
+  return records
+
+
+def table(records: list[dict[str, Any]], args: argparse.Namespace) -> str:
+  lines = [f"{jax.devices()[0].device_kind} ({platform.machine()}, {os.cpu_count()} CPUs), jax "
+           f"{jax.__version__}; {'tiny models' if args.tiny else 'T12 (fixed) against XL 12L'}, "
+           f"XL segments of {args.segment}, batch {args.batch_size}",
+           "",
+           "| attention length | eval: fixed, stride 1 (chars/s) | eval: XL, recurrent (chars/s) "
+           "| XL / fixed | sampling: fixed, KV cache (chars/s) | sampling: XL, memory (chars/s) | load avg |",
+           "|---|---|---|---|---|---|---|"]
+  number = lambda r, key, fmt: format(r[key], fmt) if key in r else "-"
+  for r in records:
+    lines.append(f"| {r['attention_length']:,} | {r['fixed_chars_per_sec']:,.2f} | "
+                 f"{r['xl_chars_per_sec']:,.0f} | {r['xl_over_fixed']:,.0f}x | "
+                 f"{number(r, 'fixed_sample_chars_per_sec', ',.0f')} | "
+                 f"{number(r, 'xl_sample_chars_per_sec', ',.0f')} | "
+                 f"{r['load_avg_before']:.2f}-{r['load_avg_after']:.2f} |")
+  return "\n".join(lines)
+
+
+def main(argv: list[str]) -> None:
+  args = parse_args(argv)
+  records = benchmark(args)
+  print(table(records, args), flush=True)
+
+
+if __name__ == "__main__":
+  main(sys.argv[1:])

@@ -1,0 +1,251 @@
+"""Transformer-XL (Dai, Yang, Yang, Carbonell, Le, Salakhutdinov; ACL 2019): config.model.family="xl".
+
+The same pre-LayerNorm residual stack, classifiers (model.Heads) and building blocks as the
+fixed-context family (chartx.model), with the XL layer:
+
+Segment-level recurrence. The text is read in consecutive segments of T characters. Layer l of a
+segment attends with queries from the segment's T positions only, over keys and values of the
+C = M + T positions [memory of layer l; the segment's input to layer l]: the memory is the
+input of layer l at the M positions before the segment, kept from the previous segments under
+stop_gradient (no gradient reaches an earlier segment). The concatenation is layer-normed as
+the pre-LN layer's input, and the new memory is the last M positions of [memory; input] of every
+layer (Memory). Nothing in the model is an absolute position, so a memory can follow a segment
+anywhere in the text, and an evaluation can use a longer memory than training did.
+
+Relative positional attention. The score of query i for key j, at distance i - j >= 0, is the
+paper's content term plus its position term:
+    (q_i + u) . k_j  +  (q_i + v) . (W_R R_{i-j}),   scaled by 1/sqrt(H) as usual,
+where q, k are the query and key projections, R_d is the sinusoid of distance d (Vaswani et
+al.'s encoding of d: sines then cosines at the frequencies 1/10000^(2k/D)), W_R (DxNxH) is each
+layer's own projection of it, and u, v (NxH) are learned biases that replace the query's
+position: a content bias u (how much key j matters whatever its distance) and a position bias v
+(how much distance i - j matters whatever the content). u and v are shared by all layers, as in
+the paper (its equation has one u and one v) and the public code's defaults (its TensorFlow code
+has a flag, untie_r, to give each layer its own); W_R is per layer. u and v start at zero (plain
+content attention); the public code draws them from N(0, 0.02).
+
+The relative shift. The position term is computed once per (query, distance) instead of per
+(query, key): the C distances C-1, C-2, ..., 0 (descending: the farthest key first) are encoded
+and projected once per layer (R: CxD, shared by the batch), multiplied with every query into a
+TxC array whose row i holds query i's scores for those distances, and then shifted so that
+column j of row i holds distance M + i - j: pad one zero column on the left (Tx(C+1)), view the
+same numbers as (C+1)xT, drop the first row, and view the rest as TxC. Row i then starts T - 1 -
+i entries further into the original row, which is exactly the shift that turns "distance
+index" into "key index". Entries with j > M + i (future keys) hold leftovers of the next row
+and are masked. No TxC gather: a pad and two reshapes (relative_shift).
+
+clamp_len (> 0): distances above clamp_len use the encoding of clamp_len, so a model evaluated
+with a longer memory than it was trained with need not meet the encodings of distances it never
+saw (with clamp_len at most training's longest distance, mem_len + seq_len - 1).
+
+same_length: every query sees the same number of keys, mem_len + 1 (itself and the mem_len
+positions before it), where plain XL gives query i of the segment M + i + 1 keys (the later
+queries of a segment see more). This is the public TensorFlow code's mask (its PyTorch code's
+same_length mask keeps one key fewer, mem_len). A segment of one character (generation) sees
+M + 1 keys either way. With same_length, reading a text in segments of any length with a
+memory of mem_len rows gives the same results as one forward pass over the whole text in which
+every layer attends to the last mem_len + 1 positions only (tests/test_xl.py).
+
+Attention runs through jax.nn.dot_product_attention with the position term (pre-scaled by
+1/sqrt(H)) as its bias and a mask for causality, invalid memory rows (Memory.valid_B) and
+same_length: implementation "xla" or "cudnn" (model.attention; cuDNN's kernel with a bias
+wants even T and C when training; splash has no bias, and ModelConfig.from_config refuses it).
+
+Dropout, where the public code has it: on the embedded input, on the relative encodings R, and on
+each residual branch (as in the fixed family). No absolute positions, so model.max_len and
+model.per_layer_positions play no part.
+"""
+
+import math
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from chartx import model as model_lib
+from chartx.matmul import matmul
+
+
+@flax.struct.dataclass
+class Memory:
+  """What a segment leaves to the next: every layer's input at the last M positions."""
+  h_LxBxMxD: jax.Array  # Layer l's input at the last M positions, oldest first; the compute dtype.
+  valid_B: jax.Array  # int32 per row: the last valid_B of the M rows hold real positions (0: empty).
+
+
+def relative_encodings(num_keys: int, d_model: int, clamp_len: int = 0) -> jax.Array:
+  """R_CxD (float32): the sinusoid of the distances C-1, C-2, ..., 0 (the farthest key's first),
+  each above clamp_len (when > 0) replaced by clamp_len."""
+  distance_C = jnp.arange(num_keys - 1, -1, -1, dtype=jnp.float32)
+  if clamp_len > 0:
+    distance_C = jnp.minimum(distance_C, clamp_len)
+  frequency_D2 = 1.0 / 10000 ** (jnp.arange(0, d_model, 2, dtype=jnp.float32) / d_model)
+  angle_CxD2 = distance_C[:, None] * frequency_D2[None, :]
+  return jnp.concatenate([jnp.sin(angle_CxD2), jnp.cos(angle_CxD2)], axis=-1)
+
+
+def relative_shift(x_BxNxTxC: jax.Array) -> jax.Array:
+  """Row i of x holds query i's scores for the distances C-1, ..., 0; returns them by key: entry
+  (i, j) = x[i, j + T - 1 - i], the score for distance M + i - j (M = C - T), for j <= M + i.
+  Entries with j > M + i are leftovers (mask them). A pad and reshapes, no gather."""
+  *lead, T, C = x_BxNxTxC.shape
+  padded = jnp.pad(x_BxNxTxC, [(0, 0)] * len(lead) + [(0, 0), (1, 0)])
+  return padded.reshape(*lead, C + 1, T)[..., 1:, :].reshape(*lead, T, C)
+
+
+def attention_mask(seq_len: int, mem_rows: int, valid_B: jax.Array, window: int | None) -> jax.Array:
+  """mask_Bx1xTxC: query t (key index M + t) sees key c when c is not in the future (distance
+  d = M + t - c >= 0), c is a valid memory row (c >= M - valid_B) or in the segment, and, with
+  window (same_length: mem_len), d <= window."""
+  distance_TxC = mem_rows + jnp.arange(seq_len)[:, None] - jnp.arange(mem_rows + seq_len)[None, :]
+  visible_TxC = distance_TxC >= 0
+  if window is not None:
+    visible_TxC &= distance_TxC <= window
+  valid_BxC = jnp.arange(mem_rows + seq_len)[None, :] >= (mem_rows - valid_B)[:, None]
+  return (visible_TxC[None] & valid_BxC[:, None, :])[:, None]
+
+
+def relative_attention(q_BxTxNxH: jax.Array, k_BxCxNxH: jax.Array, value_BxCxNxH: jax.Array,
+                       rk_CxNxH: jax.Array, content_bias_NxH: jax.Array, position_bias_NxH: jax.Array,
+                       mask_Bx1xTxC: jax.Array, impl: str = "xla") -> jax.Array:
+  """softmax(((q + u) k^T + relative_shift((q + v) rk^T)) / sqrt(H), masked) value: BxTxNxH in
+  q's dtype (rk_CxNxH: W_R R of the distances C-1..0; u, v: the content and position biases).
+  The softmax is computed in float32; impl: "xla" or "cudnn" (jax.nn.dot_product_attention's)."""
+  dtype = q_BxTxNxH.dtype
+  scale = 1 / math.sqrt(q_BxTxNxH.shape[-1])
+  qv_BxTxNxH = q_BxTxNxH + position_bias_NxH.astype(dtype)
+  position_BxNxTxC = relative_shift(jnp.einsum("btnh,cnh->bntc", qv_BxTxNxH, rk_CxNxH.astype(dtype),
+                                               preferred_element_type=jnp.float32)) * scale
+  if impl == "cudnn":  # cuDNN takes the bias in the inputs' 16-bit dtype.
+    position_BxNxTxC = position_BxNxTxC.astype(dtype)
+  return jax.nn.dot_product_attention(q_BxTxNxH + content_bias_NxH.astype(dtype), k_BxCxNxH, value_BxCxNxH,
+                                      bias=position_BxNxTxC, mask=mask_Bx1xTxC, scale=scale,
+                                      implementation=impl)
+
+
+def _last_rows(x_BxCxD: jax.Array, rows: int) -> jax.Array:
+  """The last `rows` positions of x (zero rows in front when x has fewer)."""
+  length = x_BxCxD.shape[1]
+  if length >= rows:
+    return x_BxCxD[:, length - rows:]
+  return jnp.pad(x_BxCxD, ((0, 0), (rows - length, 0), (0, 0)))
+
+
+class XLBlock(nn.Module):
+  """One XL layer: relative attention over [memory; input] -> feed-forward, pre-LN residuals."""
+  cfg: model_lib.ModelConfig
+  deterministic: bool
+
+  @nn.compact
+  def __call__(self, x_BxTxD: jax.Array, mem_BxMxD: jax.Array, r_CxD: jax.Array,
+               content_bias_NxH: jax.Array, position_bias_NxH: jax.Array,
+               mask_Bx1xTxC: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(x_BxTxD, the layer's new memory: the last mem_len rows of [mem; x], before the norm)."""
+    cfg = self.cfg
+    N, H, D = cfg.num_heads, cfg.head_dim, cfg.d_model
+    B, T = x_BxTxD.shape[:2]
+    M = mem_BxMxD.shape[1]
+    C = M + T
+    mem_BxMxD = nn.with_logical_constraint(mem_BxMxD, ("batch", "length", "embed"))
+    cat_BxCxD = jnp.concatenate([mem_BxMxD.astype(x_BxTxD.dtype), x_BxTxD], axis=1)
+    in_init = model_lib.head_in_init(cfg)
+    with jax.named_scope("layer_norm"):
+      h_BxCxD = model_lib.layer_norm(cfg, "attention_norm")(cat_BxCxD)
+    with jax.named_scope("projections"):
+      kernel = lambda name: self.param(name, in_init, (D, N, H)).reshape(D, N * H)
+      q_BxTxNxH = matmul(h_BxCxD[:, M:], kernel("query")).reshape(B, T, N, H)
+      k_BxCxNxH = matmul(h_BxCxD, kernel("key")).reshape(B, C, N, H)
+      value_BxCxNxH = matmul(h_BxCxD, kernel("value")).reshape(B, C, N, H)
+      rk_CxNxH = matmul(r_CxD.astype(x_BxTxD.dtype), kernel("position_key")).reshape(C, N, H)
+    with jax.named_scope("attention"):
+      a_BxTxNxH = relative_attention(q_BxTxNxH, k_BxCxNxH, value_BxCxNxH, rk_CxNxH, content_bias_NxH,
+                                     position_bias_NxH, mask_Bx1xTxC, impl=cfg.attention)
+    x_BxTxD = model_lib.attention_out_residual(self, x_BxTxD, a_BxTxNxH)
+    x_BxTxD = model_lib.feed_forward_residual(cfg, self.deterministic, x_BxTxD)
+    return x_BxTxD, _last_rows(cat_BxCxD, cfg.mem_len)
+
+
+class _ScanBody(nn.Module):
+  """Adapts XLBlock to nn.scan: the carry is x; each layer's memory is scanned in, its new memory
+  (and its output, when kept) scanned out."""
+  cfg: model_lib.ModelConfig
+  deterministic: bool
+  keep_all_layers: bool
+
+  @nn.compact
+  def __call__(self, x_BxTxD, mem_BxMxD, r_CxD, content_bias_NxH, position_bias_NxH, mask_Bx1xTxC):
+    block = model_lib.layer_cls(self.cfg, XLBlock)(self.cfg, self.deterministic, name="block")
+    x_BxTxD, new_mem_BxMxD = block(x_BxTxD, mem_BxMxD, r_CxD, content_bias_NxH, position_bias_NxH,
+                                   mask_Bx1xTxC)
+    return x_BxTxD, (new_mem_BxMxD, x_BxTxD if self.keep_all_layers else None)
+
+
+class XLTransformer(nn.Module):
+  """(tokens_BxT, memory) -> (the residual stream after every layer (all_layers) or the last,
+  the new memory). Attributes as model.Transformer's; build it with model.build."""
+  cfg: model_lib.ModelConfig
+  deterministic: bool = True
+  all_layers: bool = False
+
+  def setup(self):
+    cfg = self.cfg
+    self.embedding = model_lib.embedding_param(self, cfg)
+    bias_init = nn.with_logical_partitioning(nn.initializers.zeros, ("heads", "head_dim"))
+    # u and v, shared by every layer (the paper); zero at first: plain content attention.
+    self.content_bias = self.param("content_bias", bias_init, (cfg.num_heads, cfg.head_dim))
+    self.position_bias = self.param("position_bias", bias_init, (cfg.num_heads, cfg.head_dim))
+    self.dropout = nn.Dropout(cfg.dropout)
+    if cfg.scan_layers:
+      stack = nn.scan(_ScanBody, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                      in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+                      length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
+      self.layers = stack(cfg, self.deterministic, self.all_layers)
+    else:
+      self.layers = [model_lib.layer_cls(cfg, XLBlock)(cfg, self.deterministic)
+                     for _ in range(cfg.num_layers)]
+    self.classifiers = model_lib.head_params(self, cfg, self.embedding)
+
+  def __call__(self, tokens_BxT: jax.Array, memory: Memory | None = None) -> tuple[jax.Array, Memory]:
+    """(h_LxBxTxD if all_layers else h_BxTxD, before the heads' norm; the new memory: the last
+    mem_len positions of [memory; this segment] of every layer's input, valid_B = min(mem_len,
+    valid_B + T)). memory None: no memory (as an empty one; cfg.init_memory makes one)."""
+    cfg = self.cfg
+    B, T = tokens_BxT.shape
+    if memory is None:
+      memory = Memory(h_LxBxMxD=jnp.zeros((cfg.num_layers, B, 0, cfg.d_model), cfg.compute_dtype),
+                      valid_B=jnp.zeros((B,), jnp.int32))
+    M = memory.h_LxBxMxD.shape[2]
+    x_BxTxD = self.dropout(model_lib.embed(cfg, self.embedding, tokens_BxT), deterministic=self.deterministic)
+    x_BxTxD = nn.with_logical_constraint(x_BxTxD, ("batch", "length", "embed"))
+    memory_axes = ("layers", "batch", "length", "embed")
+    mem_LxBxMxD = nn.with_logical_constraint(
+        jax.lax.stop_gradient(memory.h_LxBxMxD.astype(cfg.compute_dtype)), memory_axes)
+    r_CxD = self.dropout(relative_encodings(M + T, cfg.d_model, cfg.clamp_len),
+                         deterministic=self.deterministic)
+    mask_Bx1xTxC = attention_mask(T, M, memory.valid_B, cfg.mem_len if cfg.same_length else None)
+    biases = (self.content_bias, self.position_bias)
+    if cfg.scan_layers:
+      x_BxTxD, (new_LxBxMxD, h_LxBxTxD) = self.layers(x_BxTxD, mem_LxBxMxD, r_CxD, *biases, mask_Bx1xTxC)
+    else:
+      outputs, new_mems = [], []
+      for layer, block in enumerate(self.layers):
+        x_BxTxD, new_BxMxD = block(x_BxTxD, mem_LxBxMxD[layer], r_CxD, *biases, mask_Bx1xTxC)
+        outputs.append(x_BxTxD)
+        new_mems.append(new_BxMxD)
+      new_LxBxMxD = jnp.stack(new_mems)
+      h_LxBxTxD = jnp.stack(outputs) if self.all_layers else None
+    new_LxBxMxD = nn.with_logical_constraint(jax.lax.stop_gradient(new_LxBxMxD), memory_axes)
+    new_memory = Memory(h_LxBxMxD=new_LxBxMxD, valid_B=jnp.minimum(cfg.mem_len, memory.valid_B + T))
+    return (h_LxBxTxD if self.all_layers else x_BxTxD), new_memory
+
+  def heads(self) -> model_lib.Heads:
+    """Every layer's classifiers (for a loss); inference uses heads().layer(-1)."""
+    return self.classifiers
+
+  def logits(self, tokens_BxT: jax.Array, memory: Memory | None = None) -> tuple[jax.Array, Memory]:
+    """(the last layer's next-character logits_BxTxV, float32; the new memory). Generation is
+    this with T = 1: its cost per character depends on mem_len, not on what came before."""
+    h, new_memory = self(tokens_BxT, memory)
+    h_BxTxD = h[-1] if self.all_layers else h
+    return self.heads().layer(-1).logits(self.cfg, h_BxTxD, target=0), new_memory
