@@ -137,4 +137,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.sample.top_k = 0  # Keep the k most likely characters; 0 keeps all.
   config.sample.top_p = 1.0  # Nucleus sampling: keep the smallest set with this much mass; 1 keeps all.
   config.sample.seed = 0  # Seed of the sampler.
+  # Beam search: keep this many most likely continuations and return the best (temperature, top_k
+  # and top_p left at their defaults); 1 samples as above.
+  config.sample.beam_size = 1
   return config
