@@ -1,7 +1,8 @@
 """The deep causal character transformer of Al-Rfou et al. (2019), in Flax Linen.
 
 A pre-LayerNorm residual stack. Each layer adds its own learned positional table to its
-input (the sinusoid at the bottom would fade over 64 layers), and each layer has its own
+input (the paper: a timing signal added at the bottom would fade over 64 layers; model.positions
+also offers one learned table or a fixed sinusoid at the input), and each layer has its own
 classifiers predicting 1..K characters ahead (Heads), so every layer can carry an auxiliary loss.
 Every parameter carries logical axis names; chartx.sharding maps them to mesh axes.
 
@@ -24,6 +25,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from chartx import attention
 from chartx.errors import UserError
@@ -36,6 +38,9 @@ _REMAT_POLICIES = {
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 _ACTIVATIONS = {"relu": nn.relu, "gelu": functools.partial(nn.gelu, approximate=False)}
 _INITS = ("lecun", "gpt2")
+# Where positions enter: a learned table added to every layer's input (the paper), one learned
+# table added to the embeddings, or Vaswani et al.'s fixed sinusoids added to the embeddings.
+POSITIONS = ("per_layer", "input", "sinusoid")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,7 +54,7 @@ class ModelConfig:
   max_len: int = 512
   dropout: float = 0.0
   num_targets: int = 1  # Classifiers per layer: 1..K characters ahead.
-  per_layer_positions: bool = True
+  positions: str = "per_layer"  # One of POSITIONS.
   tie_embeddings: bool = False
   scan_layers: bool = True
   remat: str = "none"
@@ -117,10 +122,12 @@ class ModelConfig:
                       f"got {m.activation!r}")
     if m.init not in _INITS:
       raise UserError(f"config.model.init must be one of {', '.join(_INITS)}; got {m.init!r}")
+    if m.positions not in POSITIONS:
+      raise UserError(f"config.model.positions must be one of {', '.join(POSITIONS)}; got {m.positions!r}")
     return cls(vocab_size=vocab_size, num_layers=m.num_layers, d_model=m.d_model,
                num_heads=m.num_heads, d_ff=m.d_ff, max_len=m.max_len, dropout=m.dropout,
                num_targets=int(config.loss.multiple_targets),  # Checked by losses.LossConfig.
-               per_layer_positions=m.per_layer_positions, tie_embeddings=m.tie_embeddings,
+               positions=m.positions, tie_embeddings=m.tie_embeddings,
                scan_layers=m.scan_layers, remat=m.remat, dtype=dtype,
                attention=attention.resolve(m.attention, backend, dtype, config.data.seq_len),
                activation=m.activation, init=m.init)
@@ -197,7 +204,7 @@ class Block(nn.Module):
     cfg = self.cfg
     dtype = cfg.compute_dtype
     seq_len = x_BxTxD.shape[1]
-    if cfg.per_layer_positions:
+    if cfg.positions == "per_layer":
       pos_PxD = self.param("pos_embedding", _init(_normal_002, "length", "embed"),
                            (cfg.max_len, cfg.d_model))
       x_BxTxD = x_BxTxD + _positions(pos_PxD, seq_len, None if cache is None else cache[2]).astype(dtype)
@@ -246,6 +253,13 @@ def _positions(pos_PxD: jax.Array, seq_len: int, index: jax.Array | None) -> jax
   if index is None:
     return pos_PxD[:seq_len]
   return jax.lax.dynamic_slice_in_dim(pos_PxD, index, seq_len, axis=0)
+
+
+def sinusoid_table(length: int, d_model: int) -> np.ndarray:
+  """Vaswani et al.'s timing signal, PxD: column 2i is sin(p / 10000^(2i/D)), 2i + 1 its cos."""
+  position_Px1 = np.arange(length, dtype=np.float64)[:, None]
+  angle_PxD = position_Px1 / 10000.0 ** (2 * (np.arange(d_model) // 2) / d_model)
+  return np.where(np.arange(d_model) % 2 == 0, np.sin(angle_PxD), np.cos(angle_PxD)).astype(np.float32)
 
 
 def _cached_attention(q_BxTxNxH: jax.Array, k_BxTxNxH: jax.Array, v_BxTxNxH: jax.Array,
@@ -301,7 +315,7 @@ class Transformer(nn.Module):
     embedding_init = nn.initializers.normal(1.0 if cfg.init == "lecun" else 0.02)
     self.embedding = self.param("embedding", _init(embedding_init, "vocab", "embed"),
                                 (cfg.vocab_size, cfg.d_model))
-    if not cfg.per_layer_positions:
+    if cfg.positions == "input":
       self.pos_embedding = self.param("pos_embedding", _init(_normal_002, "length", "embed"),
                                       (cfg.max_len, cfg.d_model))
     self.dropout = nn.Dropout(cfg.dropout)
@@ -334,9 +348,7 @@ class Transformer(nn.Module):
     # the lookup and its gradient then stay batch-sharded, where XLA would otherwise move the
     # activations through a full replication to match the table.
     table_VxD = nn.with_logical_constraint(self.embedding, ("vocab", None))
-    x_BxTxD = table_VxD[tokens_BxT].astype(cfg.compute_dtype)
-    if not cfg.per_layer_positions:
-      x_BxTxD = x_BxTxD + self.pos_embedding[:tokens_BxT.shape[1]].astype(cfg.compute_dtype)
+    x_BxTxD = self._add_input_positions(table_VxD[tokens_BxT].astype(cfg.compute_dtype), None)
     x_BxTxD = self.dropout(x_BxTxD, deterministic=self.deterministic)
     x_BxTxD = nn.with_logical_constraint(x_BxTxD, ("batch", "length", "embed"))
     if cfg.scan_layers:
@@ -348,6 +360,16 @@ class Transformer(nn.Module):
         outputs.append(x_BxTxD)
       h_LxBxTxD = jnp.stack(outputs) if self.all_layers else None
     return h_LxBxTxD if self.all_layers else x_BxTxD
+
+  def _add_input_positions(self, x_BxTxD: jax.Array, index: jax.Array | None) -> jax.Array:
+    """x plus the input's positions ("input": the learned table; "sinusoid": the fixed one) for
+    positions [0, T), or [index, index + T) when decoding; "per_layer" adds them in each Block."""
+    cfg = self.cfg
+    if cfg.positions == "per_layer":
+      return x_BxTxD
+    pos_PxD = (self.pos_embedding if cfg.positions == "input"
+               else jnp.asarray(sinusoid_table(cfg.max_len, cfg.d_model)))
+    return x_BxTxD + _positions(pos_PxD, x_BxTxD.shape[1], index).astype(cfg.compute_dtype)
 
   def heads(self) -> Heads:
     """Every layer's classifiers (for a loss); inference uses heads().layer(-1)."""
@@ -372,10 +394,7 @@ class Transformer(nn.Module):
     """
     cfg = self.cfg
     index = jnp.asarray(index, jnp.int32)
-    x_BxTxD = self.embedding[tokens_BxT].astype(cfg.compute_dtype)
-    if not cfg.per_layer_positions:
-      x_BxTxD = x_BxTxD + _positions(self.pos_embedding, tokens_BxT.shape[1], index).astype(
-          cfg.compute_dtype)
+    x_BxTxD = self._add_input_positions(self.embedding[tokens_BxT].astype(cfg.compute_dtype), index)
     if cfg.scan_layers:
       index_L = jnp.full((cfg.num_layers,), index)
       x_BxTxD, (k_LxBxCxNxH, v_LxBxCxNxH) = self.layers(x_BxTxD, (cache["key"], cache["value"], index_L))

@@ -31,7 +31,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.d_ff = 2048  # Hidden width of the feed-forward block.
   config.model.max_len = 512  # Rows of each positional table; data.seq_len must not exceed it.
   config.model.dropout = 0.55  # Residual and embedding dropout (as reimplementations report).
-  config.model.per_layer_positions = True  # A learned positional table per layer (the paper) vs one at the input.
+  # Positions: "per_layer" (a learned table added to every layer's input, the paper) | "input" (one
+  # learned table added to the embeddings) | "sinusoid" (Vaswani et al.'s fixed timing signal at the input).
+  config.model.positions = "per_layer"
   config.model.tie_embeddings = False  # Next-character classifiers reuse the input embedding (fewer params).
   config.model.scan_layers = True  # nn.scan over layers: compile time independent of depth.
   config.model.remat = "none"  # Rematerialization per layer: "none" | "full" | "dots" (save matmul outputs).
