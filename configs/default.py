@@ -56,6 +56,9 @@ def get_config() -> ml_collections.ConfigDict:
   # Training targets keep 1 - this of their mass and spread the rest over the vocabulary; the
   # reported loss and bpc stay the plain likelihood. 0: off (the paper).
   config.loss.label_smoothing = 0.0
+  # How the active layers' losses combine: "sum" (each layer's loss at full weight, so the total
+  # grows with depth) | "mean" (the sum divided by the number of layers whose loss is on).
+  config.loss.layer_reduction = "sum"
 
   config.optimizer = ml_collections.ConfigDict()
   config.optimizer.name = "momentum"  # "momentum" (SGD with momentum, the paper) | "adamw".

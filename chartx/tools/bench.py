@@ -236,7 +236,8 @@ def _check_torch_comparable(config: ml_collections.ConfigDict, cfg: model_lib.Mo
                              ("model.activation", cfg.activation, "relu"),
                              ("optimizer.name", opt.name, "momentum"),
                              ("optimizer.nesterov", opt.nesterov, False),
-                             ("optimizer.grad_clip", opt.grad_clip, 0.0)):
+                             ("optimizer.grad_clip", opt.grad_clip, 0.0),
+                             ("loss.layer_reduction", config.loss.layer_reduction, "sum")):
     if value != wanted:
       raise UserError(f"--torch runs the PyTorch reference, which needs config.{key}={wanted!r}; "
                       f"got {value!r}")
