@@ -14,6 +14,7 @@ Arrays throughout chartx carry their shape in their names (x_BxTxD), one letter 
   Q a query block's rows   E the keys a query block sees (attention's blockwise kernel)
   W evaluation windows     M a stream's characters (a split, a prompt, a sample)
   I, O a matmul's input and output width, R its rows (any leading axes: chartx.matmul)
+  G beam search's beams (chartx.sample)
 """
 
 import dataclasses
