@@ -1,22 +1,22 @@
 """python -m chartx.reproduce: the paper's ablation and the recipe's other choices, trained and
 scored the same way on this machine, as one markdown table and one PNG of the curves.
 
-    python -m chartx.reproduce --out=/tmp/chartx_reproduce [--rows=full,adam] [--seeds=0,1] [--steps=N]
+    python -m chartx.reproduce --out=/tmp/chartx_reproduce [--rows=full,momentum] [--seeds=0,1] [--steps=N]
 
 Every row trains configs/reproduce.py's deep, narrow model (the full recipe) on the Python
 standard library's sources with one change, for the same steps and with the same seeds, then
 scores its last checkpoint with one protocol: the last layer's next-character prediction, each
 scored character with the full data.seq_len context before it (stride 1, the paper's protocol),
 on the first --eval_chars characters of the validation split (all but the first data.seq_len,
-which have less context before them). Each run's OUT/<row>/seed<s>/
-reproduce.json names that protocol (split, stride, context, characters); OUT/reproduce.md has the
-table, OUT/reproduce.json every result, OUT/curves.png the training curves (chartx.plot; their
-validation points are the cheaper strided eval.stride of the config, not the table's protocol).
+which have less context before them). Each run's OUT/<row>/seed<s>/reproduce.json names that
+protocol (split, stride, context, characters); OUT/reproduce.md has the table, OUT/reproduce.json
+every result, OUT/curves.png the training curves (chartx.plot; their validation points are the
+config's cheaper strided eval.stride, not the table's protocol).
 
   --rows=A,B      the rows to run, in the table's order (default: all; --list prints them).
   --seeds=0,1     seeds; every row trains once per seed (default 0).
   --steps=N       training steps of every run (default: the config's train.num_steps).
-  --eval_chars=N  characters of the validation split scored (default 4096).
+  --eval_chars=N  a prefix of the validation split to score (default 4096; --tiny: 64).
   --eval_stride=S the protocol's stride (default 1; a larger one trades context for speed).
   --out=DIR       where the runs, the table and the PNG go.
   --tiny          configs/tiny.py's model and data, a few steps: a smoke test in seconds.
@@ -189,8 +189,10 @@ def train_and_score(name: str, seed: int, config: ml_collections.ConfigDict, wor
                     eval_chars: int, eval_stride: int) -> dict[str, Any]:
   """Trains one run, scores its last checkpoint with the protocol, writes its reproduce.json."""
   start = time.time()
-  loop.train_and_evaluate(config, workdir)
+  state = loop.train_and_evaluate(config, workdir)
   train_seconds = time.time() - start
+  if int(state.step) != config.train.num_steps:  # A SIGTERM or Ctrl-C stopped it: rerun to resume.
+    raise UserError(f"row {name} seed {seed} stopped at step {int(state.step)} of {config.train.num_steps}")
   result = score(config, workdir, eval_chars, eval_stride)
   record = {"row": name, "change": ROWS[name].change, "overrides": ROWS[name].overrides, "seed": seed,
             "steps": result["step"], "bpc": result["bpc"], "protocol": result["protocol"],
