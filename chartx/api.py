@@ -6,6 +6,7 @@ scored and sampled with the functions those modes use.
     run = chartx.load("/tmp/chartx_quickstart")
     run.score("def main():\\n")  # bits per character
     run.generate("def ", 80, temperature=0.8, seed=1)  # the continuation, without the prompt
+    run.beam_search("def ", 80, beam_size=4)  # (the most likely continuation found, its log-probability)
 """
 
 import dataclasses
@@ -26,8 +27,8 @@ class Run:
   vocab: data.Vocab
   restored: inference.Restored  # Its model as evaluation runs it (evaluate.inference_model).
   _evaluator: evaluate.Evaluator
-  _generators: dict[tuple[int, sample.SamplingConfig], Callable[[np.ndarray, int], np.ndarray]] = (
-      dataclasses.field(default_factory=dict))  # Compiled once per length and sampling.
+  # Compiled once per length and sampling (or beam size).
+  _generators: dict[tuple[Any, ...], Callable[..., Any]] = dataclasses.field(default_factory=dict)
 
   @property
   def model(self) -> Any:
@@ -65,13 +66,28 @@ class Run:
     temperature 0 is greedy, top_k 0 and top_p 1 keep every character."""
     config = ml_collections.ConfigDict(self.config.to_dict())
     config.sample.update(prompt=prompt, num_chars=num_chars, temperature=float(temperature),
-                         top_k=top_k, top_p=float(top_p), seed=seed)
+                         top_k=top_k, top_p=float(top_p), seed=seed, beam_size=1)
     prompt_ids, sampling = sample.check_config(config, self.vocab)  # The sample keys' own checks.
     key = (num_chars, sampling)
     if key not in self._generators:
       self._generators[key] = sample.model_generator(self.restored, context=config.data.seq_len,
                                                      num_chars=num_chars, sampling=sampling)
     return self.vocab.decode(self._generators[key](prompt_ids, seed))
+
+  def beam_search(self, prompt: str, num_chars: int, beam_size: int = 4) -> tuple[str, float]:
+    """(continuation, log-probability in nats): the most likely num_chars characters after prompt
+    that a beam search of beam_size finds, as --mode=sample with sample.beam_size finds them
+    (beam_size 1 is greedy decoding)."""
+    config = ml_collections.ConfigDict(self.config.to_dict())
+    config.sample.update(prompt=prompt, num_chars=num_chars, temperature=1.0, top_k=0, top_p=1.0,
+                         beam_size=beam_size)
+    prompt_ids, _ = sample.check_config(config, self.vocab)
+    key = ("beam", num_chars, beam_size)
+    if key not in self._generators:
+      self._generators[key] = sample.model_beam_search(self.restored, context=config.data.seq_len,
+                                                       num_chars=num_chars, beam_size=beam_size)
+    ids_M, log_prob = self._generators[key](prompt_ids)
+    return self.vocab.decode(ids_M), log_prob
 
 
 def load(workdir: str, *, step: int | None = None, best: bool = False) -> Run:

@@ -5,8 +5,10 @@
   3. multiple targets: each position also predicts k = 2..K characters ahead, weight 0.5 each.
 
 The total loss is sum over layers l and targets k of w[l, k] * nll[l, k] (each nll against
-label-smoothed targets when loss.label_smoothing > 0); bpc is the last layer's next-character
-nll, never smoothed, over ln 2. Weights are computed from the step with jnp ops, inside jit.
+label-smoothed targets when loss.label_smoothing > 0), divided by the number of layers whose
+loss is on at that step when loss.layer_reduction is "mean" (so its scale does not grow with
+depth); bpc is the last layer's next-character nll, never smoothed, over ln 2. Weights are
+computed from the step with jnp ops, inside jit.
 """
 
 import dataclasses
@@ -22,6 +24,9 @@ from chartx import model as model_lib
 from chartx.errors import UserError
 
 
+LAYER_REDUCTIONS = ("sum", "mean")
+
+
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
   num_layers: int
@@ -31,6 +36,7 @@ class LossConfig:
   num_targets: int = 1  # Characters ahead predicted at each position (1: next only).
   aux_target_weight: float = 0.5
   label_smoothing: float = 0.0  # Mass spread uniformly over the vocabulary in the training targets.
+  layer_reduction: str = "sum"  # "sum" of the active layers' losses, or their "mean".
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict) -> "LossConfig":
@@ -42,12 +48,16 @@ class LossConfig:
       raise UserError(f"config.loss.aux_target_weight must be >= 0, got {config.loss.aux_target_weight}")
     if not 0 <= config.loss.label_smoothing < 1:
       raise UserError(f"config.loss.label_smoothing must be in [0, 1), got {config.loss.label_smoothing}")
+    if config.loss.layer_reduction not in LAYER_REDUCTIONS:
+      raise UserError(f"config.loss.layer_reduction must be one of {', '.join(LAYER_REDUCTIONS)}; "
+                      f"got {config.loss.layer_reduction!r}")
     return cls(num_layers=config.model.num_layers, num_steps=config.train.num_steps,
                multiple_positions=config.loss.multiple_positions,
                intermediate_layers=config.loss.intermediate_layers,
                num_targets=config.loss.multiple_targets,
                aux_target_weight=config.loss.aux_target_weight,
-               label_smoothing=float(config.loss.label_smoothing))
+               label_smoothing=float(config.loss.label_smoothing),
+               layer_reduction=config.loss.layer_reduction)
 
 
 def layer_stop_steps(cfg: LossConfig) -> list[int]:
@@ -167,7 +177,10 @@ def compute_loss(model: Any, cfg: LossConfig, params: Any, windows_BxS: jax.Arra
     h, weights_LxK, heads = h[None], weights_LxK[-1:], heads.layer(slice(-1, None))
   loss_LxK, nll_LxK = layer_nlls(model.cfg, heads, h, targets_KxBxT, cfg.multiple_positions,
                                  cfg.label_smoothing)
-  return (weights_LxK * loss_LxK).sum(), (nll_LxK, memory)
+  total = (weights_LxK * loss_LxK).sum()
+  if cfg.layer_reduction == "mean":
+    total = total / weights_LxK[:, 0].sum()  # Column 0 (next character, weight 1): active layers.
+  return total, (nll_LxK, memory)
 
 
 def bits(nats: jax.Array) -> jax.Array:

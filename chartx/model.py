@@ -4,7 +4,8 @@ and build(), the one place that picks a family (config.model.family: "fixed", th
 Transformer; "xl", chartx.xl's XLTransformer).
 
 A pre-LayerNorm residual stack. Each layer adds its own learned positional table to its
-input (the sinusoid at the bottom would fade over 64 layers), and each layer has its own
+input (the paper: a timing signal added at the bottom would fade over 64 layers; model.positions
+also offers one learned table or a fixed sinusoid at the input), and each layer has its own
 classifiers predicting 1..K characters ahead (Heads), so every layer can carry an auxiliary loss.
 Every parameter carries logical axis names; chartx.sharding maps them to mesh axes.
 
@@ -16,6 +17,7 @@ Arrays throughout chartx carry their shape in their names (x_BxTxD), one letter 
   Q a query block's rows   E the keys a query block sees (attention's blockwise kernel)
   W evaluation windows     M a stream's characters (a split, a prompt, a sample)
   I, O a matmul's input and output width, R its rows (any leading axes: chartx.matmul)
+  G beam search's beams (chartx.sample)
 In chartx.xl, M is also a memory's rows and C the keys a segment's queries see, M + T.
 """
 
@@ -28,6 +30,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from chartx import attention
 from chartx.errors import UserError
@@ -41,6 +44,9 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 _ACTIVATIONS = {"relu": nn.relu, "gelu": functools.partial(nn.gelu, approximate=False)}
 _INITS = ("lecun", "gpt2")
 FAMILIES = ("fixed", "xl")
+# Where positions enter: a learned table added to every layer's input (the paper), one learned
+# table added to the embeddings, or Vaswani et al.'s fixed sinusoids added to the embeddings.
+POSITIONS = ("per_layer", "input", "sinusoid")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,7 +60,7 @@ class ModelConfig:
   max_len: int = 512
   dropout: float = 0.0
   num_targets: int = 1  # Classifiers per layer: 1..K characters ahead.
-  per_layer_positions: bool = True
+  positions: str = "per_layer"  # One of POSITIONS.
   tie_embeddings: bool = False
   scan_layers: bool = True
   remat: str = "none"
@@ -155,13 +161,15 @@ class ModelConfig:
                       f"got {m.activation!r}")
     if m.init not in _INITS:
       raise UserError(f"config.model.init must be one of {', '.join(_INITS)}; got {m.init!r}")
+    if m.positions not in POSITIONS:
+      raise UserError(f"config.model.positions must be one of {', '.join(POSITIONS)}; got {m.positions!r}")
     impl = attention.resolve(m.attention, backend, dtype, config.data.seq_len)
     if m.family == "xl" and impl == "splash":  # Only from "auto" (_check_family refuses it named).
       impl = "xla"
     return cls(vocab_size=vocab_size, num_layers=m.num_layers, d_model=m.d_model,
                num_heads=m.num_heads, d_ff=m.d_ff, max_len=m.max_len, dropout=m.dropout,
                num_targets=int(config.loss.multiple_targets),  # Checked by losses.LossConfig.
-               per_layer_positions=m.per_layer_positions, tie_embeddings=m.tie_embeddings,
+               positions=m.positions, tie_embeddings=m.tie_embeddings,
                scan_layers=m.scan_layers, remat=m.remat, dtype=dtype,
                attention=impl, activation=m.activation, init=m.init, family=m.family,
                mem_len=m.mem_len, clamp_len=m.clamp_len, same_length=m.same_length)
@@ -302,7 +310,7 @@ class Block(nn.Module):
     cfg = self.cfg
     dtype = cfg.compute_dtype
     seq_len = x_BxTxD.shape[1]
-    if cfg.per_layer_positions:
+    if cfg.positions == "per_layer":
       pos_PxD = self.param("pos_embedding", _init(_normal_002, "length", "embed"),
                            (cfg.max_len, cfg.d_model))
       x_BxTxD = x_BxTxD + _positions(pos_PxD, seq_len, None if cache is None else cache[2]).astype(dtype)
@@ -379,6 +387,13 @@ def _positions(pos_PxD: jax.Array, seq_len: int, index: jax.Array | None) -> jax
   return jax.lax.dynamic_slice_in_dim(pos_PxD, index, seq_len, axis=0)
 
 
+def sinusoid_table(length: int, d_model: int) -> np.ndarray:
+  """Vaswani et al.'s timing signal, PxD: column 2i is sin(p / 10000^(2i/D)), 2i + 1 its cos."""
+  position_Px1 = np.arange(length, dtype=np.float64)[:, None]
+  angle_PxD = position_Px1 / 10000.0 ** (2 * (np.arange(d_model) // 2) / d_model)
+  return np.where(np.arange(d_model) % 2 == 0, np.sin(angle_PxD), np.cos(angle_PxD)).astype(np.float32)
+
+
 def _cached_attention(q_BxTxNxH: jax.Array, k_BxTxNxH: jax.Array, v_BxTxNxH: jax.Array,
                       cache: LayerCache) -> tuple[jax.Array, LayerCache]:
   """Writes the T new keys/values at rows [index, index + T) and attends causally over the cache."""
@@ -431,7 +446,7 @@ class Transformer(nn.Module):
   def setup(self):
     cfg = self.cfg
     self.embedding = embedding_param(self, cfg)
-    if not cfg.per_layer_positions:
+    if cfg.positions == "input":
       self.pos_embedding = self.param("pos_embedding", _init(_normal_002, "length", "embed"),
                                       (cfg.max_len, cfg.d_model))
     self.dropout = nn.Dropout(cfg.dropout)
@@ -446,9 +461,7 @@ class Transformer(nn.Module):
   def __call__(self, tokens_BxT: jax.Array) -> jax.Array:
     """Returns h_LxBxTxD if all_layers else h_BxTxD (before the per-layer head norm)."""
     cfg = self.cfg
-    x_BxTxD = embed(cfg, self.embedding, tokens_BxT)
-    if not cfg.per_layer_positions:
-      x_BxTxD = x_BxTxD + self.pos_embedding[:tokens_BxT.shape[1]].astype(cfg.compute_dtype)
+    x_BxTxD = self._add_input_positions(embed(cfg, self.embedding, tokens_BxT), None)
     x_BxTxD = self.dropout(x_BxTxD, deterministic=self.deterministic)
     x_BxTxD = nn.with_logical_constraint(x_BxTxD, ("batch", "length", "embed"))
     if cfg.scan_layers:
@@ -460,6 +473,16 @@ class Transformer(nn.Module):
         outputs.append(x_BxTxD)
       h_LxBxTxD = jnp.stack(outputs) if self.all_layers else None
     return h_LxBxTxD if self.all_layers else x_BxTxD
+
+  def _add_input_positions(self, x_BxTxD: jax.Array, index: jax.Array | None) -> jax.Array:
+    """x plus the input's positions ("input": the learned table; "sinusoid": the fixed one) for
+    positions [0, T), or [index, index + T) when decoding; "per_layer" adds them in each Block."""
+    cfg = self.cfg
+    if cfg.positions == "per_layer":
+      return x_BxTxD
+    pos_PxD = (self.pos_embedding if cfg.positions == "input"
+               else jnp.asarray(sinusoid_table(cfg.max_len, cfg.d_model)))
+    return x_BxTxD + _positions(pos_PxD, x_BxTxD.shape[1], index).astype(cfg.compute_dtype)
 
   def heads(self) -> Heads:
     """Every layer's classifiers (for a loss); inference uses heads().layer(-1)."""
@@ -481,10 +504,7 @@ class Transformer(nn.Module):
     """
     cfg = self.cfg
     index = jnp.asarray(index, jnp.int32)
-    x_BxTxD = self.embedding[tokens_BxT].astype(cfg.compute_dtype)
-    if not cfg.per_layer_positions:
-      x_BxTxD = x_BxTxD + _positions(self.pos_embedding, tokens_BxT.shape[1], index).astype(
-          cfg.compute_dtype)
+    x_BxTxD = self._add_input_positions(self.embedding[tokens_BxT].astype(cfg.compute_dtype), index)
     if cfg.scan_layers:
       index_L = jnp.full((cfg.num_layers,), index)
       x_BxTxD, (k_LxBxCxNxH, v_LxBxCxNxH) = self.layers(x_BxTxD, (cache["key"], cache["value"], index_L))

@@ -26,7 +26,7 @@ _DEFAULTS_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__
                               "default.py")
 # What a checkpoint is: its parameters' shapes and the text it learned. Resuming cannot change them.
 FIXED_ON_RESUME = ("model.family", "model.num_layers", "model.d_model", "model.num_heads", "model.d_ff",
-                   "model.max_len", "model.per_layer_positions", "model.tie_embeddings",
+                   "model.max_len", "model.positions", "model.tie_embeddings",
                    "model.scan_layers", "loss.multiple_targets", "data.name")
 # A Transformer-XL run's checkpoints also hold its memory: mem_len rows per layer for each of
 # train.batch_size streams.
@@ -65,6 +65,10 @@ def from_dict(values: dict[str, Any]) -> ml_collections.ConfigDict:
         config[key] = ml_collections.ConfigDict(value) if isinstance(value, dict) else tuples(value)
 
   config = _defaults()
+  model = values.get("model", {})
+  if "per_layer_positions" in model:  # Saved before model.positions replaced it.
+    model = {**model, "positions": "per_layer" if model["per_layer_positions"] else "input"}
+    values = {**values, "model": {k: v for k, v in model.items() if k != "per_layer_positions"}}
   merge(config, values)
   return config
 

@@ -1,5 +1,5 @@
 """Autoregressive generation with a KV cache (the fixed family) or a memory (Transformer-XL):
-temperature, top-k, top-p and greedy decoding.
+temperature, top-k, top-p and greedy decoding, and beam search (the fixed family).
 
 The sampler sees the model only through a callback (as in Flax's lm1b example), so it can be
 tested with fake logits:
@@ -25,11 +25,24 @@ to the next power of two (at least 64), so prompts of similar lengths share a co
 
 --mode=sample prints the prompt and its continuation on stdout (timing on stderr).
 
+Beam search (sample.beam_size = G > 1) keeps the G most likely continuations so far, G rows of
+one cache: each step extends every row by every character, keeps the G best sums of
+log-probabilities, and gathers the cache rows of their parents (reorder_cache). Greedy decoding
+is G = 1, and misses a continuation whose first character is not the most likely one; an
+exhaustive search over V^M continuations is out of reach, and G trades between the two. It is
+deterministic and returns the highest-scoring of the G final continuations with its
+log-probability (nats; printed on stderr by --mode=sample). A full cache slides as in sampling,
+so past `context` characters the log-probability is the model's under that sliding context.
+
     python -m chartx.main --config=configs/tiny.py --workdir=DIR --mode=sample \
         --config.sample.prompt="def " --config.sample.temperature=0.8
+    python -m chartx.main --config=configs/tiny.py --workdir=DIR --mode=sample \
+        --config.sample.prompt="def " --config.sample.beam_size=4
 """
 
 import dataclasses
+import functools
+import math
 import sys
 import time
 from typing import Any, Callable
@@ -46,14 +59,18 @@ from chartx.errors import UserError
 TokensToLogits = Callable[[Any, jax.Array, Any, jax.Array], tuple[jax.Array, Any]]
 # (variables, tokens_Bx1, memory) -> (logits_BxV, memory): a model with a memory reads one character.
 ReadChar = Callable[[Any, jax.Array, Any], tuple[jax.Array, Any]]
+# (cache, parents_G) -> the cache whose row g is row parents_G[g] of the given one (beam search).
+ReorderCache = Callable[[Any, jax.Array], Any]
 
 
 @dataclasses.dataclass(frozen=True)
 class SamplingConfig:
-  """How a character is chosen from the logits. temperature 0 is greedy (argmax)."""
+  """How a character is chosen from the logits. temperature 0 is greedy (argmax); beam_size > 1
+  is beam search instead of sampling (temperature, top_k and top_p at their defaults)."""
   temperature: float = 1.0
   top_k: int = 0  # 0 keeps every character.
   top_p: float = 1.0  # 1 keeps every character.
+  beam_size: int = 1  # 1 samples (or is greedy); more: beam search with this many beams.
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict, vocab_size: int) -> "SamplingConfig":
@@ -64,7 +81,19 @@ class SamplingConfig:
       raise UserError(f"config.sample.top_k must be in [0, {vocab_size}] (0 keeps all), got {s.top_k}")
     if not 0 < s.top_p <= 1:
       raise UserError(f"config.sample.top_p must be in (0, 1] (1 keeps all), got {s.top_p}")
-    return cls(temperature=float(s.temperature), top_k=int(s.top_k), top_p=float(s.top_p))
+    if not 1 <= s.beam_size <= vocab_size:
+      raise UserError(f"config.sample.beam_size must be in [1, {vocab_size}] (1: sampling), got {s.beam_size}")
+    if s.beam_size > 1 and config.model.family != "fixed":
+      raise UserError(f"config.sample.beam_size={s.beam_size}: beam search runs on the fixed family's "
+                      f"KV cache; config.model.family={config.model.family} samples (beam_size 1)")
+    if s.beam_size > 1:
+      # Beam search ranks continuations by the model's own likelihood: sampling's knobs do not apply.
+      for key, default in (("temperature", 1.0), ("top_k", 0), ("top_p", 1.0)):
+        if s[key] != default:
+          raise UserError(f"config.sample.{key}={s[key]} is for sampling; with config.sample.beam_size="
+                          f"{s.beam_size} (beam search) leave it at {default}")
+    return cls(temperature=float(s.temperature), top_k=int(s.top_k), top_p=float(s.top_p),
+               beam_size=int(s.beam_size))
 
 
 def filter_logits(logits_BxV: jax.Array, cfg: SamplingConfig) -> jax.Array:
@@ -98,11 +127,7 @@ def make_generate(tokens_to_logits: TokensToLogits, *, context: int, num_chars: 
   cache is an empty cache of `context` positions (its contents are overwritten).
   """
   refill = max(1, context // 2)
-
-  def prefill(variables, cache, block_1xC, length):
-    """Encodes block[:length] at positions 0..length-1; the logits predict the character after."""
-    logits_1xCxV, cache = tokens_to_logits(variables, block_1xC, cache, jnp.zeros((), jnp.int32))
-    return jax.lax.dynamic_index_in_dim(logits_1xCxV, length - 1, axis=1, keepdims=False), cache
+  prefill = functools.partial(_prefill, tokens_to_logits)
 
   def generate(variables, cache, prompt_C, prompt_len, rng):
     logits_1xV, cache = prefill(variables, cache, prompt_C[None], prompt_len)
@@ -169,6 +194,61 @@ def model_read_char(model: Any) -> ReadChar:
   return read_char
 
 
+def _prefill(tokens_to_logits: TokensToLogits, variables: Any, cache: Any, block_BxC: jax.Array,
+             length: jax.Array) -> tuple[jax.Array, Any]:
+  """Encodes each row's block[:length] at positions 0..length-1 into a fresh cache; the logits_BxV
+  predict the character after."""
+  logits_BxCxV, cache = tokens_to_logits(variables, block_BxC, cache, jnp.zeros((), jnp.int32))
+  return jax.lax.dynamic_index_in_dim(logits_BxCxV, length - 1, axis=1, keepdims=False), cache
+
+
+def make_beam_search(tokens_to_logits: TokensToLogits, reorder_cache: ReorderCache, *, context: int,
+                     num_chars: int, beam_size: int) -> Callable[..., tuple[jax.Array, jax.Array]]:
+  """A jitted beam_search(variables, cache, prompt_C, prompt_len) -> (ids_M, log_prob): the most
+  likely continuation of num_chars that a beam of beam_size = G finds, and its log-probability.
+
+  prompt_C as make_generate's; cache is an empty cache of G rows and `context` positions.
+  """
+  refill, G = max(1, context // 2), beam_size
+  prefill = functools.partial(_prefill, tokens_to_logits)
+
+  def search(variables, cache, prompt_C, prompt_len):
+    logits_GxV, cache = prefill(variables, cache, jnp.tile(prompt_C, (G, 1)), prompt_len)
+    window_GxC = jnp.tile(jnp.roll(prompt_C, context - prompt_len), (G, 1))
+    # The G rows start as copies of the prompt: only row 0 is live, so no continuation is kept twice.
+    score_G = jnp.full(G, -jnp.inf).at[0].set(0.0)
+
+    def body(i, carry):
+      logits_GxV, cache, index, window_GxC, score_G, ids_GxM = carry
+      logp_GxV = jax.nn.log_softmax(logits_GxV.astype(jnp.float32), axis=-1)
+      vocab = logp_GxV.shape[-1]
+      # The G best of the G x V one-character extensions, best first.
+      score_G, flat_G = jax.lax.top_k((score_G[:, None] + logp_GxV).reshape(-1), G)
+      parent_G, next_G = flat_G // vocab, (flat_G % vocab).astype(jnp.int32)
+      ids_GxM = ids_GxM[parent_G].at[:, i].set(next_G)
+      window_GxC = jnp.concatenate([window_GxC[parent_G, 1:], next_G[:, None]], axis=1)
+      cache = reorder_cache(cache, parent_G)
+
+      def step(cache):
+        logits_Gx1xV, cache = tokens_to_logits(variables, next_G[:, None], cache, index)
+        return logits_Gx1xV[:, 0], cache, index + 1
+
+      def slide(cache):  # As the sampler slides: the last `refill` characters in a fresh cache.
+        block_GxC = jnp.concatenate([window_GxC[:, context - refill:],
+                                     jnp.zeros((G, context - refill), jnp.int32)], axis=1)
+        logits_GxV, cache = prefill(variables, cache, block_GxC, refill)
+        return logits_GxV, cache, jnp.int32(refill)
+
+      logits_GxV, cache, index = jax.lax.cond(index < context, step, slide, cache)
+      return logits_GxV, cache, index, window_GxC, score_G, ids_GxM
+
+    carry = (logits_GxV, cache, prompt_len, window_GxC, score_G, jnp.zeros((G, num_chars), jnp.int32))
+    _, _, _, _, score_G, ids_GxM = jax.lax.fori_loop(0, num_chars, body, carry)
+    return ids_GxM[0], score_G[0]  # top_k keeps the rows sorted: row 0 is the best.
+
+  return jax.jit(search)
+
+
 def prompt_block(prompt_ids: np.ndarray, context: int) -> tuple[np.ndarray, int]:
   """(prompt_C, length): the prompt's last `context` ids, left-aligned and zero-padded."""
   ids = np.asarray(prompt_ids, np.int32)[-context:]
@@ -179,6 +259,11 @@ def model_tokens_to_logits(model: model_lib.Transformer) -> TokensToLogits:
   net = model.clone(deterministic=True, all_layers=False)
   return lambda variables, tokens_BxT, cache, index: net.apply(
       variables, tokens_BxT, cache, index, method="decode")
+
+
+def model_reorder_cache(cache: dict[str, jax.Array], parents_G: jax.Array) -> dict[str, jax.Array]:
+  """ModelConfig.init_cache's layout: keys and values are LxBxCxNxH, the rows on axis 1."""
+  return jax.tree.map(lambda x_LxBxCxNxH: jnp.take(x_LxBxCxNxH, parents_G, axis=1), cache)
 
 
 def encode_prompt(vocab: data.Vocab, prompt: str) -> np.ndarray:
@@ -228,6 +313,22 @@ def model_generator(restored: inference.Restored, *, context: int, num_chars: in
   return run
 
 
+def model_beam_search(restored: inference.Restored, *, context: int, num_chars: int,
+                      beam_size: int) -> Callable[[np.ndarray], tuple[np.ndarray, float]]:
+  """search(prompt_ids) -> (ids_M, log_prob): make_beam_search on a restored model, compiled once
+  for any prompt (--mode=sample and chartx.load's beam_search use it)."""
+  search = sharding.MeshJit(make_beam_search(model_tokens_to_logits(restored.model), model_reorder_cache,
+                                             context=context, num_chars=num_chars, beam_size=beam_size),
+                            restored.mesh, restored.rules)
+
+  def run(prompt_ids: np.ndarray) -> tuple[np.ndarray, float]:
+    prompt_C, length = prompt_block(prompt_ids, context)
+    ids_M, log_prob = search({"params": restored.params}, restored.model.cfg.init_cache(beam_size, context),
+                             prompt_C, length)
+    return np.asarray(ids_M), float(log_prob)
+  return run
+
+
 def sample_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> str:
   """--mode=sample: the prompt and its continuation, from the checkpoint eval.step/eval.best choose."""
   vocab = data.vocab_for(config.data)
@@ -237,12 +338,19 @@ def sample_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> str:
   restored = dataclasses.replace(restored, model=evaluate.inference_model(restored.model,
                                                                           evaluate.protocol(config)))
   # The fixed family's context is the positions the model was trained on.
-  generate = model_generator(restored, context=config.data.seq_len,
-                             num_chars=config.sample.num_chars, sampling=sampling)
+  context, num_chars = config.data.seq_len, config.sample.num_chars
   start = time.time()
-  ids_M = generate(prompt_ids, config.sample.seed)
+  if sampling.beam_size > 1:
+    ids_M, log_prob = model_beam_search(restored, context=context, num_chars=num_chars,
+                                        beam_size=sampling.beam_size)(prompt_ids)
+    how = (f"beam search of {sampling.beam_size}, log-probability {log_prob:.4f} nats "
+           f"({-log_prob / math.log(2) / num_chars:.4f} bits per character), ")
+  else:
+    ids_M = model_generator(restored, context=context, num_chars=num_chars,
+                            sampling=sampling)(prompt_ids, config.sample.seed)
+    how = ""
   seconds = time.time() - start
   if jax.process_index() == 0:
-    print(f"sample: step {restored.step}, {len(ids_M)} characters in {seconds:.1f}s "
+    print(f"sample: step {restored.step}, {len(ids_M)} characters, {how}in {seconds:.1f}s "
           "(compilation included)", file=sys.stderr, flush=True)
   return config.sample.prompt + vocab.decode(ids_M)

@@ -53,7 +53,7 @@ wants even T and C when training; splash has no bias, and ModelConfig.from_confi
 
 Dropout, where the public code has it: on the embedded input, on the relative encodings R, and on
 each residual branch (as in the fixed family). No absolute positions, so model.max_len and
-model.per_layer_positions play no part.
+model.positions play no part.
 """
 
 import math

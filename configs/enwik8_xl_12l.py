@@ -34,7 +34,6 @@ def get_config():
   config.model.d_ff = 2048
   config.model.max_len = 512  # No positional table in XL; only bounds data.seq_len.
   config.model.dropout = 0.1
-  config.model.per_layer_positions = False  # XL's positions are relative, in every layer's attention.
   config.model.tie_embeddings = True
   config.model.mem_len = 512
   config.loss.intermediate_layers = False  # Transformer-XL trains the last layer's next character only.

@@ -35,7 +35,6 @@ def get_config():
   config.model.d_ff = 3072
   config.model.max_len = 768  # No positional table in XL; only bounds data.seq_len.
   config.model.dropout = 0.15
-  config.model.per_layer_positions = False  # XL's positions are relative, in every layer's attention.
   config.model.tie_embeddings = True
   config.model.remat = "dots"  # 24 layers of 1024 over 768 + 768 keys: activations need it.
   config.model.mem_len = 768

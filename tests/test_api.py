@@ -54,6 +54,17 @@ def test_generate_is_what_sample_mode_draws(run, trained_workdir):
     run.generate("the", 5, top_k=300)
 
 
+def test_beam_search_is_what_sample_mode_finds(run, trained_workdir, capsys):
+  config = ml_collections.ConfigDict(run.config.to_dict())
+  config.sample.update(prompt="the ", num_chars=12, temperature=1.0, top_k=0, top_p=1.0, beam_size=3)
+  printed = sample.sample_checkpoint(config, trained_workdir[0])
+  text, log_prob = run.beam_search("the ", 12, beam_size=3)
+  assert printed == "the " + text and log_prob < 0
+  assert f"log-probability {log_prob:.4f} nats" in capsys.readouterr().err
+  greedy, _ = run.beam_search("the ", 12, beam_size=1)
+  assert greedy == run.generate("the ", 12, temperature=0)
+
+
 def test_load_a_given_checkpoint_or_none(trained_workdir, tmp_path):
   assert chartx.load(trained_workdir[0], step=10).step == 10
   with pytest.raises(UserError, match="no saved config"):

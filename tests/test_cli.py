@@ -29,7 +29,7 @@ def run_entry(name: str, *args: str) -> subprocess.CompletedProcess:
 
 
 def test_pyproject_declares_the_commands_and_the_license():
-  assert set(scripts()) == {"chartx", "chartx-bench", "chartx-sweep", "chartx-plot"}
+  assert set(scripts()) == {"chartx", "chartx-bench", "chartx-sweep", "chartx-plot", "chartx-reproduce"}
   for target in scripts().values():
     module, function = target.split(":")
     assert callable(getattr(importlib.import_module(module), function)), target
@@ -41,7 +41,7 @@ def test_pyproject_declares_the_commands_and_the_license():
 
 @pytest.mark.parametrize("name,expected", [
     ("chartx", "--workdir"), ("chartx-bench", "--compile_only"), ("chartx-sweep", "--grid"),
-    ("chartx-plot", "--out")])
+    ("chartx-plot", "--out"), ("chartx-reproduce", "--seeds")])
 def test_command_help_lists_its_flags(name, expected):
   result = run_entry(name, "--help")  # absl's --help exits 1, argparse's 0, as python -m does.
   assert result.returncode == (1 if name in ("chartx", "chartx-bench") else 0), result.stderr
@@ -50,7 +50,8 @@ def test_command_help_lists_its_flags(name, expected):
 
 @pytest.mark.parametrize("name,required", [
     ("chartx", []), ("chartx-bench", []),
-    ("chartx-sweep", ["--config=configs/tiny.py", "--workdir=/nonexistent"]), ("chartx-plot", ["x"])])
+    ("chartx-sweep", ["--config=configs/tiny.py", "--workdir=/nonexistent"]), ("chartx-plot", ["x"]),
+    ("chartx-reproduce", [])])
 def test_command_bad_flag_is_an_error_line(name, required):
   result = run_entry(name, "--no_such_flag=1", *required)
   assert result.returncode != 0

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from chartx import evaluate, losses, train
+from chartx.errors import UserError
 
 
 def _expected_active(layer: int, num_layers: int, num_steps: int, step: int) -> bool:
@@ -201,3 +202,23 @@ def test_label_smoothing_changes_the_loss_not_the_reported_nll(tiny_config):
   np.testing.assert_allclose(loss0, (weights_LxK * nll0).sum(), rtol=1e-6)
   assert abs(float(loss2) - float(loss0)) > 1e-3  # The minimized loss is the smoothed one.
 
+
+
+def test_layer_reduction_mean_divides_by_the_layers_still_on(tiny_config):
+  tiny_config.model.num_layers, tiny_config.train.num_steps = 4, 80
+  windows_BxS = jax.random.randint(jax.random.key(1), (2, 18), 0, 256)
+  totals = {}
+  for reduction in ("sum", "mean"):
+    tiny_config.loss.layer_reduction = reduction
+    task = train.make_task(tiny_config, 256)
+    params = jax.jit(functools.partial(train.init_state, task, seq_len=16))(jax.random.key(0)).params
+    loss = jax.jit(lambda p, w: losses.compute_loss(task.model, task.loss_cfg, p, windows_BxS, w, None))
+    for step in (0, 15, 40):  # Layers 1..3 stop at steps 10, 20 and 30: 4, 3 and 1 layers on.
+      weights_LxK = losses.loss_weights(jnp.asarray(step, jnp.int32), task.loss_cfg)
+      totals[reduction, step], (nll_LxK, _) = loss(params, weights_LxK)
+      np.testing.assert_allclose(totals["sum", step], (weights_LxK * nll_LxK).sum(), rtol=1e-6)
+  for step, active in ((0, 4), (15, 3), (40, 1)):
+    np.testing.assert_allclose(totals["mean", step], totals["sum", step] / active, rtol=1e-6)
+  tiny_config.loss.layer_reduction = "average"
+  with pytest.raises(UserError, match="config.loss.layer_reduction must be one of sum, mean; got 'average'"):
+    losses.LossConfig.from_config(tiny_config)

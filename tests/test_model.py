@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from chartx import losses, train
+from chartx.errors import UserError
 from chartx import model as model_lib
 from configs import enwik8_12l, enwik8_64l
 
@@ -112,10 +113,28 @@ def test_tied_embeddings_drop_the_next_character_classifiers(tiny_config):
 
 
 def test_single_input_position_table(tiny_config):
-  tiny_config.model.per_layer_positions = False
+  tiny_config.model.positions = "input"
   params = _params(_task(tiny_config), 8)
   assert params["pos_embedding"].shape == (tiny_config.model.max_len, tiny_config.model.d_model)
   assert "pos_embedding" not in params["layers"]["block"]
+
+
+def test_sinusoid_positions_have_no_parameters(tiny_config):
+  tiny_config.model.positions = "sinusoid"
+  params = _params(_task(tiny_config), 8)
+  names = [jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_leaves_with_path(params)]
+  assert not [name for name in names if "pos" in name], names
+  tiny_config.model.positions = "per_layer"
+  learned = model_lib.count_params(_params(_task(tiny_config), 8))
+  cfg = model_lib.ModelConfig.from_config(tiny_config, 256)
+  assert learned - model_lib.count_params(params) == cfg.num_layers * cfg.max_len * cfg.d_model
+  # Vaswani et al.'s signal: sin at even columns, cos at odd, wavelengths from 2 pi to 10000 x 2 pi.
+  table_PxD = model_lib.sinusoid_table(50, 8)
+  np.testing.assert_allclose(table_PxD[7, 0], np.sin(7.0), rtol=1e-6)
+  np.testing.assert_allclose(table_PxD[7, 5], np.cos(7.0 / 10000 ** (4 / 8)), rtol=1e-6)
+  tiny_config.model.positions = "learned"
+  with pytest.raises(UserError, match="config.model.positions must be one of per_layer, input, sinusoid"):
+    model_lib.ModelConfig.from_config(tiny_config, 256)
 
 
 def test_64_layer_train_step_lowers_and_compiles_on_cpu():

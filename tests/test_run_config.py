@@ -132,3 +132,13 @@ def test_a_config_saved_before_a_key_existed_gets_its_default(tmp_path):
   saved = run_config.load(str(tmp_path))
   assert saved.train.grad_accum_steps == 1 and saved.log.wandb_project == ""
   assert saved.mesh.shape == (2, 1, 1) and saved.model.num_layers == 2
+
+
+@pytest.mark.parametrize("per_layer,positions", [(True, "per_layer"), (False, "input")])
+def test_a_config_saved_with_per_layer_positions_reads_as_model_positions(tmp_path, per_layer, positions):
+  values = json.loads(run_config.to_json(tiny.get_config()))
+  del values["model"]["positions"]
+  values["model"]["per_layer_positions"] = per_layer  # The key model.positions replaced.
+  (tmp_path / run_config.CONFIG_FILE).write_text(json.dumps(values))
+  saved = run_config.load(str(tmp_path))
+  assert saved.model.positions == positions and "per_layer_positions" not in saved.model

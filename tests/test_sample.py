@@ -29,7 +29,8 @@ def _model(tiny_config, **overrides):
 
 @pytest.mark.parametrize("overrides", [
     {},  # Scanned layers, a positional table per layer.
-    dict(scan_layers=False, per_layer_positions=False, tie_embeddings=True, num_targets=2),
+    dict(scan_layers=False, positions="input", tie_embeddings=True, num_targets=2),
+    dict(positions="sinusoid"),
 ])
 def test_cached_decoding_equals_the_full_forward_at_every_position(tiny_config, overrides):
   net, params = _model(tiny_config, **overrides)
@@ -113,6 +114,66 @@ def test_greedy_cached_generation_matches_recomputing_the_context(tiny_config):
   assert list(ids_M) == text[len(prompt):]
 
 
+def test_beam_of_one_is_greedy_decoding_through_slides_of_the_context(tiny_config):
+  net, params = _model(tiny_config)
+  context = net.cfg.max_len
+  tokens_to_logits = sample.model_tokens_to_logits(net)
+  prompt_C, length = sample.prompt_block(data.BYTES.encode("def main"), context)
+  greedy = sample.make_generate(tokens_to_logits, context=context, num_chars=80, sampling=GREEDY)
+  greedy_M = greedy({"params": params}, net.cfg.init_cache(1, context), prompt_C, length, jax.random.key(0))
+  beam = sample.make_beam_search(tokens_to_logits, sample.model_reorder_cache, context=context,
+                                 num_chars=80, beam_size=1)
+  beam_M, _ = beam({"params": params}, net.cfg.init_cache(1, context), prompt_C, length)
+  np.testing.assert_array_equal(beam_M, greedy_M)  # 80 characters: the context slides 4 times.
+
+
+def test_beam_log_probability_is_the_full_forward_likelihood_of_its_continuation(tiny_config):
+  """With several beams the cache rows are gathered every step: a wrong gather shows here."""
+  net, params = _model(tiny_config)
+  prompt = data.BYTES.encode("def ")
+  beam = sample.make_beam_search(sample.model_tokens_to_logits(net), sample.model_reorder_cache,
+                                 context=net.cfg.max_len, num_chars=20, beam_size=4)
+  ids_M, log_prob = beam({"params": params}, net.cfg.init_cache(4, net.cfg.max_len),
+                         *sample.prompt_block(prompt, net.cfg.max_len))
+  tokens_1xT = jnp.concatenate([jnp.asarray(prompt, jnp.int32), ids_M])[None]
+  logits_1xTxV = net.apply({"params": params}, tokens_1xT[:, :-1], method=model_lib.Transformer.logits)
+  logp_TxV = jax.nn.log_softmax(logits_1xTxV[0], axis=-1)
+  want = sum(float(logp_TxV[len(prompt) - 1 + i, int(c)]) for i, c in enumerate(ids_M))
+  np.testing.assert_allclose(float(log_prob), want, rtol=1e-5)
+
+
+# A fake model whose next character depends on the last one only, with hand-set probabilities.
+# After "a": b 0.6, c 0.4. After b: d 0.3, e 0.25, f 0.25, g 0.2. After c: h 0.9, i 0.1. Anything
+# else: "a". Greedy takes b (0.6) and then at best d: 0.6 x 0.3 = 0.18; c then h is 0.4 x 0.9 = 0.36.
+_CHAIN = {"a": {"b": 0.6, "c": 0.4}, "b": {"d": 0.3, "e": 0.25, "f": 0.25, "g": 0.2},
+          "c": {"h": 0.9, "i": 0.1}}
+
+
+def _chain_logits(variables, tokens_BxT, cache, index):
+  table_VxV = np.full((V, V), -1e9, np.float32)
+  table_VxV[:, ord("a")] = 0.0
+  for prev, nexts in _CHAIN.items():
+    table_VxV[ord(prev)] = -1e9
+    for char, p in nexts.items():
+      table_VxV[ord(prev), ord(char)] = np.log(p)
+  return jnp.asarray(table_VxV)[tokens_BxT], cache
+
+
+def test_beam_search_finds_the_likelier_continuation_that_greedy_misses():
+  greedy_M, _ = _generate(_chain_logits, "a", 3, context=8)
+  assert data.BYTES.decode(greedy_M) == "bda"
+  prompt_C, length = sample.prompt_block(data.BYTES.encode("a"), 8)
+  beam = sample.make_beam_search(_chain_logits, lambda cache, parents_G: cache, context=8, num_chars=3,
+                                 beam_size=2)
+  ids_M, log_prob = beam(None, (), prompt_C, length)
+  assert data.BYTES.decode(ids_M) == "cha"
+  np.testing.assert_allclose(float(log_prob), np.log(0.4) + np.log(0.9) + np.log(1.0), rtol=1e-6)
+  one_M, one_log_prob = sample.make_beam_search(_chain_logits, lambda c, p: c, context=8, num_chars=3,
+                                                beam_size=1)(None, (), prompt_C, length)
+  assert data.BYTES.decode(one_M) == "bda"
+  np.testing.assert_allclose(float(one_log_prob), np.log(0.6) + np.log(0.3), rtol=1e-6)
+
+
 def test_filter_logits_keeps_top_k_and_the_top_p_nucleus():
   logits_1xV = jnp.log(jnp.array([[0.05, 0.5, 0.15, 0.3]]))
   kept = lambda cfg: set(np.flatnonzero(np.isfinite(sample.filter_logits(logits_1xV, cfg)[0])))
@@ -127,11 +188,26 @@ def test_filter_logits_keeps_top_k_and_the_top_p_nucleus():
 
 
 def test_bad_sample_keys_raise_user_errors(tiny_config):
-  for key, value in (("temperature", -1.0), ("top_k", V + 1), ("top_p", 0.0)):
+  for key, value in (("temperature", -1.0), ("top_k", V + 1), ("top_p", 0.0), ("beam_size", 0),
+                     ("beam_size", V + 1)):
     config = tiny_config.copy_and_resolve_references()
     config.sample[key] = value
     with pytest.raises(UserError, match=f"config.sample.{key}"):
       sample.SamplingConfig.from_config(config, V)
+  # Sampling's knobs with a beam search: one line naming the knob.
+  for key, value in (("temperature", 0.0), ("temperature", 0.8), ("top_k", 5), ("top_p", 0.9)):
+    config = tiny_config.copy_and_resolve_references()
+    config.sample.beam_size = 4
+    config.sample[key] = value
+    with pytest.raises(UserError, match=rf"^config.sample.{key}=.* is for sampling; with "
+                                        r"config.sample.beam_size=4 \(beam search\) leave it at [^\n]*$"):
+      sample.SamplingConfig.from_config(config, V)
+  # Beam search reorders the fixed family's KV cache; Transformer-XL samples only.
+  config = tiny_config.copy_and_resolve_references()
+  config.model.family, config.sample.beam_size = "xl", 4
+  with pytest.raises(UserError, match=r"^config.sample.beam_size=4: beam search runs on the fixed "
+                                      r"family's KV cache; config.model.family=xl samples"):
+    sample.SamplingConfig.from_config(config, V)
 
 
 def test_text8_prompt_outside_the_alphabet_is_a_user_error():
@@ -150,3 +226,6 @@ def test_sample_mode_end_to_end(trained_workdir):
   proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True)
   assert proc.returncode == 0, proc.stderr
   assert proc.stdout.startswith("the model") and len(proc.stdout.rstrip("\n")) > len("the model")
+  beam = subprocess.run([*args[:-1], "--config.sample.beam_size=3"], cwd=ROOT, capture_output=True, text=True)
+  assert beam.returncode == 0, beam.stderr
+  assert beam.stdout.startswith("the model") and "beam search of 3, log-probability -" in beam.stderr

@@ -44,25 +44,20 @@ def test_grid_sweep_runs_every_override_and_tabulates_bpc(tmp_path, monkeypatch,
   assert plot.main([str(tmp_path)]) == 0 and (tmp_path / "curves.png").exists()
 
 
-def test_preset_and_grid_combine_into_named_runs(tmp_path, capsys, monkeypatch):
+def test_sweep_file_and_grid_combine_into_named_runs(tmp_path, capsys, monkeypatch):
   monkeypatch.chdir(ROOT)
-  status = sweep.main(["--config=configs/tiny.py", f"--workdir={tmp_path}", "--preset=ablations",
+  sweep_file = tmp_path / "ablations.py"
+  sweep_file.write_text("def get_sweep():\n  return {'baseline': {}, "
+                        "'no_intermediate_layers': {'loss.intermediate_layers': False}}\n")
+  status = sweep.main(["--config=configs/tiny.py", f"--workdir={tmp_path}/runs", f"--sweep={sweep_file}",
                        "--grid", "model.num_layers=2,4", "--dry_run", "--config.train.num_steps=7"])
   assert status == 0
   commands = capsys.readouterr().out.splitlines()
-  assert len(commands) == 8
-  assert commands[0].endswith(f"--workdir={tmp_path}/baseline,model.num_layers=2 "
+  assert len(commands) == 4
+  assert commands[0].endswith(f"--workdir={tmp_path}/runs/baseline,model.num_layers=2 "
                               "--config.model.num_layers=2 --config.train.num_steps=7")
-  assert "--config.loss.intermediate_layers=False --config.model.num_layers=4" in commands[5]
-  assert not any(tmp_path.iterdir())  # A dry run writes nothing.
-
-
-def test_the_ablation_preset_switches_off_each_auxiliary_loss_in_turn():
-  runs = sweep.PRESETS["ablations"]
-  assert runs["baseline"] == {}
-  assert [run for name, run in runs.items() if name != "baseline"] == [
-      {"loss.multiple_positions": False}, {"loss.intermediate_layers": False},
-      {"loss.multiple_targets": 1}]
+  assert "--config.loss.intermediate_layers=False --config.model.num_layers=4" in commands[3]
+  assert not (tmp_path / "runs").exists()  # A dry run writes nothing.
 
 
 def test_grid_values_and_sweep_files(tmp_path):

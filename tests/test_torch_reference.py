@@ -38,7 +38,8 @@ def test_param_count_matches_spec_and_chartx(tiny_config, num_targets, per_layer
                               tie_embeddings=tie_embeddings)
   assert torch_reference.count_params(model) == expected
   config = _chartx_config(tiny_config, num_targets=num_targets)
-  config.model.per_layer_positions, config.model.tie_embeddings = per_layer_positions, tie_embeddings
+  config.model.positions = "per_layer" if per_layer_positions else "input"
+  config.model.tie_embeddings = tie_embeddings
   task = train.make_task(config, DIMS["vocab_size"])
   abstract = jax.eval_shape(lambda r: train.init_state(task, r, DIMS["max_len"]), jax.random.key(0))
   assert model_lib.count_params(flax.linen.unbox(abstract.params)) == expected

@@ -240,10 +240,14 @@ def _check_torch_comparable(config: ml_collections.ConfigDict, cfg: model_lib.Mo
                              ("model.activation", cfg.activation, "relu"),
                              ("optimizer.name", opt.name, "momentum"),
                              ("optimizer.nesterov", opt.nesterov, False),
-                             ("optimizer.grad_clip", opt.grad_clip, 0.0)):
+                             ("optimizer.grad_clip", opt.grad_clip, 0.0),
+                             ("loss.layer_reduction", config.loss.layer_reduction, "sum")):
     if value != wanted:
       raise UserError(f"--torch runs the PyTorch reference, which needs config.{key}={wanted!r}; "
                       f"got {value!r}")
+  if cfg.positions == "sinusoid":
+    raise UserError("--torch runs the PyTorch reference, which has learned positions only: "
+                    "config.model.positions must be per_layer or input; got 'sinusoid'")
   if importlib.util.find_spec("torch") is None:  # Found, not imported: see peak_memory_bytes.
     raise UserError("--torch needs PyTorch: pip install 'chartx[bench]'")
 
@@ -255,7 +259,7 @@ def torch_step_kwargs(config: ml_collections.ConfigDict, cfg: model_lib.ModelCon
   return dict(
       vocab_size=cfg.vocab_size, num_layers=cfg.num_layers, d_model=cfg.d_model,
       num_heads=cfg.num_heads, d_ff=cfg.d_ff, max_len=cfg.max_len, dropout=cfg.dropout,
-      num_targets=cfg.num_targets, per_layer_positions=cfg.per_layer_positions,
+      num_targets=cfg.num_targets, per_layer_positions=cfg.positions == "per_layer",
       tie_embeddings=cfg.tie_embeddings, multiple_positions=loss_cfg.multiple_positions,
       intermediate_layers=loss_cfg.intermediate_layers, aux_target_weight=loss_cfg.aux_target_weight,
       num_steps=loss_cfg.num_steps, learning_rate=opt.learning_rate, momentum=opt.momentum,

@@ -8,14 +8,14 @@ runs the 4 combinations, each in its own WORKDIR/<name> (for example
 final train and validation bpc and writes it to WORKDIR/sweep.md (and WORKDIR/sweep.json).
 
   --grid KEY=V1,V2,...   one axis of the grid (repeatable); the runs are the product of all axes.
-  --preset=ablations     the paper's ablations: the baseline, then each auxiliary loss switched off
-                         in turn (loss.multiple_positions=False, loss.intermediate_layers=False,
-                         loss.multiple_targets=1).
   --sweep=FILE.py        a Python file whose get_sweep() returns the runs: a dict {name: {key:
                          value}} or a list of {key: value}.
   --config.KEY=VALUE     passed to every run, as chartx.main takes it.
   --dry_run              print the commands and run nothing.
-A preset or sweep file combines with --grid (every run of one with every point of the other).
+A sweep file combines with --grid (every run of one with every point of the other). The paper's
+ablation is python -m chartx.reproduce, which scores every row with one protocol (a sweep's
+validation bpc is each run's strided eval.stride, which rows trained on other positions cannot be
+compared by).
 Each run's output goes to WORKDIR/<name>/train.log and is echoed here with the run's name in
 front. Rerunning the same sweep resumes unfinished runs and re-tabulates finished ones (chartx.main
 resumes from a workdir's newest checkpoint). Compare the learning curves with
@@ -35,16 +35,6 @@ from typing import Any, Sequence
 
 from chartx import files, metrics, progress
 from chartx.errors import UserError
-
-PRESETS: dict[str, dict[str, dict[str, Any]]] = {
-    "ablations": {
-        "baseline": {},
-        "no_multiple_positions": {"loss.multiple_positions": False},
-        "no_intermediate_layers": {"loss.intermediate_layers": False},
-        "no_multiple_targets": {"loss.multiple_targets": 1},
-    },
-}
-
 
 def parse_grid(spec: str) -> tuple[str, list[str]]:
   """'loss.multiple_targets=1,2' -> ('loss.multiple_targets', ['1', '2']).
@@ -200,7 +190,6 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--workdir", required=True, help="root directory; each run gets a subdirectory")
   parser.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
                       help="one axis of the grid (repeatable)")
-  parser.add_argument("--preset", choices=sorted(PRESETS), help="a ready set of runs")
   parser.add_argument("--sweep", help="Python file with get_sweep() returning the runs")
   parser.add_argument("--dry_run", action="store_true", help="print the commands only")
   parser.add_argument("--quiet", action="store_true", help="do not echo the runs' output")
@@ -216,11 +205,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _sweep(args: argparse.Namespace, extra: list[str]) -> int:
-  if args.preset and args.sweep:
-    raise UserError("--preset and --sweep: give one of them")
-  if not (args.preset or args.sweep or args.grid):
-    raise UserError("nothing to sweep: give --grid KEY=V1,V2,..., --preset or --sweep")
-  base = PRESETS[args.preset] if args.preset else load_sweep_file(args.sweep) if args.sweep else None
+  if not (args.sweep or args.grid):
+    raise UserError("nothing to sweep: give --grid KEY=V1,V2,... or --sweep")
+  base = load_sweep_file(args.sweep) if args.sweep else None
   runs = expand(base, [parse_grid(spec) for spec in args.grid])
   check_keys(args.config, runs)
   print(f"sweep: {len(runs)} runs of {args.config} in {args.workdir}", file=sys.stderr, flush=True)

@@ -1,0 +1,344 @@
+"""python -m chartx.reproduce: the paper's ablation and the recipe's other choices, trained and
+scored the same way on this machine, as one markdown table and one PNG of the curves.
+
+    python -m chartx.reproduce --out=/tmp/chartx_reproduce [--rows=full,momentum] [--seeds=0,1] [--steps=N]
+
+Every row trains configs/reproduce.py's deep, narrow model (the full recipe) on the Python
+standard library's sources with one change, for the same steps and with the same seeds, then
+scores its last checkpoint with one protocol: the last layer's next-character prediction, each
+scored character with the full data.seq_len context before it (stride 1, the paper's protocol),
+on the first --eval_chars characters of the validation split (all but the first data.seq_len,
+which have less context before them). Each run's OUT/<row>/seed<s>/reproduce.json names that
+protocol (split, stride, context, characters); OUT/reproduce.md has the table, OUT/reproduce.json
+every result, OUT/curves.png the training curves (chartx.plot; their validation points are the
+config's cheaper strided eval.stride, not the table's protocol).
+
+  --rows=A,B      the rows to run, in the table's order (default: all; --list prints them).
+  --seeds=0,1     seeds; every row trains once per seed (default 0).
+  --steps=N       training steps of every run (default: the config's train.num_steps).
+  --eval_chars=N  a prefix of the validation split to score (default 4096; --tiny: 64).
+  --eval_stride=S the protocol's stride (default 1; a larger one trades context for speed).
+  --out=DIR       where the runs, the table and the PNG go.
+  --tiny          configs/tiny.py's model and data, a few steps: a smoke test in seconds.
+  --config.KEY=V  an override for every row (for example --config.model.num_layers=32).
+
+A finished run (its reproduce.json exists) is not run again, so a rerun resumes, and runs with
+other --rows or --seeds into the same OUT join the table. An unknown row, a row that cannot run
+on the config's model family, or a bad key of any row's config is a one-line error before
+anything trains.
+"""
+
+import argparse
+import ast
+import dataclasses
+import json
+import os
+import platform
+import sys
+import time
+from typing import Any, Sequence
+
+import ml_collections
+
+from chartx import config as config_lib
+from chartx import data, evaluate, files, inference, loop, progress
+from chartx.errors import UserError
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+  change: str  # What differs from the full recipe, for the table.
+  overrides: dict[str, Any]
+  # The model families (model.family) the row can run on; None: any. A row about learned
+  # absolute positions means nothing for a family with relative positions.
+  families: tuple[str, ...] | None = None
+
+
+ROWS: dict[str, Row] = {
+    "full": Row("- (the full recipe)", {}),
+    "no_multiple_positions": Row("no multiple positions: only the last position's loss",
+                                 {"loss.multiple_positions": False}),
+    "no_intermediate_layers": Row("no intermediate layers: only the last layer's loss",
+                                  {"loss.intermediate_layers": False}),
+    "no_multiple_targets": Row("no multiple targets: next character only",
+                               {"loss.multiple_targets": 1}),
+    "momentum": Row("the paper's optimizer as published: momentum 0.99, lr 0.003, no warm-up, no clipping",
+                    {"optimizer.name": "momentum", "optimizer.momentum": 0.99, "optimizer.learning_rate": 0.003,
+                     "optimizer.warmup_steps": 0, "optimizer.grad_clip": 0.0}),
+    "sinusoid_positions": Row("one fixed sinusoid at the input, not a learned table per layer",
+                              {"model.positions": "sinusoid"}, families=("transformer",)),
+    "mean_layer_losses": Row("layer losses averaged over the active layers, not summed",
+                             {"loss.layer_reduction": "mean"}),
+}
+PROTOCOL_FILE = "reproduce.json"
+
+
+def family(config: ml_collections.ConfigDict) -> str:
+  """The model family a config trains: model.family where chartx has more than one, else the
+  fixed-context transformer (chartx/model.py)."""
+  return config.model.family if "family" in config.model else "transformer"
+
+
+def parse_override(spec: str) -> tuple[str, Any]:
+  """'--config.model.num_layers=32' -> ('model.num_layers', 32); a value that is not a Python
+  literal is a string."""
+  key, sep, value = spec.removeprefix("--config.").partition("=")
+  if not sep or not key:
+    raise UserError(f"{spec!r}: expected --config.KEY=VALUE")
+  try:
+    return key, ast.literal_eval(value)
+  except (ValueError, SyntaxError):
+    return key, value
+
+
+def apply(config: ml_collections.ConfigDict, overrides: dict[str, Any], where: str) -> None:
+  """Sets each dotted key (it must exist) to its value, converted to the key's type."""
+  for key, value in overrides.items():
+    *parents, leaf = key.split(".")
+    node = config
+    for part in parents:
+      if part not in node or not isinstance(node[part], ml_collections.ConfigDict):
+        raise UserError(f"{where}: no config key {key!r}")
+      node = node[part]
+    if leaf not in node:
+      raise UserError(f"{where}: no config key {key!r}")
+    old = node[leaf]
+    if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
+      value = float(value)  # --config.optimizer.grad_clip=1 means 1.0.
+    try:
+      node[leaf] = value
+    except TypeError:
+      raise UserError(f"{where}: {key}={value!r} is not a {type(old).__name__}") from None
+
+
+def base_config(tiny: bool) -> ml_collections.ConfigDict:
+  """configs/reproduce.py's full recipe; tiny: with configs/tiny.py's model and data."""
+  sys.path.insert(0, _ROOT)  # configs/ is a package at the repository root.
+  try:
+    from configs import reproduce, tiny as tiny_configs  # pylint: disable=import-outside-toplevel
+  finally:
+    sys.path.remove(_ROOT)
+  config = reproduce.get_config()
+  if tiny:
+    small = tiny_configs.get_config()
+    config.data.path, config.data.seq_len = small.data.path, small.data.seq_len
+    for key in ("num_layers", "d_model", "num_heads", "d_ff", "max_len"):
+      config.model[key] = small.model[key]
+    config.train.update(batch_size=4, num_steps=4, log_every=2)
+    config.eval.update(max_chars=256, stride=small.eval.stride, batch_size=8)
+  return config
+
+
+def run_configs(base: ml_collections.ConfigDict, rows: Sequence[str], seeds: Sequence[int],
+                steps: int) -> dict[tuple[str, int], ml_collections.ConfigDict]:
+  """{(row, seed): its training config}, each checked by every section's owner."""
+  runs = {}
+  # Seed by seed, so a run cut short has every row of the first seed.
+  for seed in seeds:
+    for name in rows:
+      row = ROWS[name]
+      config = ml_collections.ConfigDict(base.to_dict())
+      apply(config, row.overrides, f"row {name}")
+      config.seed = seed
+      # Four validation points for the curves; one checkpoint, at the end, for the protocol.
+      config.train.update(num_steps=steps, eval_every=max(1, steps // 4), checkpoint_every=steps,
+                          keep_checkpoints=1)
+      if row.families is not None and family(config) not in row.families:
+        raise UserError(f"row {name} cannot run on model.family={family(config)} "
+                        f"(it runs on {', '.join(row.families)})")
+      try:
+        config_lib.check(config)
+      except UserError as e:
+        raise UserError(f"row {name}: {e}") from None
+      runs[name, seed] = config
+  return runs
+
+
+def run_dir(out: str, name: str, seed: int) -> str:
+  return os.path.join(out, name, f"seed{seed}")
+
+
+def score(config: ml_collections.ConfigDict, workdir: str, eval_chars: int, stride: int) -> dict[str, Any]:
+  """The protocol: the last checkpoint's last-layer next-character bpc on the first eval_chars
+  characters of the validation split, by windows of data.seq_len = T sliding by `stride`, counting
+  only the characters with at least T - stride + 1 characters before them. evaluate.evaluate_bits
+  also scores the first window's targets with the 1..T characters they have; a row trained on the
+  last position alone (no multiple positions) never learned to predict from those, so they are
+  taken out: they are exactly what evaluating the first T + 1 characters alone scores."""
+  corpus = data.load_corpus(config.data)
+  ids_M = data.eval_stream(corpus, "validation")[:eval_chars]
+  seq_len = config.data.seq_len
+  if len(ids_M) <= seq_len + 1:
+    raise UserError(f"--eval_chars={eval_chars} must exceed data.seq_len + 1 = {seq_len + 1}")
+  restored = inference.restore(config, workdir, corpus.vocab.size)
+  score_fn = evaluate.jit_score_fn(evaluate.model_score_fn(restored.model), restored.mesh, restored.rules)
+  kwargs = dict(seq_len=seq_len, stride=stride, batch_size=config.eval.batch_size, mesh=restored.mesh)
+  start = time.time()
+  bits, count = evaluate.evaluate_bits(score_fn, restored.params, ids_M, **kwargs)
+  short_bits, short_count = evaluate.evaluate_bits(score_fn, restored.params, ids_M[:seq_len + 1], **kwargs)
+  return {"step": restored.step, "bpc": (bits - short_bits) / (count - short_count),
+          "protocol": {"split": "validation", "stride": stride, "context": seq_len,
+                       "min_context": seq_len - stride + 1, "max_chars": eval_chars,
+                       "num_chars": count - short_count, "layer": "last", "target": "next character"},
+          "eval_seconds": round(time.time() - start, 1)}
+
+
+def train_and_score(name: str, seed: int, config: ml_collections.ConfigDict, workdir: str,
+                    eval_chars: int, eval_stride: int) -> dict[str, Any]:
+  """Trains one run, scores its last checkpoint with the protocol, writes its reproduce.json."""
+  start = time.time()
+  state = loop.train_and_evaluate(config, workdir)
+  train_seconds = time.time() - start
+  if int(state.step) != config.train.num_steps:  # A SIGTERM or Ctrl-C stopped it: rerun to resume.
+    raise UserError(f"row {name} seed {seed} stopped at step {int(state.step)} of {config.train.num_steps}")
+  result = score(config, workdir, eval_chars, eval_stride)
+  record = {"row": name, "change": ROWS[name].change, "overrides": ROWS[name].overrides, "seed": seed,
+            "steps": result["step"], "bpc": result["bpc"], "protocol": result["protocol"],
+            "train_seconds": round(train_seconds, 1), "eval_seconds": result["eval_seconds"]}
+  files.write_text(os.path.join(workdir, PROTOCOL_FILE), json.dumps(record, indent=2) + "\n")
+  print(f"{name} seed {seed}: step {result['step']}: bpc {result['bpc']:.4f} over "
+        f"{result['protocol']['num_chars']:,} validation characters (stride {eval_stride}, context "
+        f"{config.data.seq_len})", flush=True)
+  return record
+
+
+def collect(out: str) -> list[dict[str, Any]]:
+  """Every finished run's record under out, in the table's row order, then by seed."""
+  records = []
+  for name in ROWS:
+    row_dir = os.path.join(out, name)
+    if not os.path.isdir(row_dir):
+      continue
+    for entry in sorted(os.listdir(row_dir)):
+      path = os.path.join(row_dir, entry, PROTOCOL_FILE)
+      if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+          records.append(json.load(f))
+  return sorted(records, key=lambda r: (list(ROWS).index(r["row"]), r["seed"]))
+
+
+def table(records: Sequence[dict[str, Any]]) -> str:
+  """The markdown table: one line per row, every seed's bpc, their mean, the difference to full."""
+  by_row: dict[str, list[dict[str, Any]]] = {}
+  for record in records:
+    by_row.setdefault(record["row"], []).append(record)
+  mean = lambda rs: sum(r["bpc"] for r in rs) / len(rs)
+  full = mean(by_row["full"]) if "full" in by_row else None
+  lines = ["| row | change from the full recipe | seeds | validation bpc per seed | mean | vs full | train time per run |",
+           "|---|---|---|---|---|---|---|"]
+  for name, rs in by_row.items():
+    diff = "-" if full is None or name == "full" else f"{mean(rs) - full:+.3f}"
+    train_time = progress.format_duration(sum(r["train_seconds"] for r in rs) / len(rs))
+    lines.append(f"| {name} | {rs[0]['change']} | {', '.join(str(r['seed']) for r in rs)} | "
+                 f"{', '.join(format(r['bpc'], '.3f') for r in rs)} | {mean(rs):.3f} | {diff} | {train_time} |")
+  return "\n".join(lines)
+
+
+def protocol_line(records: Sequence[dict[str, Any]]) -> str:
+  """The one protocol of the records (UserError if they differ), as a sentence."""
+  protocols = {json.dumps(r["protocol"], sort_keys=True) for r in records}
+  steps = {r["steps"] for r in records}
+  if len(protocols) > 1 or len(steps) > 1:
+    raise UserError("the runs in this --out were trained or scored differently (steps "
+                    f"{sorted(steps)}; {len(protocols)} protocols): use a new --out")
+  p = records[0]["protocol"]
+  return (f"{records[0]['steps']:,} steps per run; bpc of the last layer's next-character prediction on "
+          f"{p['num_chars']:,} characters of the {p['split']} split (those of its first {p['max_chars']:,} "
+          f"with a full context), stride {p['stride']}, context {p['context']}: every scored character "
+          f"sees at least {p['min_context']} before it")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(prog="python -m chartx.reproduce",
+                                   description="Train every row of the ablation table the same way "
+                                               "and tabulate their bpc. --config.KEY=VALUE flags "
+                                               "go to every row.")
+  parser.add_argument("--out", default="/tmp/chartx_reproduce", help="directory of the runs and the table")
+  parser.add_argument("--rows", default=",".join(ROWS), help="comma-separated rows (default: all)")
+  parser.add_argument("--seeds", default="0", help="comma-separated seeds (default: 0)")
+  parser.add_argument("--steps", type=int, help="training steps per run (default: the config's)")
+  parser.add_argument("--eval_chars", type=int, help="validation characters scored (default 4096; --tiny 64)")
+  parser.add_argument("--eval_stride", type=int, default=1, help="the protocol's stride (default 1)")
+  parser.add_argument("--tiny", action="store_true", help="a tiny model for a few steps (tests)")
+  parser.add_argument("--list", action="store_true", help="print the rows and exit")
+  args, extra = parser.parse_known_args(argv)
+  unknown = [a for a in extra if not a.startswith("--config.")]
+  if unknown:
+    parser.error(f"unrecognized arguments: {' '.join(unknown)} (rows take --config.KEY=VALUE)")
+  if args.list:
+    for name, row in ROWS.items():
+      print(f"{name}: {row.change}")
+    return 0
+  try:
+    return _reproduce(args, extra)
+  except UserError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+
+
+def _reproduce(args: argparse.Namespace, extra: Sequence[str]) -> int:
+  rows = [r.strip() for r in args.rows.split(",") if r.strip()]
+  unknown = [r for r in rows if r not in ROWS]
+  if unknown or not rows:
+    raise UserError(f"--rows: unknown row {', '.join(unknown) or '(none given)'}; the rows are "
+                    f"{', '.join(ROWS)}")
+  try:
+    seeds = [int(s) for s in args.seeds.split(",")]
+  except ValueError:
+    raise UserError(f"--seeds={args.seeds}: expected comma-separated integers") from None
+  base = base_config(args.tiny)
+  apply(base, dict(parse_override(spec) for spec in extra), "--config")
+  steps = args.steps or base.train.num_steps
+  eval_chars = args.eval_chars or (64 if args.tiny else 4096)
+  if steps < 1 or eval_chars < 2:
+    raise UserError(f"--steps={steps} must be >= 1 and --eval_chars={eval_chars} >= 2")
+  if not 1 <= args.eval_stride <= base.data.seq_len:
+    raise UserError(f"--eval_stride={args.eval_stride} must be in [1, data.seq_len={base.data.seq_len}]")
+  runs = run_configs(base, rows, seeds, steps)  # Every row checked before anything trains.
+  start, load_start = time.time(), os.getloadavg()
+  print(f"reproduce: {len(runs)} runs ({len(rows)} rows x {len(seeds)} seeds) of {steps} steps "
+        f"into {args.out}", file=sys.stderr, flush=True)
+  for i, ((name, seed), config) in enumerate(runs.items(), 1):
+    workdir = run_dir(args.out, name, seed)
+    if os.path.exists(os.path.join(workdir, PROTOCOL_FILE)):
+      print(f"[{i}/{len(runs)}] {name} seed {seed}: done before", file=sys.stderr, flush=True)
+      continue
+    print(f"[{i}/{len(runs)}] {name} seed {seed}", file=sys.stderr, flush=True)
+    record = train_and_score(name, seed, config, workdir, eval_chars, args.eval_stride)
+    print(f"[{i}/{len(runs)}] {name} seed {seed}: bpc {record['bpc']:.4f} (trained in "
+          f"{progress.format_duration(record['train_seconds'])})", file=sys.stderr, flush=True)
+  records = collect(args.out)
+  text = f"{protocol_line(records)}.\n\n{table(records)}\n"
+  files.write_text(os.path.join(args.out, "reproduce.md"), text)
+  summary = {"command": " ".join(["python -m chartx.reproduce", *(argv_of(args, extra))]),
+             "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.processor() or platform.platform()}",
+             "seconds": round(time.time() - start, 1), "load_average_start": load_start,
+             "load_average_end": os.getloadavg(), "runs": records}
+  files.write_text(os.path.join(args.out, "reproduce.json"), json.dumps(summary, indent=2) + "\n")
+  print(text)
+  try:
+    from chartx.tools import plot  # pylint: disable=import-outside-toplevel
+    first = {}
+    for record in records:  # One curve per row (its first seed), or the plot is unreadable.
+      first.setdefault(record["row"], run_dir(args.out, record["row"], record["seed"]))
+    png = plot.plot(list(first.values()), os.path.join(args.out, "curves.png"),
+                    "chartx.reproduce: " + ", ".join(first))
+    print(f"reproduce: table in {os.path.join(args.out, 'reproduce.md')}, curves in {png}", file=sys.stderr)
+  except UserError as e:  # matplotlib missing: the table stands without the PNG.
+    print(f"reproduce: table in {os.path.join(args.out, 'reproduce.md')}; no PNG: {e}", file=sys.stderr)
+  return 0
+
+
+def argv_of(args: argparse.Namespace, extra: Sequence[str]) -> list[str]:
+  """The flags this run was given, for the record."""
+  flags = [f"--out={args.out}", f"--rows={args.rows}", f"--seeds={args.seeds}"]
+  flags += [f"--steps={args.steps}"] if args.steps else []
+  flags += [f"--eval_chars={args.eval_chars}"] if args.eval_chars else []
+  flags += [f"--eval_stride={args.eval_stride}"] + (["--tiny"] if args.tiny else []) + list(extra)
+  return flags
+
+
+if __name__ == "__main__":
+  sys.exit(main())
