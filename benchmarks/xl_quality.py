@@ -30,7 +30,7 @@ from benchmarks.time_to_bpc import _last_json, _run, _wait
 MODELS = {
     "fixed": ["--config=configs/small.py"],
     "xl": ["--config=configs/small.py", "--config.model.family=xl", "--config.model.mem_len=256",
-           "--config.model.per_layer_positions=False", "--config.eval.stride=0"],
+           "--config.eval.stride=0"],
 }
 
 

@@ -30,8 +30,7 @@ def trained_workdir(tmp_path_factory):
 
 # configs/tiny.py as a Transformer-XL: a memory of 16 in training, evaluated with 24 in segments of 16.
 XL_OVERRIDES = ["--config.model.family=xl", "--config.model.mem_len=16",
-                "--config.model.per_layer_positions=False", "--config.eval.seq_len=16",
-                "--config.eval.mem_len=24"]
+                "--config.eval.seq_len=16", "--config.eval.mem_len=24"]
 
 
 @pytest.fixture(scope="session")

@@ -64,7 +64,7 @@ def count_compiles():
 def xl_config():
   """config() as a Transformer-XL with a memory of 16."""
   c = config()
-  c.model.family, c.model.mem_len, c.model.per_layer_positions = "xl", 16, False
+  c.model.family, c.model.mem_len = "xl", 16
   return c
 
 

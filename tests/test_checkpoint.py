@@ -166,7 +166,7 @@ def _copy(trained, tmp_path):
 
 
 # Transformer-XL: configs/tiny.py with a memory, trained on streams that the memory carries on.
-XL = {"model.family": "xl", "model.mem_len": 16, "model.per_layer_positions": False}
+XL = {"model.family": "xl", "model.mem_len": 16}
 
 
 @pytest.mark.parametrize("family", ["fixed", "xl"])

@@ -46,7 +46,8 @@ def test_saved_config_round_trips_through_a_url(root):
 
 
 def test_eval_result_and_metrics_are_written_through_a_url(root, capsys):
-  result = {"split": "test", "step": 20, "bpc": 1.5, "num_chars": 99, "stride": 1, "context": 32}
+  result = {"split": "test", "step": 20, "bpc": 1.5, "num_chars": 99, "stride": 1, "context": 32,
+            "protocol": "sliding_window", "attention_length": 32}
   evaluate.write_result(root, result)
   assert json.loads(files.read_text(os.path.join(root, "eval_test.json"))) == result
   (record,) = metrics.read_metrics(root)

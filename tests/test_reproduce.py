@@ -59,6 +59,6 @@ def test_a_row_that_cannot_run_on_the_family_is_an_error_before_training(tmp_pat
   monkeypatch.setitem(reproduce.ROWS, "sinusoid_positions", row)
   assert reproduce.main(["--tiny", f"--out={tmp_path / 'out'}"]) == 1
   err = capsys.readouterr().err.strip().splitlines()
-  assert err == ["error: row sinusoid_positions cannot run on model.family=transformer "
+  assert err == ["error: row sinusoid_positions cannot run on model.family=fixed "
                  "(it runs on another_family)"]
   assert not (tmp_path / "out").exists()

@@ -30,7 +30,6 @@ def xl_config(config):
   """configs/tiny.py as a Transformer-XL: a memory of 16, no positional tables."""
   config.model.family = "xl"
   config.model.mem_len = 16
-  config.model.per_layer_positions = False
   return config
 
 

@@ -68,17 +68,11 @@ ROWS: dict[str, Row] = {
                     {"optimizer.name": "momentum", "optimizer.momentum": 0.99, "optimizer.learning_rate": 0.003,
                      "optimizer.warmup_steps": 0, "optimizer.grad_clip": 0.0}),
     "sinusoid_positions": Row("one fixed sinusoid at the input, not a learned table per layer",
-                              {"model.positions": "sinusoid"}, families=("transformer",)),
+                              {"model.positions": "sinusoid"}, families=("fixed",)),
     "mean_layer_losses": Row("layer losses averaged over the active layers, not summed",
                              {"loss.layer_reduction": "mean"}),
 }
 PROTOCOL_FILE = "reproduce.json"
-
-
-def family(config: ml_collections.ConfigDict) -> str:
-  """The model family a config trains: model.family where chartx has more than one, else the
-  fixed-context transformer (chartx/model.py)."""
-  return config.model.family if "family" in config.model else "transformer"
 
 
 def parse_override(spec: str) -> tuple[str, Any]:
@@ -145,8 +139,8 @@ def run_configs(base: ml_collections.ConfigDict, rows: Sequence[str], seeds: Seq
       # Four validation points for the curves; one checkpoint, at the end, for the protocol.
       config.train.update(num_steps=steps, eval_every=max(1, steps // 4), checkpoint_every=steps,
                           keep_checkpoints=1)
-      if row.families is not None and family(config) not in row.families:
-        raise UserError(f"row {name} cannot run on model.family={family(config)} "
+      if row.families is not None and config.model.family not in row.families:
+        raise UserError(f"row {name} cannot run on model.family={config.model.family} "
                         f"(it runs on {', '.join(row.families)})")
       try:
         config_lib.check(config)
