@@ -19,10 +19,11 @@ PyTorch reference runs in the same process under the same settings.
 
 Hardware: any CPU. chartx_over_torch_paired in the JSON line is chartx's throughput over
 PyTorch's, one step of each in turn in one process. Measured on 2026-11-29 on 2 cores of an AMD
-EPYC (AVX-512), jax 0.10.2, torch 2.13.0: alone on the machine, 1.15 to 1.16 s a step for chartx against 1.04 to 1.08 s
-for PyTorch (paired 0.91 to 0.94, three runs); with other jobs on the machine (load 2 to
-5), 2.2 to 2.3 s against 3.8 to 5.1 s (paired 1.63 to 2.08). Peak RSS: chartx 2.5 GB, PyTorch
-2.7 GB.
+EPYC (AVX-512), jax 0.10.2, torch 2.13.0, every other job of the machine stopped, three runs of
+--steps=10: with chartx's one CPU device per core (chartx/cpu_devices.py: 2 here), 1.04 to 1.05
+s a step for chartx against 1.06 to 1.13 s for PyTorch (paired 1.02 to 1.07); before that, with
+one device, 1.15 to 1.16 s against 1.04 to 1.08 s (paired 0.91 to 0.94). Peak RSS: chartx 2.1
+GB, PyTorch 2.3 GB. README.md (Performance) has the table and the loaded runs.
 """
 
 from configs import default
