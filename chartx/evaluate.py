@@ -375,7 +375,7 @@ def write_result(workdir: str, result: dict[str, Any]) -> None:
   writer.write(step, {f"eval_{split}_bpc": result["bpc"], f"eval_{split}_chars": count,
                       f"eval_{split}_stride": stride})
   writer.close()
-  how = (f"stride {stride}, context {result['context']}" if result["protocol"] == SLIDING_WINDOW else
+  how = (f"stride {stride}, context {result['context']}" if result.get("protocol", SLIDING_WINDOW) == SLIDING_WINDOW else
          f"recurrent: segments of {result['seq_len']}, memory {result['mem_len']}, "
          f"attention length {result['attention_length']}")
   print(f"step {step}: {split} bpc {result['bpc']:.4f} over {count:,} characters ({how})", flush=True)
