@@ -32,7 +32,7 @@ import json
 import math
 import os
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -151,9 +151,25 @@ def evaluate_bits(score: ScoreFn, params: Any, ids_M: np.ndarray, *, seq_len: in
   rows = batch_size // count
   mine = slice(index * rows, (index + 1) * rows)  # This process's rows of each batch.
   offsets_S = np.arange(seq_len + 1)
-  totals = [0.0, 0]  # Nats and characters of the batches read so far.
-  with progress_lib.Progress(len(ids_M) - 1, desc, unit="char",
-                            enabled=progress and jax.process_index() == 0) as bar:
+
+  def outputs():
+    for lo in range(0, len(starts_W), batch_size):
+      starts_B, first_B = starts_W[lo:lo + batch_size][mine], first_W[lo:lo + batch_size][mine]
+      windows_BxS = ids_M[starts_B[:, None] + offsets_S]
+      yield score(params, jax.make_array_from_process_local_data(sharding.batch_sharding(mesh), windows_BxS),
+                  jax.make_array_from_process_local_data(sharding.batch_sharding(mesh),
+                                                         first_B.astype(np.int32)))
+
+  return _total_bits(outputs(), len(ids_M) - 1, desc=desc, progress=progress)
+
+
+def _total_bits(outputs: Iterator[tuple[jax.Array, jax.Array]], num_chars: int, *, desc: str,
+                progress: bool) -> tuple[float, int]:
+  """(total bits, characters) of a stream of score outputs (nats, characters), with a progress
+  bar of num_chars. Each output is read only once the next one is queued: the device never idles."""
+  totals = [0.0, 0]
+  with progress_lib.Progress(num_chars, desc, unit="char",
+                             enabled=progress and jax.process_index() == 0) as bar:
 
     def read(out: tuple[jax.Array, jax.Array]) -> None:
       totals[0] += float(out[0])
@@ -161,13 +177,8 @@ def evaluate_bits(score: ScoreFn, params: Any, ids_M: np.ndarray, *, seq_len: in
       bar.update(int(out[1]), bpc=f"{totals[0] / math.log(2) / max(totals[1], 1):.4f}")
 
     pending = None
-    for lo in range(0, len(starts_W), batch_size):
-      starts_B, first_B = starts_W[lo:lo + batch_size][mine], first_W[lo:lo + batch_size][mine]
-      windows_BxS = ids_M[starts_B[:, None] + offsets_S]
-      out = score(params, jax.make_array_from_process_local_data(sharding.batch_sharding(mesh), windows_BxS),
-                  jax.make_array_from_process_local_data(sharding.batch_sharding(mesh),
-                                                         first_B.astype(np.int32)))
-      if pending is not None:  # Read a batch only once the next is queued: the device never idles.
+    for out in outputs:
+      if pending is not None:
         read(pending)
       pending = out
     read(pending)
@@ -277,25 +288,16 @@ def evaluate_recurrent(score: SegmentScoreFn, params: Any, memory: Any, ids_M: n
   rows = batch_size // count
   mine = slice(index * rows, (index + 1) * rows)  # This process's streams.
   local = lambda x_BxT: jax.make_array_from_process_local_data(sharding.batch_sharding(mesh), x_BxT[mine])
-  totals = [0.0, 0]
-  with progress_lib.Progress(len(ids_M) - 1, desc, unit="char",
-                            enabled=progress and jax.process_index() == 0) as bar:
 
-    def read(out: tuple[jax.Array, jax.Array]) -> None:
-      totals[0] += float(out[0])
-      totals[1] += int(out[1])
-      bar.update(int(out[1]), bpc=f"{totals[0] / math.log(2) / max(totals[1], 1):.4f}")
-
-    pending = None
+  def outputs():
+    nonlocal memory
     for lo in range(0, inputs_BxP.shape[1], seq_len):
       segment = slice(lo, lo + seq_len)
       nats, chars, memory = score(params, memory, local(inputs_BxP[:, segment]),
                                   local(targets_BxP[:, segment]), local(mask_BxP[:, segment]))
-      if pending is not None:  # Read a segment only once the next is queued: the device never idles.
-        read(pending)
-      pending = (nats, chars)
-    read(pending)
-  return totals[0] / math.log(2), totals[1]
+      yield nats, chars
+
+  return _total_bits(outputs(), len(ids_M) - 1, desc=desc, progress=progress)
 
 
 def inference_model(model: Any, proto: Protocol) -> Any:
