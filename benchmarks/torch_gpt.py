@@ -6,7 +6,7 @@ residual projections divided by sqrt(2 x layers)), AdamW (betas 0.9/0.99, weight
 matrices only), linear warm-up then cosine decay to a tenth, gradient clipping at 1, batches of
 random windows of the training bytes. Eager mode, float32, on the CPU.
 
-    python -m benchmarks.torch_gpt --data=FILE --budget_s=600 --num_steps=300 --out=result.json
+    python -m benchmarks.torch_gpt --data=FILE --budget_s=600 --num_steps=300 --out=result.json [--threads=2]
 """
 
 import argparse
@@ -100,10 +100,12 @@ def train(args: argparse.Namespace) -> dict:
                                  {"params": others, "weight_decay": 0.0}],
                                 lr=args.learning_rate, betas=(0.9, 0.99))
   rng = np.random.default_rng(args.seed)
+  # The deadline: --deadline_unix (time_to_bpc counts from this process's launch), else
+  # --budget_s from here.
+  deadline_unix = args.deadline_unix if args.deadline_unix is not None else time.time() + args.budget_s
   start = time.perf_counter()
-  deadline = start + args.budget_s
   step, step_times = 0, []
-  while step < args.num_steps and (time.perf_counter() < deadline or step == 0):
+  while step < args.num_steps and (time.time() < deadline_unix or step == 0):
     t = time.perf_counter()
     for group in optimizer.param_groups:
       group["lr"] = learning_rate(step, args.learning_rate, args.warmup_steps, args.num_steps)
@@ -121,7 +123,7 @@ def train(args: argparse.Namespace) -> dict:
       print(f"torch_gpt: step {step}  loss {loss.item():.4f}  {np.median(step_times[-args.log_every:]):.3f} s/step",
             file=sys.stderr, flush=True)
   train_s = time.perf_counter() - start
-  result = {"steps": step, "train_s": train_s, "step_time_s": float(np.median(step_times)),
+  result = {"steps": step, "train_s": train_s, "train_end_unix": time.time(), "step_time_s": float(np.median(step_times)),
             "params": sum(p.numel() for p in model.parameters()), "torch_version": torch.__version__,
             "threads": torch.get_num_threads()}
   if not args.no_eval:
@@ -133,7 +135,9 @@ def train(args: argparse.Namespace) -> dict:
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--data", required=True, help="the text file (split 90/5/5 as chartx's text_files)")
-  parser.add_argument("--budget_s", type=float, required=True, help="wall-clock seconds of training")
+  budget = parser.add_mutually_exclusive_group(required=True)
+  budget.add_argument("--budget_s", type=float, help="wall-clock seconds of training, from its first step")
+  budget.add_argument("--deadline_unix", type=float, help="train until this time.time()")
   parser.add_argument("--num_steps", type=int, required=True, help="the cosine schedule's horizon (and the most steps)")
   parser.add_argument("--out", required=True)
   parser.add_argument("--seq_len", type=int, default=256)
