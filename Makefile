@@ -18,7 +18,7 @@ demo: $(VENV)/.installed
 	$(PY) -m chartx.main --config=configs/quickstart.py --workdir=$(DEMO_DIR) --mode=sample
 
 # Two pytest workers (pytest-xdist), a file to each in turn: most of the suite's time is
-# single-threaded compilation, so on 2 cores two workers take about 60% of one's time.
+# single-threaded compilation, so on 2 cores two workers take about 70% of one's time.
 TEST_WORKERS ?= 2
 test: $(VENV)/.installed
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
