@@ -36,6 +36,17 @@ FIXED_ON_RESUME_XL = ("model.mem_len", "train.batch_size")
 _COMPUTE_KEYS = ("model.dtype", "model.attention", "model.remat", "model.dropout")
 
 
+def find_key(config: ml_collections.ConfigDict, key: str) -> tuple[ml_collections.ConfigDict, str] | None:
+  """(the ConfigDict that holds dotted `key`, its last part), or None where the key does not exist."""
+  *parents, leaf = key.split(".")
+  node = config
+  for part in parents:
+    if part not in node or not isinstance(node[part], ml_collections.ConfigDict):
+      return None
+    node = node[part]
+  return (node, leaf) if leaf in node else None
+
+
 def to_json(config: ml_collections.ConfigDict) -> str:
   return json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n"
 

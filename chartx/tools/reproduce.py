@@ -41,7 +41,7 @@ from typing import Any, Sequence
 import ml_collections
 
 from chartx import config as config_lib
-from chartx import data, evaluate, files, inference, loop, progress
+from chartx import data, evaluate, files, inference, loop, progress, run_config
 from chartx.errors import UserError
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -90,14 +90,10 @@ def parse_override(spec: str) -> tuple[str, Any]:
 def apply(config: ml_collections.ConfigDict, overrides: dict[str, Any], where: str) -> None:
   """Sets each dotted key (it must exist) to its value, converted to the key's type."""
   for key, value in overrides.items():
-    *parents, leaf = key.split(".")
-    node = config
-    for part in parents:
-      if part not in node or not isinstance(node[part], ml_collections.ConfigDict):
-        raise UserError(f"{where}: no config key {key!r}")
-      node = node[part]
-    if leaf not in node:
+    found = run_config.find_key(config, key)
+    if found is None:
       raise UserError(f"{where}: no config key {key!r}")
+    node, leaf = found
     old = node[leaf]
     if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
       value = float(value)  # --config.optimizer.grad_clip=1 means 1.0.

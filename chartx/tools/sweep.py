@@ -33,7 +33,7 @@ import sys
 import time
 from typing import Any, Sequence
 
-from chartx import files, metrics, progress
+from chartx import files, metrics, progress, run_config
 from chartx.errors import UserError
 
 def parse_grid(spec: str) -> tuple[str, list[str]]:
@@ -107,11 +107,8 @@ def check_keys(config_path: str, runs: dict[str, dict[str, Any]]) -> None:
   config = module.get_config()
   for name, overrides in runs.items():
     for key in overrides:
-      node = config
-      for part in key.split("."):
-        if not hasattr(node, "keys") or part not in node:
-          raise UserError(f"run {name}: no config key {key!r} in {config_path}")
-        node = node[part]
+      if run_config.find_key(config, key) is None:
+        raise UserError(f"run {name}: no config key {key!r} in {config_path}")
 
 
 def command(config_path: str, workdir: str, overrides: dict[str, Any], extra: Sequence[str]) -> list[str]:
