@@ -102,7 +102,8 @@ def _train(side: str, cores: set[int], overrides: list[str], run_dir: str, horiz
   return _run([sys.executable, *cmd], cores, log)
 
 
-def _run_wave(start_one, wave: dict[str, set[int]], deadline_s: float | None = None) -> dict[str, float]:
+def _run_wave(start_one, wave: dict[str, set[int]],
+              deadline_s: float | None = None) -> dict[str, tuple[float, float]]:
   """Starts every side of the wave, SIGTERMs chartx at its deadline (launch + deadline_s), waits
   for all; returns each side's launch time and the seconds its process ran."""
   launched = {side: time.time() for side in wave}
@@ -138,23 +139,23 @@ def one_repeat(args: argparse.Namespace, overrides: list[str], out: str, index: 
   startup_s = {side: max(ran[side][1] - calibration_steps[side] * step_s[side], 0.0) for side in SIDES}
   horizon = {side: max(int((args.budget_s - startup_s[side]) / step_s[side]), 1) for side in SIDES}
 
-  train_s = {}
+  train_s, launched = {}, {}
   for wave in waves:
     def start(side, cores, launched):
       return _train(side, cores, overrides, run_dir, horizon[side], launched + args.budget_s)
     done = _run_wave(start, wave, deadline_s=args.budget_s)
+    launched.update({side: start_s for side, (start_s, _) in done.items()})
     if "chartx" in done:
       train_s["chartx"] = done["chartx"][1]
-      # Scoring is off the clock (in a pinned wave torch_gpt scores its model meanwhile).
+      # Scoring is off the clock, after the wave (torch_gpt scores its model in its own process).
       eval_log = os.path.join(run_dir, "chartx_eval.log")
       _wait(_run([sys.executable, "-m", "chartx.main", *_config_args(overrides),
                   f"--workdir={os.path.join(run_dir, 'chartx')}", "--mode=eval", "--config.eval.max_chars=0"],
                  wave["chartx"], eval_log), eval_log)
-    if "torch" in done:
-      train_s["torch"] = _last_json(os.path.join(run_dir, "torch_train.log"))["train_end_unix"] - done["torch"][0]
   with open(os.path.join(run_dir, "chartx", "eval_validation.json"), encoding="utf-8") as f:
     chartx_eval = json.load(f)
   torch_result = _last_json(os.path.join(run_dir, "torch_train.log"))
+  train_s["torch"] = torch_result["train_end_unix"] - launched["torch"]
   return {"repeat": index, "schedule": args.schedule, "first": list(waves[0])[0] if len(waves) > 1 else None,
           "budget_s": args.budget_s, "overrides": overrides, "load_avg": os.getloadavg()[0],
           "chartx_calibrated_step_s": step_s["chartx"], "torch_calibrated_step_s": step_s["torch"],
