@@ -17,7 +17,7 @@ Arrays throughout chartx carry their shape in their names (x_BxTxD), one letter 
   Q a query block's rows   E the keys a query block sees (attention's blockwise kernel)
   W evaluation windows     M a stream's characters (a split, a prompt, a sample)
   I, O a matmul's input and output width, R its rows (any leading axes: chartx.matmul)
-  G beam search's beams (chartx.sample)
+  G beam search's beams (chartx.sample)    J half a head's width (rotary pairs)
 In chartx.xl, M is also a memory's rows and C the keys a segment's queries see, M + T.
 """
 
@@ -45,8 +45,9 @@ _ACTIVATIONS = {"relu": nn.relu, "gelu": functools.partial(nn.gelu, approximate=
 _INITS = ("lecun", "gpt2")
 FAMILIES = ("fixed", "xl")
 # Where positions enter: a learned table added to every layer's input (the paper), one learned
-# table added to the embeddings, or Vaswani et al.'s fixed sinusoids added to the embeddings.
-POSITIONS = ("per_layer", "input", "sinusoid")
+# table added to the embeddings, Vaswani et al.'s fixed sinusoids added to the embeddings, or
+# rotary embeddings (Su et al. 2021: every layer's queries and keys rotated by their position).
+POSITIONS = ("per_layer", "input", "sinusoid", "rope")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,6 +164,9 @@ class ModelConfig:
       raise UserError(f"config.model.init must be one of {', '.join(_INITS)}; got {m.init!r}")
     if m.positions not in POSITIONS:
       raise UserError(f"config.model.positions must be one of {', '.join(POSITIONS)}; got {m.positions!r}")
+    if m.positions == "rope" and (m.d_model // m.num_heads) % 2:
+      raise UserError(f"config.model.positions=rope needs an even head width (d_model / num_heads), "
+                      f"got {m.d_model // m.num_heads}")
     impl = attention.resolve(m.attention, backend, dtype, config.data.seq_len)
     if m.family == "xl" and impl == "splash":  # Only from "auto" (_check_family refuses it named).
       impl = "xla"
@@ -325,6 +329,9 @@ class Block(nn.Module):
       q_BxTxNxH, k_BxTxNxH, v_BxTxNxH = (
           matmul(h_BxTxD, self.param(name, in_init, (D, N, H)).reshape(D, N * H)).reshape(B, T, N, H)
           for name in ("query", "key", "value"))
+    if cfg.positions == "rope":
+      start = 0 if cache is None else cache[2]
+      q_BxTxNxH, k_BxTxNxH = (rotate(x, start) for x in (q_BxTxNxH, k_BxTxNxH))
     with jax.named_scope("attention"):
       if cache is None:
         a_BxTxNxH = attention.causal_attention(q_BxTxNxH, k_BxTxNxH, v_BxTxNxH, impl=cfg.attention)
@@ -392,6 +399,19 @@ def sinusoid_table(length: int, d_model: int) -> np.ndarray:
   position_Px1 = np.arange(length, dtype=np.float64)[:, None]
   angle_PxD = position_Px1 / 10000.0 ** (2 * (np.arange(d_model) // 2) / d_model)
   return np.where(np.arange(d_model) % 2 == 0, np.sin(angle_PxD), np.cos(angle_PxD)).astype(np.float32)
+
+
+def rotate(x_BxTxNxH: jax.Array, start: jax.Array | int) -> jax.Array:
+  """Rotary position embedding (Su et al. 2021) of queries or keys at positions [start, start + T):
+  the pairs (x[i], x[i + H/2]) of a head rotated by the angle position / 10000^(2i/H), so that a
+  query's dot product with a key depends on their distance only. In float32, back to x's dtype."""
+  T, H = x_BxTxNxH.shape[1], x_BxTxNxH.shape[-1]
+  inv_freq_J = 1.0 / 10000.0 ** (np.arange(H // 2) * 2 / H)
+  angle_TxJ = (start + jnp.arange(T, dtype=jnp.float32))[:, None] * inv_freq_J.astype(np.float32)
+  cos_1xTx1xJ, sin_1xTx1xJ = (f(angle_TxJ)[None, :, None, :] for f in (jnp.cos, jnp.sin))
+  x1_BxTxNxJ, x2_BxTxNxJ = jnp.split(x_BxTxNxH.astype(jnp.float32), 2, axis=-1)
+  return jnp.concatenate([x1_BxTxNxJ * cos_1xTx1xJ - x2_BxTxNxJ * sin_1xTx1xJ,
+                          x1_BxTxNxJ * sin_1xTx1xJ + x2_BxTxNxJ * cos_1xTx1xJ], axis=-1).astype(x_BxTxNxH.dtype)
 
 
 def _cached_attention(q_BxTxNxH: jax.Array, k_BxTxNxH: jax.Array, v_BxTxNxH: jax.Array,
@@ -476,9 +496,9 @@ class Transformer(nn.Module):
 
   def _add_input_positions(self, x_BxTxD: jax.Array, index: jax.Array | None) -> jax.Array:
     """x plus the input's positions ("input": the learned table; "sinusoid": the fixed one) for
-    positions [0, T), or [index, index + T) when decoding; "per_layer" adds them in each Block."""
+    positions [0, T), or [index, index + T) when decoding; "per_layer" and "rope" act in each Block."""
     cfg = self.cfg
-    if cfg.positions == "per_layer":
+    if cfg.positions in ("per_layer", "rope"):
       return x_BxTxD
     pos_PxD = (self.pos_embedding if cfg.positions == "input"
                else jnp.asarray(sinusoid_table(cfg.max_len, cfg.d_model)))

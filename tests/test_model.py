@@ -133,7 +133,31 @@ def test_sinusoid_positions_have_no_parameters(tiny_config):
   np.testing.assert_allclose(table_PxD[7, 0], np.sin(7.0), rtol=1e-6)
   np.testing.assert_allclose(table_PxD[7, 5], np.cos(7.0 / 10000 ** (4 / 8)), rtol=1e-6)
   tiny_config.model.positions = "learned"
-  with pytest.raises(UserError, match="config.model.positions must be one of per_layer, input, sinusoid"):
+  with pytest.raises(UserError, match="config.model.positions must be one of per_layer, input, sinusoid, rope"):
+    model_lib.ModelConfig.from_config(tiny_config, 256)
+
+
+def test_rotary_scores_depend_on_distance_only():
+  q_BxTxNxH, k_BxTxNxH = jax.random.normal(jax.random.key(0), (2, 2, 9, 3, 8))
+  def scores(start):
+    return jnp.einsum("btnh,bcnh->bntc", model_lib.rotate(q_BxTxNxH, start), model_lib.rotate(k_BxTxNxH, start))
+  # Shifting every position by the same offset leaves every query-key score as it was; rotations
+  # keep norms, and position 0 is not rotated at all.
+  np.testing.assert_allclose(scores(37), scores(0), atol=1e-4)
+  np.testing.assert_allclose(jnp.linalg.norm(model_lib.rotate(q_BxTxNxH, 5), axis=-1),
+                             jnp.linalg.norm(q_BxTxNxH, axis=-1), rtol=1e-5)
+  np.testing.assert_allclose(model_lib.rotate(q_BxTxNxH, 0)[:, 0], q_BxTxNxH[:, 0], rtol=1e-6)
+  # But the scores do change with position: a query sees a key's distance.
+  assert not np.allclose(scores(0), jnp.einsum("btnh,bcnh->bntc", q_BxTxNxH, k_BxTxNxH), atol=1e-2)
+
+
+def test_rotary_positions_have_no_parameters_and_need_an_even_head_width(tiny_config):
+  tiny_config.model.positions = "rope"
+  params = _params(_task(tiny_config), 8)
+  names = [jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_leaves_with_path(params)]
+  assert not [name for name in names if "pos" in name], names
+  tiny_config.model.d_model, tiny_config.model.num_heads = 12, 4
+  with pytest.raises(UserError, match="config.model.positions=rope needs an even head width .* got 3"):
     model_lib.ModelConfig.from_config(tiny_config, 256)
 
 
