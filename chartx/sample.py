@@ -9,7 +9,8 @@ tested with fake logits:
 where tokens_BxT sit at positions [index, index + T) and the cache holds positions [0, index).
 T = 1 is one decoding step; T = context fills a fresh cache (prefill).
 
-The positions are absolute (a learned table per layer), so the context cannot simply roll. When
+The cached keys carry their positions (a learned table, a sinusoid or a rotation), and the model
+knows no position past the seq_len it was trained on, so the context cannot simply roll. When
 the cache is full (`context` characters), the last context // 2 characters are re-encoded into
 a fresh cache at positions 0.. and generation goes on: each new character sees between
 context // 2 and context characters. The context is data.seq_len, the positions the model was

@@ -32,7 +32,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.max_len = 512  # Rows of each positional table; data.seq_len must not exceed it.
   config.model.dropout = 0.55  # Residual and embedding dropout (as reimplementations report).
   # Positions: "per_layer" (a learned table added to every layer's input, the paper) | "input" (one
-  # learned table added to the embeddings) | "sinusoid" (Vaswani et al.'s fixed timing signal at the input).
+  # learned table added to the embeddings) | "sinusoid" (Vaswani et al.'s fixed timing signal at the input)
+  # | "rope" (rotary: every layer's queries and keys rotated by their position).
   config.model.positions = "per_layer"
   config.model.tie_embeddings = False  # Next-character classifiers reuse the input embedding (fewer params).
   config.model.scan_layers = True  # nn.scan over layers: compile time independent of depth.

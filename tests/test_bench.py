@@ -118,6 +118,13 @@ def test_torch_needs_the_paper_step(tiny_config):
     bench.benchmark(tiny_config, with_torch=True)
 
 
+@pytest.mark.parametrize("positions", ["sinusoid", "rope"])
+def test_torch_needs_learned_positions(tiny_config, positions):
+  tiny_config.model.positions = positions
+  with pytest.raises(UserError, match=f"config.model.positions must be per_layer or input; got '{positions}'"):
+    bench.benchmark(tiny_config, with_torch=True)
+
+
 def test_cli_bad_override_is_one_line():
   result = subprocess.run([sys.executable, "-m", "chartx.bench", "--config=configs/tiny.py",
                            "--config.model.no_such_key=1"], cwd=ROOT, capture_output=True, text=True,

@@ -245,9 +245,9 @@ def _check_torch_comparable(config: ml_collections.ConfigDict, cfg: model_lib.Mo
     if value != wanted:
       raise UserError(f"--torch runs the PyTorch reference, which needs config.{key}={wanted!r}; "
                       f"got {value!r}")
-  if cfg.positions == "sinusoid":
+  if cfg.positions not in ("per_layer", "input"):
     raise UserError("--torch runs the PyTorch reference, which has learned positions only: "
-                    "config.model.positions must be per_layer or input; got 'sinusoid'")
+                    f"config.model.positions must be per_layer or input; got {cfg.positions!r}")
   if importlib.util.find_spec("torch") is None:  # Found, not imported: see peak_memory_bytes.
     raise UserError("--torch needs PyTorch: pip install 'chartx[bench]'")
 
