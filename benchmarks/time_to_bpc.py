@@ -62,8 +62,11 @@ def _last_json(log: str) -> dict:
   return json.loads(lines[-1])
 
 
-def _wait(proc: subprocess.Popen, log: str) -> None:
-  if proc.wait() != 0:
+def _wait(proc: subprocess.Popen, log: str, terminated: bool = False) -> None:
+  """Raises if proc failed. terminated: we sent it SIGTERM, and dying by it is not a failure: the
+  signal came after its loop had stopped listening (training done, its checkpoint written), and
+  the scoring that follows fails loudly if no checkpoint is there."""
+  if proc.wait() not in ((0, -signal.SIGTERM) if terminated else (0,)):
     raise RuntimeError(f"{' '.join(proc.args[:4])}... failed ({proc.returncode}); see {log}")
 
 
@@ -109,16 +112,17 @@ def _run_wave(start_one, wave: dict[str, set[int]],
   for all; returns each side's launch time and the seconds its process ran."""
   launched = {side: time.time() for side in wave}
   procs = {side: start_one(side, cores, launched[side]) for side, cores in wave.items()}
-  ran_s = {}
+  ran_s, terminated = {}, set()
   while len(ran_s) < len(procs):
     for side, proc in procs.items():
       if side in ran_s:
         continue
       if proc.poll() is not None:
-        _wait(proc, proc.log)
+        _wait(proc, proc.log, terminated=side in terminated)
         ran_s[side] = time.time() - launched[side]
       elif side == "chartx" and deadline_s is not None and time.time() > launched[side] + deadline_s:
         proc.send_signal(signal.SIGTERM)  # Finishes the step, saves it, exits 0.
+        terminated.add(side)
         deadline_s = None
     time.sleep(0.5)
   return {side: (launched[side], ran_s[side]) for side in wave}

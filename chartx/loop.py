@@ -91,7 +91,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
                 f"{ckpts.newest()}", flush=True)
         break
     _finish(previous, reporter, ckpts)
-  reporter.close()
+    reporter.close()  # Inside: a signal now must not cut the writers' flush short.
   return state
 
 
