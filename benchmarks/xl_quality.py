@@ -3,19 +3,19 @@
     python -m benchmarks.xl_quality --budget_s=600 --out=/tmp/xl_quality
     python -m benchmarks.xl_quality --budget_s=60 --eval_chars=2000 --out=/tmp/xl_quality_smoke
 
-Both train configs/small.py's recipe (6 layers, d_model 256, 8 heads, d_ff 1024, segments or
-windows of 256, batch 16, AdamW with cosine decay, no auxiliary losses) on the top-level modules
-of Python's standard library (its data.path, split 90/5/5 by chartx's text_files loader): the
-fixed model with the paper's learned per-layer positions, Transformer-XL with model.family=xl
-and a training memory of 256. They run side by side, python -m chartx.main each, the fixed model
-pinned to CPU core 0 and XL to core 1, for --budget_s of wall clock each (start-up and compilation included). Each first
+Both train configs/small.py's recipe (6 layers, d_model 256, 8 heads, d_ff 1024, segments or windows
+of 256, batch 16, AdamW with cosine decay, no auxiliary losses) on the top-level modules of Python's
+standard library (its data.path, split 90/5/5 by chartx's text_files loader): the fixed model with
+the paper's learned per-layer positions, Transformer-XL with model.family=xl and a training memory
+of 256. They run side by side, python -m chartx.main each, the fixed model pinned to CPU core 0 and
+XL to core 1, for --budget_s of wall clock each (start-up and compilation included). Each first
 times a few of its own steps (chartx.bench, also side by side) and sets its cosine schedule's
-horizon to the steps that fit the budget; training ends there or at the deadline (SIGTERM: the
-run saves its step and stops). Then, off the clock, each is scored on the same first
---eval_chars characters of the validation split with its own full-context protocol (--mode=eval):
-the fixed model with the paper's sliding window at stride 1 (every character sees 256), XL
-recurrently in one stream, segments of 256 with a memory of --xl_eval_mem_len (every character
-after the first segment sees more than 256). Writes OUT/results.json and prints a markdown table.
+horizon to the steps that fit the budget; training ends there or at the deadline (SIGTERM: the run
+saves its step and stops). Then, off the clock, each is scored on the same first --eval_chars
+characters of the validation split with its own full-context protocol (--mode=eval): the fixed model
+with the paper's sliding window at stride 1 (every character sees 256), XL recurrently in one
+stream, segments of 256 with a memory of --xl_eval_mem_len (every character after the first segment
+sees more than 256). Writes OUT/results.json and prints a markdown table.
 """
 
 import argparse
