@@ -62,7 +62,7 @@ def run(args: argparse.Namespace) -> dict:
   py = sys.executable
   os.makedirs(args.out, exist_ok=True)
   log = lambda name: os.path.join(args.out, f"{name}.log")
-  cores = {"fixed": 0, "xl": 1}
+  cores = {"fixed": {0}, "xl": {1}}  # CPU cores (time_to_bpc._run pins each process to its set).
   calibration = {m: _run([py, "-m", "chartx.bench", *MODELS[m], "--steps=4", "--warmup=1"], cores[m],
                          log(f"{m}_calibration")) for m in MODELS}
   for m, proc in calibration.items():
