@@ -31,6 +31,7 @@ def _model(tiny_config, **overrides):
     {},  # Scanned layers, a positional table per layer.
     dict(scan_layers=False, positions="input", tie_embeddings=True, num_targets=2),
     dict(positions="sinusoid"),
+    dict(positions="rope"),
     dict(positions="rope", scan_layers=False),
 ])
 def test_cached_decoding_equals_the_full_forward_at_every_position(tiny_config, overrides):
