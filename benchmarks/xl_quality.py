@@ -78,9 +78,10 @@ def run(args: argparse.Namespace) -> dict:
   while any(p.poll() is None for p in train.values()) and time.time() < start + args.budget_s:
     time.sleep(1)
   for m, proc in train.items():
-    if proc.poll() is None:
+    terminated = proc.poll() is None
+    if terminated:
       proc.send_signal(signal.SIGTERM)  # Finishes the step, saves it, exits 0.
-    _wait(proc, log(f"{m}_train"))
+    _wait(proc, log(f"{m}_train"), terminated=terminated)
     seconds[m] = time.time() - start
   scoring = {m: _run([py, "-m", "chartx.main", f"--workdir={os.path.join(args.out, m)}", "--mode=eval",
                       *_eval_args(m, args)], cores[m], log(f"{m}_eval")) for m in MODELS}
