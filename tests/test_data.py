@@ -4,6 +4,7 @@ import functools
 import hashlib
 import http.server
 import pathlib
+import tempfile
 import threading
 import zipfile
 
@@ -195,6 +196,19 @@ def test_text8_builds_from_data_path_and_reloads_without_the_zip(tmp_path, monke
   again = data.load_corpus(config)
   np.testing.assert_array_equal(again.train, corpus.train)
   np.testing.assert_array_equal(again.test, corpus.test)
+
+
+def test_preparing_leaves_no_temporary_directory(tmp_path, monkeypatch):
+  scratch = tmp_path / "tmp"  # tempfile's default directory while the dataset is prepared.
+  scratch.mkdir()
+  monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+  content = _enwik8_like(2000)
+  zip_path = _official_zip(tmp_path / "tfds" / "downloads" / "manual" / "enwik8.zip", "enwik8", content)
+  _register(monkeypatch, "enwik8", zip_path, len(content))
+  corpus = data.load_corpus(_data_config(name="enwik8", data_dir=str(tmp_path / "tfds")))
+  assert corpus.train.tobytes() == content[:1800]
+  assert list(scratch.iterdir()) == []
+  assert tempfile.tempdir == str(scratch)  # Restored.
 
 
 def test_zip_with_wrong_checksum_is_refused_and_leaves_nothing(tmp_path, monkeypatch):

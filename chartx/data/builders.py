@@ -13,6 +13,7 @@ import abc
 import dataclasses
 import hashlib
 import os
+import tempfile
 import urllib.error
 import urllib.request
 import zipfile
@@ -233,7 +234,15 @@ def _read_split(source, *, split: str, expected_chars: int, where: str) -> np.nd
 def load_splits(name: str, *, data_dir: str = "", zip_path: str = "",
                 splits: tuple[str, ...] = SPLITS) -> tuple[np.ndarray, ...]:
   """uint8 id streams of enwik8 or text8 (train, validation, test), preparing them on first use."""
-  builder = BUILDERS[name](data_dir=data_dir or None, zip_path=zip_path, file_format="array_record")
+  # TFDS makes an empty /tmp/tmp*tfds directory (tempfile.mkdtemp, for metadata it would fetch
+  # from GCS) each time a builder whose data is not prepared yet is constructed, and never removes
+  # it: constructed with tempfile's default directory pointing into one of ours, removed after.
+  with tempfile.TemporaryDirectory(prefix="chartx_tfds_") as scratch:
+    default, tempfile.tempdir = tempfile.tempdir, scratch
+    try:
+      builder = BUILDERS[name](data_dir=data_dir or None, zip_path=zip_path, file_format="array_record")
+    finally:
+      tempfile.tempdir = default
   # try_download_gcs=False: TFDS would otherwise ask GCS for a prebuilt copy, over the network.
   builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
   sources = builder.as_data_source()
