@@ -30,7 +30,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from chartx import evaluate, sample, sharding
-from chartx import model as model_lib
+from chartx.families import fixed, layers
 
 
 def _timed(fn: Callable[[], Any]) -> float:
@@ -40,15 +40,15 @@ def _timed(fn: Callable[[], Any]) -> float:
   return time.perf_counter() - start
 
 
-def random_model(config, vocab_size: int = 256) -> tuple[model_lib.Transformer, Any]:
+def random_model(config, vocab_size: int = 256) -> tuple[fixed.Transformer, Any]:
   """(net, variables): the deterministic model of config.model with random parameters."""
-  cfg = model_lib.ModelConfig.from_config(config, vocab_size)
-  net = model_lib.Transformer(cfg, deterministic=True)
+  cfg = layers.ModelConfig.from_config(config, vocab_size)
+  net = fixed.Transformer(cfg, deterministic=True)
   tokens_1xT = jnp.zeros((1, config.data.seq_len), jnp.int32)
   return net, flax.linen.unbox(jax.jit(net.init)(jax.random.key(0), tokens_1xT))
 
 
-def cached_sample_rate(net: model_lib.Transformer, variables: Any, seq_len: int, num_chars: int) -> float:
+def cached_sample_rate(net: fixed.Transformer, variables: Any, seq_len: int, num_chars: int) -> float:
   """Characters per second of chartx.sample's KV-cache sampler from a full seq_len prompt."""
   generate = sample.make_generate(sample.model_tokens_to_logits(net), context=seq_len,
                                   num_chars=num_chars, sampling=sample.SamplingConfig(temperature=1.0))
@@ -57,7 +57,7 @@ def cached_sample_rate(net: model_lib.Transformer, variables: Any, seq_len: int,
   return num_chars / _timed(lambda: generate(variables, cache, prompt_C, seq_len, jax.random.key(1)))
 
 
-def recompute_sample_rate(net: model_lib.Transformer, variables: Any, seq_len: int, num_chars: int) -> float:
+def recompute_sample_rate(net: fixed.Transformer, variables: Any, seq_len: int, num_chars: int) -> float:
   """Characters per second of a sampler that reruns the whole seq_len window for every character."""
   sampling = sample.SamplingConfig(temperature=1.0)
 
@@ -66,7 +66,7 @@ def recompute_sample_rate(net: model_lib.Transformer, variables: Any, seq_len: i
     def body(i, carry):
       window_C, key, ids_M = carry
       key, draw = jax.random.split(key)
-      logits_1xV = net.apply(variables, window_C[None], method=model_lib.Transformer.logits)[:, -1]
+      logits_1xV = net.apply(variables, window_C[None], method=fixed.Transformer.logits)[:, -1]
       next_1 = sample.choose(logits_1xV, draw, sampling)
       return jnp.concatenate([window_C[1:], next_1]), key, ids_M.at[i].set(next_1[0])
     return jax.lax.fori_loop(0, num_chars, body, (window_C, key, jnp.zeros(num_chars, jnp.int32)))[-1]
@@ -75,7 +75,7 @@ def recompute_sample_rate(net: model_lib.Transformer, variables: Any, seq_len: i
   return num_chars / _timed(lambda: recompute(variables, prompt_C, jax.random.key(1)))
 
 
-def eval_rate(config, net: model_lib.Transformer, variables: Any, *, stride: int, windows: int,
+def eval_rate(config, net: fixed.Transformer, variables: Any, *, stride: int, windows: int,
               batch_size: int) -> float:
   """Characters per second of chartx.evaluate.evaluate_bits at `stride` over `windows` windows.
 
@@ -104,7 +104,7 @@ def benchmark(config, sample_chars: int, recompute_chars: int, eval_windows: int
       "host": platform.node(), "backend": jax.default_backend(), "device_kind": jax.devices()[0].device_kind,
       "num_devices": jax.device_count(), "jax_version": jax.__version__,
       "num_layers": cfg.num_layers, "d_model": cfg.d_model, "seq_len": seq_len,
-      "params": model_lib.count_params(params), "eval_batch_size": batch_size,
+      "params": layers.count_params(params), "eval_batch_size": batch_size,
       "sample_chars": sample_chars, "recompute_chars": recompute_chars,
       "sample_cached_chars_per_sec": cached,
       "sample_recompute_chars_per_sec": recomputed,

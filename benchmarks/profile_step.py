@@ -21,7 +21,7 @@ import tempfile
 import time
 
 # Each chartx op goes to the first group whose pattern its op_name contains: the named scopes of
-# chartx.model and chartx.losses, in the forward and the backward pass alike.
+# chartx.families and chartx.losses, in the forward and the backward pass alike.
 _GROUPS = (("heads and losses", "heads"), ("attention", "attention"), ("feed-forward", "feed_forward"),
            ("attention projections", "projections"), ("layer norms", "layer_norm"))
 

@@ -41,7 +41,7 @@ import numpy as np
 
 from chartx import data, files, inference, metrics, sharding, train
 from chartx import progress as progress_lib
-from chartx import model as model_lib
+from chartx.families import fixed, registry
 from chartx.errors import UserError
 
 # (params, windows_BxS, first_B) -> (nats, count): summed nll of the scored targets, in float32.
@@ -108,7 +108,7 @@ def window_starts(num_chars: int, seq_len: int, stride: int) -> tuple[np.ndarray
   return starts_W, first_W
 
 
-def model_score_fn(model: model_lib.Transformer) -> ScoreFn:
+def model_score_fn(model: fixed.Transformer) -> ScoreFn:
   """The ScoreFn of a model: its last layer's next-character prediction, without dropout.
 
   Window row b scores its targets at offsets >= first_B[b]; a padding row has first = T.
@@ -306,7 +306,7 @@ def inference_model(model: Any, proto: Protocol) -> Any:
   fixed family as it is."""
   if proto.name == SLIDING_WINDOW:
     return model
-  return model_lib.build(dataclasses.replace(model.cfg, mem_len=proto.mem_len, clamp_len=proto.clamp_len,
+  return registry.build(dataclasses.replace(model.cfg, mem_len=proto.mem_len, clamp_len=proto.clamp_len,
                                              same_length=proto.same_length))
 
 

@@ -1,5 +1,5 @@
 """The accelerators' peak FLOP/s, and model FLOPs utilization (the model counts its FLOPs:
-chartx.model.ModelConfig.flops_per_char)."""
+chartx.families.layers.ModelConfig.flops_per_char)."""
 
 from typing import Any
 

@@ -8,14 +8,14 @@ import jax
 import ml_collections
 
 from chartx import checkpoint, sharding, train
-from chartx import model as model_lib
+from chartx.families import layers, registry
 from chartx.errors import UserError
 
 
 @dataclasses.dataclass(frozen=True)
 class Restored:
   """A model restored from a workdir for evaluation or sampling."""
-  model: Any  # The family's module (model_lib.build), deterministic, last layer only.
+  model: Any  # The family's module (registry.build), deterministic, last layer only.
   params: Any
   step: int
   mesh: jax.sharding.Mesh
@@ -40,7 +40,7 @@ def restore(config: ml_collections.ConfigDict, workdir: str, vocab_size: int) ->
   sharding.sharded_init gives, so nothing is initialized and the mesh may differ from training's.
   """
   step = checkpoint_step(config)
-  model = model_lib.build(model_lib.ModelConfig.from_config(config, vocab_size))
+  model = registry.build(layers.ModelConfig.from_config(config, vocab_size))
   mesh = sharding.make_mesh(config)
   rules = sharding.logical_rules(config)
   params_like, _, _ = sharding.sharded_init(

@@ -7,7 +7,7 @@ import ml_collections
 import numpy as np
 
 from chartx import data, evaluate, profiling, report, resume, run_config, sharding, signals, train
-from chartx import model as model_lib
+from chartx.families import layers
 from chartx.errors import UserError
 
 
@@ -47,7 +47,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
   evaluator = evaluate.Evaluator(task.model, evaluate.protocol(config), mesh, rules,
                                  config.eval.batch_size)
 
-  reporter = report.Reporter(config, task, workdir, start_step, model_lib.count_params(state.params))
+  reporter = report.Reporter(config, task, workdir, start_step, layers.count_params(state.params))
   previous = None  # (step, out) of the newest step not yet finished.
   # The jitted step and score bind the mesh and rules themselves (sharding.MeshJit).
   with (signals.StopSignal(ckpts.manager) as stop_requested, ckpts,

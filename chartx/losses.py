@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from chartx import model as model_lib
+from chartx.families import layers
 from chartx.errors import UserError
 
 
@@ -123,7 +123,7 @@ def _nll(logits_BxTxV: jax.Array, targets_BxT: jax.Array, position_weights_T: ja
   return jnp.stack([loss, nll])
 
 
-def layer_nlls(model_cfg: model_lib.ModelConfig, heads: model_lib.Heads, h_LxBxTxD: jax.Array,
+def layer_nlls(model_cfg: layers.ModelConfig, heads: layers.Heads, h_LxBxTxD: jax.Array,
                targets_KxBxT: jax.Array, multiple_positions: bool = True,
                label_smoothing: float = 0.0) -> tuple[jax.Array, jax.Array]:
   """(loss_LxK, nll_LxK): the mean negative log-likelihood (nats) of every layer's every

@@ -54,7 +54,7 @@ import ml_collections
 import numpy as np
 
 from chartx import data, evaluate, inference, sharding
-from chartx import model as model_lib
+from chartx.families import fixed, xl
 from chartx.errors import UserError
 
 TokensToLogits = Callable[[Any, jax.Array, Any, jax.Array], tuple[jax.Array, Any]]
@@ -256,7 +256,7 @@ def prompt_block(prompt_ids: np.ndarray, context: int) -> tuple[np.ndarray, int]
   return np.pad(ids, (0, context - len(ids))), len(ids)
 
 
-def model_tokens_to_logits(model: model_lib.Transformer) -> TokensToLogits:
+def model_tokens_to_logits(model: fixed.Transformer) -> TokensToLogits:
   net = model.clone(deterministic=True, all_layers=False)
   return lambda variables, tokens_BxT, cache, index: net.apply(
       variables, tokens_BxT, cache, index, method="decode")
@@ -298,7 +298,7 @@ def model_generator(restored: inference.Restored, *, context: int, num_chars: in
     def run_recurrent(prompt_ids: np.ndarray, seed: int) -> np.ndarray:
       block = max(64, 1 << (len(prompt_ids) - 1).bit_length())  # A compilation per power of two.
       prompt_C, length = prompt_block(prompt_ids, block)
-      return np.asarray(generate({"params": restored.params}, cfg.init_memory(1), prompt_C, length,
+      return np.asarray(generate({"params": restored.params}, xl.init_memory(cfg, 1), prompt_C, length,
                                  jax.random.key(seed)))
     return run_recurrent
 

@@ -12,7 +12,7 @@ import ml_collections
 import optax
 
 from chartx import losses, profiling, sharding
-from chartx import model as model_lib
+from chartx.families import layers, registry, xl
 from chartx import optimizer as optimizer_lib
 from chartx.errors import UserError
 
@@ -33,7 +33,7 @@ class TrainState:
 @dataclasses.dataclass(frozen=True)
 class Task:
   """The static pieces of a run that the jitted functions close over."""
-  model: Any  # The family's module (model_lib.build): Transformer or xl.XLTransformer.
+  model: Any  # The family's module (registry.build): Transformer or xl.XLTransformer.
   loss_cfg: losses.LossConfig
   tx: optax.GradientTransformation
   schedule: optax.Schedule
@@ -41,7 +41,7 @@ class Task:
   batch_size: int = 1  # The global batch (train.batch_size): the rows of a memory.
 
   @property
-  def model_cfg(self) -> model_lib.ModelConfig:
+  def model_cfg(self) -> layers.ModelConfig:
     return self.model.cfg
 
 
@@ -62,8 +62,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
 
 
 def make_task(config: ml_collections.ConfigDict, vocab_size: int) -> Task:
-  model_cfg = model_lib.ModelConfig.from_config(config, vocab_size)
-  return Task(model=model_lib.build(model_cfg, deterministic=False, all_layers=True),
+  model_cfg = layers.ModelConfig.from_config(config, vocab_size)
+  return Task(model=registry.build(model_cfg, deterministic=False, all_layers=True),
               loss_cfg=losses.LossConfig.from_config(config),
               tx=optimizer_lib.make_optimizer(config),
               schedule=optimizer_lib.learning_rate_schedule(config.optimizer, config.train.num_steps),
@@ -75,12 +75,12 @@ def make_task(config: ml_collections.ConfigDict, vocab_size: int) -> Task:
 MEMORY_AXES = {"h_LxBxMxD": ("layers", "batch", "length", "embed"), "valid_B": ("batch",)}
 
 
-def boxed_memory(cfg: model_lib.ModelConfig, batch_size: int) -> Any:
+def boxed_memory(cfg: layers.ModelConfig, batch_size: int) -> Any:
   """The family's empty memory of batch_size rows, each field nn.Partitioned-boxed with its
   MEMORY_AXES (sharding.sharded_init shards it); None for a family without memory (fixed)."""
   if cfg.family != "xl":
     return None
-  memory = cfg.init_memory(batch_size)
+  memory = xl.init_memory(cfg, batch_size)
   return memory.replace(**{name: nn.LogicallyPartitioned(getattr(memory, name), names)
                            for name, names in MEMORY_AXES.items()})
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from chartx import evaluate, inference, sharding
-from chartx import model as model_lib
+from chartx.families import fixed, layers
 from chartx.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -44,7 +44,7 @@ def _brute_force_bits(net, params, ids_M, seq_len, stride):
   (the model is causal), so that one compilation serves every context length.
   """
   logits = jax.jit(lambda tokens_1xT: net.apply({"params": params}, tokens_1xT,
-                                                method=model_lib.Transformer.logits))
+                                                method=fixed.Transformer.logits))
   n = len(ids_M)
   seq_len = min(seq_len, n - 1)
   junk_T = np.random.default_rng(1).integers(0, 256, seq_len)
@@ -62,8 +62,8 @@ def _brute_force_bits(net, params, ids_M, seq_len, stride):
 def test_strided_total_bits_equal_brute_force_for_every_stride(tiny_config):
   num_chars, seq_len = 61, 8
   tiny_config.data.seq_len = tiny_config.model.max_len = seq_len
-  cfg = model_lib.ModelConfig.from_config(tiny_config, 256)
-  net = model_lib.Transformer(cfg)
+  cfg = layers.ModelConfig.from_config(tiny_config, 256)
+  net = fixed.Transformer(cfg)
   init = jax.jit(net.init)(jax.random.key(1), jnp.zeros((1, seq_len), jnp.int32))
   params = flax.linen.unbox(init)["params"]
   ids_M = np.random.default_rng(0).integers(0, 256, num_chars).astype(np.int32)

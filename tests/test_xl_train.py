@@ -1,4 +1,4 @@
-"""Transformer-XL outside the model (chartx/xl.py's own tests are tests/test_xl.py): the memory in
+"""Transformer-XL outside the model (chartx/families/xl.py's own tests are tests/test_xl.py): the memory in
 the train state (resets, accumulation), recurrent evaluation scoring every character once, the
 protocol fields of eval_<split>.json for both families, sampling with the memory, the configs,
 the one-line errors, and the evaluation-speed benchmark at tiny dims."""
@@ -19,7 +19,7 @@ import pytest
 
 from chartx import config as config_lib
 from chartx import data, evaluate, run_config, sample, sharding, train
-from chartx import model as model_lib
+from chartx.families import fixed, layers, registry, xl
 from chartx.errors import UserError
 from configs import enwik8_xl_12l, enwik8_xl_24l, text8_xl_12l, text8_xl_24l
 
@@ -97,7 +97,7 @@ def test_accumulation_splits_the_memory_rows_with_the_batch(tiny_config):
 def _direct_stream_bits(net, params, ids_M, start, stop, seq_len):
   """One stream, targets start+1..stop, read segment by segment with a batch of one row and the
   memory: every target's nll summed in float64, straight from the model's logits."""
-  memory = net.cfg.init_memory(1)
+  memory = xl.init_memory(net.cfg, 1)
   logits = jax.jit(lambda tokens_1xT, memory: net.apply({"params": params}, tokens_1xT, memory,
                                                         method="logits"))
   nats = 0.0
@@ -179,14 +179,14 @@ def test_recurrent_sampling_reads_each_character_once_and_runs_for_10000(tiny_co
   config = xl_config(tiny_config)
   task = train.make_task(config, 256)
   params = _state(task, config.data.seq_len).params
-  net = model_lib.build(task.model_cfg)
+  net = registry.build(task.model_cfg)
   greedy = sample.SamplingConfig(temperature=0.0)
   prompt_C, length = sample.prompt_block(np.frombuffer(b"def main(", np.uint8), 64)
   read = sample.model_read_char(net)
   ids_M = np.asarray(sample.make_recurrent_generate(read, num_chars=40, sampling=greedy)(
-      {"params": params}, net.cfg.init_memory(1), prompt_C, length, jax.random.key(0)))
+      {"params": params}, xl.init_memory(net.cfg, 1), prompt_C, length, jax.random.key(0)))
   step = jax.jit(read)
-  memory, want = net.cfg.init_memory(1), []
+  memory, want = xl.init_memory(net.cfg, 1), []
   for token in b"def main(":
     logits_1xV, memory = step({"params": params}, jnp.asarray([[token]]), memory)
   for _ in range(40):
@@ -194,7 +194,7 @@ def test_recurrent_sampling_reads_each_character_once_and_runs_for_10000(tiny_co
     logits_1xV, memory = step({"params": params}, jnp.asarray([[want[-1]]]), memory)
   assert ids_M.tolist() == want  # Past the memory's 16 rows: nothing re-encoded, nothing lost.
   long_M = sample.make_recurrent_generate(read, num_chars=10_000, sampling=sample.SamplingConfig(top_k=20))(
-      {"params": params}, net.cfg.init_memory(1), prompt_C, length, jax.random.key(1))
+      {"params": params}, xl.init_memory(net.cfg, 1), prompt_C, length, jax.random.key(1))
   assert long_M.shape == (10_000,) and 0 <= int(long_M.min()) and int(long_M.max()) < 256
 
 
@@ -213,7 +213,7 @@ def test_xl_configs_load_check_and_build(module, millions):
   task = train.make_task(config, vocab.size)
   abstract = jax.eval_shape(functools.partial(train.init_state, task, seq_len=config.data.seq_len),
                             jax.random.key(0))
-  count = model_lib.count_params(flax.linen.unbox(abstract.params))
+  count = layers.count_params(flax.linen.unbox(abstract.params))
   assert abs(count / 1e6 - millions) < 0.03 * millions, count
   memory = flax.linen.unbox(abstract.memory)
   assert memory.h_LxBxMxD.shape == (config.model.num_layers, config.train.batch_size,

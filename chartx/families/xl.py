@@ -1,7 +1,7 @@
 """Transformer-XL (Dai, Yang, Yang, Carbonell, Le, Salakhutdinov; ACL 2019): config.model.family="xl".
 
-The same pre-LayerNorm residual stack, classifiers (model.Heads) and building blocks as the
-fixed-context family (chartx.model), with the XL layer:
+The same pre-LayerNorm residual stack, classifiers (layers.Heads) and building blocks
+(chartx.families.layers) as the fixed-context family (chartx.families.fixed), with the XL layer:
 
 Segment-level recurrence. The text is read in consecutive segments of T characters. Layer l of a
 segment attends with queries from the segment's T positions only, over keys and values of the
@@ -63,7 +63,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from chartx import model as model_lib
+from chartx.families import layers
 from chartx.matmul import matmul
 
 
@@ -134,7 +134,7 @@ def _last_rows(x_BxCxD: jax.Array, rows: int) -> jax.Array:
 
 class XLBlock(nn.Module):
   """One XL layer: relative attention over [memory; input] -> feed-forward, pre-LN residuals."""
-  cfg: model_lib.ModelConfig
+  cfg: layers.ModelConfig
   deterministic: bool
 
   @nn.compact
@@ -149,9 +149,9 @@ class XLBlock(nn.Module):
     C = M + T
     mem_BxMxD = nn.with_logical_constraint(mem_BxMxD, ("batch", "length", "embed"))
     cat_BxCxD = jnp.concatenate([mem_BxMxD.astype(x_BxTxD.dtype), x_BxTxD], axis=1)
-    in_init = model_lib.head_in_init(cfg)
+    in_init = layers.head_in_init(cfg)
     with jax.named_scope("layer_norm"):
-      h_BxCxD = model_lib.layer_norm(cfg, "attention_norm")(cat_BxCxD)
+      h_BxCxD = layers.layer_norm(cfg, "attention_norm")(cat_BxCxD)
     with jax.named_scope("projections"):
       kernel = lambda name: self.param(name, in_init, (D, N, H)).reshape(D, N * H)
       q_BxTxNxH = matmul(h_BxCxD[:, M:], kernel("query")).reshape(B, T, N, H)
@@ -161,36 +161,42 @@ class XLBlock(nn.Module):
     with jax.named_scope("attention"):
       a_BxTxNxH = relative_attention(q_BxTxNxH, k_BxCxNxH, value_BxCxNxH, rk_CxNxH, content_bias_NxH,
                                      position_bias_NxH, mask_Bx1xTxC, impl=cfg.attention)
-    x_BxTxD = model_lib.attention_out_residual(self, x_BxTxD, a_BxTxNxH)
-    x_BxTxD = model_lib.feed_forward_residual(cfg, self.deterministic, x_BxTxD)
+    x_BxTxD = layers.attention_out_residual(self, x_BxTxD, a_BxTxNxH)
+    x_BxTxD = layers.feed_forward_residual(cfg, self.deterministic, x_BxTxD)
     return x_BxTxD, _last_rows(cat_BxCxD, cfg.mem_len)
 
 
 class _ScanBody(nn.Module):
   """Adapts XLBlock to nn.scan: the carry is x; each layer's memory is scanned in, its new memory
   (and its output, when kept) scanned out."""
-  cfg: model_lib.ModelConfig
+  cfg: layers.ModelConfig
   deterministic: bool
   keep_all_layers: bool
 
   @nn.compact
   def __call__(self, x_BxTxD, mem_BxMxD, r_CxD, content_bias_NxH, position_bias_NxH, mask_Bx1xTxC):
-    block = model_lib.layer_cls(self.cfg, XLBlock)(self.cfg, self.deterministic, name="block")
+    block = layers.layer_cls(self.cfg, XLBlock)(self.cfg, self.deterministic, name="block")
     x_BxTxD, new_mem_BxMxD = block(x_BxTxD, mem_BxMxD, r_CxD, content_bias_NxH, position_bias_NxH,
                                    mask_Bx1xTxC)
     return x_BxTxD, (new_mem_BxMxD, x_BxTxD if self.keep_all_layers else None)
 
 
+def init_memory(cfg: layers.ModelConfig, batch_size: int) -> Memory:
+  """An empty memory: mem_len zero rows per layer and row, none of them valid."""
+  return Memory(h_LxBxMxD=jnp.zeros((cfg.num_layers, batch_size, cfg.mem_len, cfg.d_model), cfg.compute_dtype),
+                valid_B=jnp.zeros((batch_size,), jnp.int32))
+
+
 class XLTransformer(nn.Module):
   """(tokens_BxT, memory) -> (the residual stream after every layer (all_layers) or the last,
-  the new memory). Attributes as model.Transformer's; build it with model.build."""
-  cfg: model_lib.ModelConfig
+  the new memory). Attributes as fixed.Transformer's; build it with registry.build."""
+  cfg: layers.ModelConfig
   deterministic: bool = True
   all_layers: bool = False
 
   def setup(self):
     cfg = self.cfg
-    self.embedding = model_lib.embedding_param(self, cfg)
+    self.embedding = layers.embedding_param(self, cfg)
     bias_init = nn.with_logical_partitioning(nn.initializers.zeros, ("heads", "head_dim"))
     # u and v, shared by every layer (the paper); zero at first: plain content attention.
     self.content_bias = self.param("content_bias", bias_init, (cfg.num_heads, cfg.head_dim))
@@ -202,21 +208,21 @@ class XLTransformer(nn.Module):
                       length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
       self.layers = stack(cfg, self.deterministic, self.all_layers)
     else:
-      self.layers = [model_lib.layer_cls(cfg, XLBlock)(cfg, self.deterministic)
+      self.layers = [layers.layer_cls(cfg, XLBlock)(cfg, self.deterministic)
                      for _ in range(cfg.num_layers)]
-    self.classifiers = model_lib.head_params(self, cfg, self.embedding)
+    self.classifiers = layers.head_params(self, cfg, self.embedding)
 
   def __call__(self, tokens_BxT: jax.Array, memory: Memory | None = None) -> tuple[jax.Array, Memory]:
     """(h_LxBxTxD if all_layers else h_BxTxD, before the heads' norm; the new memory: the last
     mem_len positions of [memory; this segment] of every layer's input, valid_B = min(mem_len,
-    valid_B + T)). memory None: no memory (as an empty one; cfg.init_memory makes one)."""
+    valid_B + T)). memory None: no memory (as an empty one; init_memory makes one)."""
     cfg = self.cfg
     B, T = tokens_BxT.shape
     if memory is None:
       memory = Memory(h_LxBxMxD=jnp.zeros((cfg.num_layers, B, 0, cfg.d_model), cfg.compute_dtype),
                       valid_B=jnp.zeros((B,), jnp.int32))
     M = memory.h_LxBxMxD.shape[2]
-    x_BxTxD = self.dropout(model_lib.embed(cfg, self.embedding, tokens_BxT), deterministic=self.deterministic)
+    x_BxTxD = self.dropout(layers.embed(cfg, self.embedding, tokens_BxT), deterministic=self.deterministic)
     x_BxTxD = nn.with_logical_constraint(x_BxTxD, ("batch", "length", "embed"))
     memory_axes = ("layers", "batch", "length", "embed")
     mem_LxBxMxD = nn.with_logical_constraint(
@@ -239,7 +245,7 @@ class XLTransformer(nn.Module):
     new_memory = Memory(h_LxBxMxD=new_LxBxMxD, valid_B=jnp.minimum(cfg.mem_len, memory.valid_B + T))
     return (h_LxBxTxD if self.all_layers else x_BxTxD), new_memory
 
-  def heads(self) -> model_lib.Heads:
+  def heads(self) -> layers.Heads:
     """Every layer's classifiers (for a loss); inference uses heads().layer(-1)."""
     return self.classifiers
 
