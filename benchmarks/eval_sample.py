@@ -10,7 +10,7 @@ checkpoint or dataset is needed. Both samplers are one jitted lax.fori_loop over
 and start from a prompt of seq_len characters, so the window is full from the first character:
 "recompute" runs the full forward pass over the last seq_len characters for every new one;
 "cached" is chartx.sample (one position per step, a prefill of the last seq_len // 2 characters
-whenever the cache fills). Evaluation is chartx.evaluate.evaluate_bits with config.eval.batch_size
+whenever the cache fills). Evaluation is chartx.scoring.evaluate_bits with config.eval.batch_size
 over --eval_windows windows; its rate counts every window as scoring `stride` characters (the
 first window of a split scores seq_len, a one-off that would flatter stride 1 on a short run).
 Compilation is left out of every number (a first, untimed call compiles). Prints one JSON line.
@@ -29,8 +29,8 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from chartx import evaluate, sample, sharding
-from chartx.families import fixed, layers
+from chartx import sample, scoring, sharding
+from chartx.families import fixed, layers, registry
 
 
 def _timed(fn: Callable[[], Any]) -> float:
@@ -42,7 +42,7 @@ def _timed(fn: Callable[[], Any]) -> float:
 
 def random_model(config, vocab_size: int = 256) -> tuple[fixed.Transformer, Any]:
   """(net, variables): the deterministic model of config.model with random parameters."""
-  cfg = layers.ModelConfig.from_config(config, vocab_size)
+  cfg = registry.model_config(config, vocab_size)
   net = fixed.Transformer(cfg, deterministic=True)
   tokens_1xT = jnp.zeros((1, config.data.seq_len), jnp.int32)
   return net, flax.linen.unbox(jax.jit(net.init)(jax.random.key(0), tokens_1xT))
@@ -50,7 +50,7 @@ def random_model(config, vocab_size: int = 256) -> tuple[fixed.Transformer, Any]
 
 def cached_sample_rate(net: fixed.Transformer, variables: Any, seq_len: int, num_chars: int) -> float:
   """Characters per second of chartx.sample's KV-cache sampler from a full seq_len prompt."""
-  generate = sample.make_generate(sample.model_tokens_to_logits(net), context=seq_len,
+  generate = sample.make_generate(fixed.FAMILY.decoder(net, seq_len).step, context=seq_len,
                                   num_chars=num_chars, sampling=sample.SamplingConfig(temperature=1.0))
   prompt_C = np.random.default_rng(0).integers(0, net.cfg.vocab_size, seq_len).astype(np.int32)
   cache = net.cfg.init_cache(1, seq_len)
@@ -77,18 +77,18 @@ def recompute_sample_rate(net: fixed.Transformer, variables: Any, seq_len: int, 
 
 def eval_rate(config, net: fixed.Transformer, variables: Any, *, stride: int, windows: int,
               batch_size: int) -> float:
-  """Characters per second of chartx.evaluate.evaluate_bits at `stride` over `windows` windows.
+  """Characters per second of chartx.scoring.evaluate_bits at `stride` over `windows` windows.
 
   Every window counts as scoring `stride` characters (the first window of a split scores
   seq_len, a one-off that would flatter stride 1 on a short run).
   """
   seq_len = config.data.seq_len
   mesh = sharding.make_mesh(config)
-  score = evaluate.jit_score_fn(evaluate.model_score_fn(net), mesh, sharding.logical_rules(config))
+  score = scoring.jit_score_fn(scoring.model_score_fn(net), mesh, sharding.logical_rules(config))
   # Windows start at 0, S, 2S, ...: `windows` of them.
   ids_M = np.random.default_rng(0).integers(0, net.cfg.vocab_size,
                                             1 + seq_len + (windows - 1) * stride).astype(np.int32)
-  run = lambda: evaluate.evaluate_bits(score, variables["params"], ids_M, seq_len=seq_len, stride=stride,
+  run = lambda: scoring.evaluate_bits(score, variables["params"], ids_M, seq_len=seq_len, stride=stride,
                                        batch_size=batch_size, mesh=mesh)
   return windows * stride / _timed(run)
 

@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from chartx import evaluate, sample, sharding, train
+from chartx import sample, scoring, sharding
 from chartx.families import layers, registry, xl
 from configs import enwik8_12l, enwik8_xl_12l
 
@@ -114,10 +114,11 @@ def fixed_rate(length: int, args: argparse.Namespace, mesh, rules) -> dict[str, 
   """The fixed model's stride-1 sliding window over windows of `length` characters."""
   config = _config(enwik8_12l, args.tiny)
   config.data.seq_len = config.model.max_len = length
-  cfg = layers.ModelConfig.from_config(config, 256)
+  cfg = registry.model_config(config, 256)
   net = registry.build(cfg)
-  params = flax.linen.unbox(jax.jit(lambda r: train.init_params(net, r, length))(jax.random.key(0)))
-  score = evaluate.jit_score_fn(evaluate.model_score_fn(net), mesh, rules)
+  init = lambda r: registry.get(cfg.family).init_params(net, r, length)
+  params = flax.linen.unbox(jax.jit(init)(jax.random.key(0)))
+  score = scoring.jit_score_fn(scoring.model_score_fn(net), mesh, rules)
   rng = np.random.default_rng(0)
   windows_BxS = rng.integers(0, 256, (args.batch_size, length + 1)).astype(np.int32)
   first_B = np.full(args.batch_size, length - 1, np.int32)  # Stride 1: the last target only.
@@ -127,7 +128,7 @@ def fixed_rate(length: int, args: argparse.Namespace, mesh, rules) -> dict[str, 
   if args.sample_chars:
     # chartx.sample's KV-cache sampler from a full prompt of `length` characters (it re-encodes
     # the last length / 2 whenever the cache fills).
-    generate = sample.make_generate(sample.model_tokens_to_logits(net), context=length,
+    generate = sample.make_generate(registry.get(cfg.family).decoder(net, length).step, context=length,
                                     num_chars=args.sample_chars, sampling=sample.SamplingConfig())
     prompt_C = rng.integers(0, 256, length).astype(np.int32)
     record["fixed_sample_chars_per_sec"], _ = _rate(
@@ -140,13 +141,13 @@ def xl_rate(length: int, args: argparse.Namespace, mesh, rules) -> dict[str, Any
   """XL's recurrent protocol: segments of args.segment with a memory of length - 1, same_length."""
   config = _config(enwik8_xl_12l, args.tiny)
   config.data.seq_len = config.model.max_len = args.segment
-  cfg = dataclasses.replace(layers.ModelConfig.from_config(config, 256), mem_len=length - 1,
+  cfg = dataclasses.replace(registry.model_config(config, 256), mem_len=length - 1,
                             same_length=True)
   net = registry.build(cfg)
-  params = flax.linen.unbox(jax.jit(lambda r: train.init_params(net, r, args.segment))(jax.random.key(0)))
+  params = flax.linen.unbox(jax.jit(lambda r: xl.FAMILY.init_params(net, r, args.segment))(jax.random.key(0)))
   _, memory_shardings, empty_memory = sharding.sharded_init(
-      lambda _: train.boxed_memory(cfg, args.batch_size), mesh, rules)
-  score = evaluate.jit_segment_score_fn(evaluate.model_segment_score_fn(net), memory_shardings,
+      lambda _: xl.FAMILY.init_memory(cfg, args.batch_size), mesh, rules)
+  score = scoring.jit_segment_score_fn(scoring.model_segment_score_fn(net), memory_shardings,
                                         mesh, rules)
   rng = np.random.default_rng(0)
   inputs_BxT, targets_BxT = (rng.integers(0, 256, (args.batch_size, args.segment)).astype(np.int32)
@@ -163,7 +164,7 @@ def xl_rate(length: int, args: argparse.Namespace, mesh, rules) -> dict[str, Any
   if args.sample_chars:
     # chartx.sample's recurrent sampler: one position with the memory per character (its cost
     # does not depend on how full the memory is, so a one-character prompt times the same).
-    generate = sample.make_recurrent_generate(sample.model_read_char(net), num_chars=args.sample_chars,
+    generate = sample.make_recurrent_generate(sample.read_char(xl.FAMILY.decoder(net, 0)), num_chars=args.sample_chars,
                                               sampling=sample.SamplingConfig())
     prompt_C = np.zeros(64, np.int32)
     record["xl_sample_chars_per_sec"], _ = _rate(

@@ -10,7 +10,7 @@ import pytest
 
 from chartx import losses, train
 from chartx.errors import UserError
-from chartx.families import fixed, layers
+from chartx.families import fixed, layers, registry
 from configs import enwik8_12l, enwik8_64l
 
 
@@ -126,7 +126,7 @@ def test_sinusoid_positions_have_no_parameters(tiny_config):
   assert not [name for name in names if "pos" in name], names
   tiny_config.model.positions = "per_layer"
   learned = layers.count_params(_params(_task(tiny_config), 8))
-  cfg = layers.ModelConfig.from_config(tiny_config, 256)
+  cfg = registry.model_config(tiny_config, 256)
   assert learned - layers.count_params(params) == cfg.num_layers * cfg.max_len * cfg.d_model
   # Vaswani et al.'s signal: sin at even columns, cos at odd, wavelengths from 2 pi to 10000 x 2 pi.
   table_PxD = layers.sinusoid_table(50, 8)
@@ -134,7 +134,7 @@ def test_sinusoid_positions_have_no_parameters(tiny_config):
   np.testing.assert_allclose(table_PxD[7, 5], np.cos(7.0 / 10000 ** (4 / 8)), rtol=1e-6)
   tiny_config.model.positions = "learned"
   with pytest.raises(UserError, match="config.model.positions must be one of per_layer, input, sinusoid, rope"):
-    layers.ModelConfig.from_config(tiny_config, 256)
+    registry.model_config(tiny_config, 256)
 
 
 def test_rotary_scores_depend_on_distance_only():
@@ -158,7 +158,7 @@ def test_rotary_positions_have_no_parameters_and_need_an_even_head_width(tiny_co
   assert not [name for name in names if "pos" in name], names
   tiny_config.model.d_model, tiny_config.model.num_heads = 12, 4
   with pytest.raises(UserError, match="config.model.positions=rope needs an even head width .* got 3"):
-    layers.ModelConfig.from_config(tiny_config, 256)
+    registry.model_config(tiny_config, 256)
 
 
 def test_64_layer_train_step_lowers_and_compiles_on_cpu():
@@ -173,8 +173,8 @@ def test_64_layer_train_step_lowers_and_compiles_on_cpu():
   abstract_state = flax.linen.unbox(abstract)
   windows = jax.ShapeDtypeStruct((16, 512 + 2), jnp.int32)
   with jax.set_mesh(mesh), flax.linen.logical_axis_rules(rules):
-    lowered = train.jit_train_step(task, mesh, shardings, rules).lower(abstract_state, windows,
-                                                                       jax.random.key(0))
+    lowered = train.jit_train_step(task, mesh, shardings, rules).lower(
+        abstract_state, windows, jax.random.key(0), jax.ShapeDtypeStruct((16,), jnp.bool_))
     compiled = lowered.compile()
   assert compiled is not None
   assert "while" in lowered.as_text()  # The 64 layers are one scanned loop, not 64 copies.
@@ -200,7 +200,7 @@ def test_flops_per_char_counts_the_real_models_matmul_parameters(tiny_config):
 
 def test_auto_dtype_and_attention_are_the_cpus_on_a_cpu(tiny_config):
   tiny_config.model.dtype = tiny_config.model.attention = "auto"
-  cfg = layers.ModelConfig.from_config(tiny_config, 256)
+  cfg = registry.model_config(tiny_config, 256)
   assert (cfg.dtype, cfg.attention) == (("float32", "xla") if jax.default_backend() == "cpu"
                                         else ("bfloat16", cfg.attention))
 

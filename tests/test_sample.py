@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from chartx import data, sample
-from chartx.families import fixed, layers
+from chartx.families import fixed, layers, registry
 from chartx.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -21,7 +21,7 @@ GREEDY = sample.SamplingConfig(temperature=0.0)
 
 
 def _model(tiny_config, **overrides):
-  cfg = dataclasses.replace(layers.ModelConfig.from_config(tiny_config, V), **overrides)
+  cfg = dataclasses.replace(registry.model_config(tiny_config, V), **overrides)
   net = fixed.Transformer(cfg)
   init = jax.jit(net.init)(jax.random.key(0), jnp.zeros((1, cfg.max_len), jnp.int32))
   return net, flax.linen.unbox(init)["params"]
@@ -101,7 +101,7 @@ def test_sampler_context_slides_as_documented():
 def test_greedy_cached_generation_matches_recomputing_the_context(tiny_config):
   net, params = _model(tiny_config)
   context = net.cfg.max_len
-  tokens_to_logits = sample.model_tokens_to_logits(net)
+  tokens_to_logits = fixed.FAMILY.decoder(net, context).step
   generate = sample.make_generate(tokens_to_logits, context=context, num_chars=40, sampling=GREEDY)
   prompt = data.BYTES.encode("def main")
   ids_M = np.asarray(generate({"params": params}, net.cfg.init_cache(1, context),
@@ -119,11 +119,11 @@ def test_greedy_cached_generation_matches_recomputing_the_context(tiny_config):
 def test_beam_of_one_is_greedy_decoding_through_slides_of_the_context(tiny_config):
   net, params = _model(tiny_config)
   context = net.cfg.max_len
-  tokens_to_logits = sample.model_tokens_to_logits(net)
+  tokens_to_logits = fixed.FAMILY.decoder(net, context).step
   prompt_C, length = sample.prompt_block(data.BYTES.encode("def main"), context)
   greedy = sample.make_generate(tokens_to_logits, context=context, num_chars=80, sampling=GREEDY)
   greedy_M = greedy({"params": params}, net.cfg.init_cache(1, context), prompt_C, length, jax.random.key(0))
-  beam = sample.make_beam_search(tokens_to_logits, sample.model_reorder_cache, context=context,
+  beam = sample.make_beam_search(tokens_to_logits, fixed.FAMILY.decoder(net, context).reorder, context=context,
                                  num_chars=80, beam_size=1)
   beam_M, _ = beam({"params": params}, net.cfg.init_cache(1, context), prompt_C, length)
   np.testing.assert_array_equal(beam_M, greedy_M)  # 80 characters: the context slides 4 times.
@@ -133,8 +133,8 @@ def test_beam_log_probability_is_the_full_forward_likelihood_of_its_continuation
   """With several beams the cache rows are gathered every step: a wrong gather shows here."""
   net, params = _model(tiny_config)
   prompt = data.BYTES.encode("def ")
-  beam = sample.make_beam_search(sample.model_tokens_to_logits(net), sample.model_reorder_cache,
-                                 context=net.cfg.max_len, num_chars=20, beam_size=4)
+  decoder = fixed.FAMILY.decoder(net, net.cfg.max_len)
+  beam = sample.make_beam_search(decoder.step, decoder.reorder, context=net.cfg.max_len, num_chars=20, beam_size=4)
   ids_M, log_prob = beam({"params": params}, net.cfg.init_cache(4, net.cfg.max_len),
                          *sample.prompt_block(prompt, net.cfg.max_len))
   tokens_1xT = jnp.concatenate([jnp.asarray(prompt, jnp.int32), ids_M])[None]

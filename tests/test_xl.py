@@ -251,20 +251,20 @@ def test_bad_xl_configs_fail_with_the_key(tiny_config, key, value, message):
     tiny_config.model.num_heads = 1
   tiny_config.model[key] = value
   with pytest.raises(UserError, match=message):
-    layers.ModelConfig.from_config(tiny_config, 64)
+    registry.model_config(tiny_config, 64)
 
 
 def test_xl_keys_on_the_fixed_family_fail(tiny_config):
   tiny_config.model.mem_len = 16
   with pytest.raises(UserError, match="config.model.mem_len=16 is for config.model.family=xl only"):
-    layers.ModelConfig.from_config(tiny_config, 64)
+    registry.model_config(tiny_config, 64)
 
 
 def test_build_picks_the_family_and_xl_has_no_absolute_positions(tiny_config):
-  fixed_cfg = layers.ModelConfig.from_config(tiny_config, 64)
+  fixed_cfg = registry.model_config(tiny_config, 64)
   assert type(registry.build(fixed_cfg)) is fixed.Transformer
   tiny_config.model.update(family="xl", mem_len=16, clamp_len=8)
-  cfg = layers.ModelConfig.from_config(tiny_config, 64)
+  cfg = registry.model_config(tiny_config, 64)
   assert (cfg.family, cfg.mem_len, cfg.clamp_len, cfg.same_length) == ("xl", 16, 8, False)
   module = registry.build(cfg, deterministic=False, all_layers=True)
   assert type(module) is xl.XLTransformer and module.all_layers and not module.deterministic
@@ -325,7 +325,7 @@ def test_flops_per_char_counts_xl_from_the_models_shapes():
   position = 4 * per_layer["position_key"] * (cfg.mem_len + T) / (T * B)
   heads = 6 * flat["head_kernel"].size // n  # The last layer's.
   expected = n * (6 * current + 6 * memory_kv + position + 18 * d * (cfg.mem_len + T / 2)) + heads
-  assert cfg.flops_per_char(T, intermediate_layers=False, batch_size=B) == pytest.approx(expected)
+  assert xl.FAMILY.flops_per_char(cfg, T, intermediate_layers=False, batch_size=B) == pytest.approx(expected)
   same = dataclasses.replace(cfg, same_length=True)
-  assert same.flops_per_char(T, False, B) - cfg.flops_per_char(T, False, B) == pytest.approx(
+  assert xl.FAMILY.flops_per_char(same, T, False, B) - xl.FAMILY.flops_per_char(cfg, T, False, B) == pytest.approx(
       18 * d * n * (1 - T / 2))

@@ -13,8 +13,11 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 
 from chartx import attention
+from chartx.errors import UserError
+from chartx.families import base
 from chartx.families.layers import (Heads, LayerCache, ModelConfig, attention_out_residual, embed,
                                     embedding_param, feed_forward_residual, head_in_init, head_params,
                                     layer_cls, layer_norm, normal_002, rotate, sinusoid_table,
@@ -177,3 +180,31 @@ class Transformer(nn.Module):
     logits_BxTxV = self.heads().layer(-1).logits(cfg, x_BxTxD, target=0)
     return logits_BxTxV, {"key": k_LxBxCxNxH, "value": v_LxBxCxNxH}
 
+
+
+class FixedFamily(base.Family):
+  """The fixed-context family: no state between batches, windows at random positions of the
+  training stream (base.Family's defaults), sliding-window evaluation, a KV cache for decoding."""
+  name = "fixed"
+  beam_search = True
+
+  def check_config(self, m: ml_collections.ConfigDict) -> None:
+    for key, off in (("mem_len", 0), ("clamp_len", 0), ("same_length", False)):
+      if m[key] != off:
+        raise UserError(f"config.model.{key}={m[key]} is for config.model.family=xl only "
+                        f"(the fixed family has no memory)")
+
+  def build(self, cfg: ModelConfig, deterministic: bool = True, all_layers: bool = False) -> Transformer:
+    return Transformer(cfg, deterministic=deterministic, all_layers=all_layers)
+
+  def decoder(self, module: nn.Module, context: int) -> base.Decoder:
+    def step(variables, tokens_BxT, cache, index):
+      return module.apply(variables, tokens_BxT, cache, index, method="decode")
+
+    def reorder(cache, parents_G):  # init_cache's layout: LxBxCxNxH, the rows on axis 1.
+      return jax.tree.map(lambda x: jnp.take(x, parents_G, axis=1), cache)
+    return base.Decoder(step=step, init_state=lambda batch_size: module.cfg.init_cache(batch_size, context),
+                        recurrent=False, reorder=reorder)
+
+
+FAMILY = FixedFamily()

@@ -39,7 +39,6 @@ _REMAT_POLICIES = {
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 _ACTIVATIONS = {"relu": nn.relu, "gelu": functools.partial(nn.gelu, approximate=False)}
 _INITS = ("lecun", "gpt2")
-FAMILIES = ("fixed", "xl")
 # Where positions enter: a learned table added to every layer's input (the paper), one learned
 # table added to the embeddings, Vaswani et al.'s fixed sinusoids added to the embeddings, or
 # rotary embeddings (Su et al. 2021: every layer's queries and keys rotated by their position).
@@ -85,40 +84,28 @@ class ModelConfig:
     shape = (self.num_layers, batch_size, length, self.num_heads, self.head_dim)
     return {"key": jnp.zeros(shape, self.compute_dtype), "value": jnp.zeros(shape, self.compute_dtype)}
 
-  def flops_per_char(self, seq_len: int, intermediate_layers: bool = True, batch_size: int = 1) -> float:
+  def flops_per_char(self, seq_len: int, intermediate_layers: bool = True) -> float:
     """Model FLOPs of one training character, forward and backward (MaxText's count, for MFU):
     6 x the matmul parameters but the embedding (per layer 4 d^2 + 2 d f); causal attention, 6 n
     seq_len d (2 x 2 seq_len d forward, halved by the mask, x 3); 6 d V per target of each head
     that runs (every layer's when intermediate_layers: they keep running after their loss stops).
     Not counted, by convention: recomputation (remat), layer norms, softmaxes, biases.
-
-    family "xl" (T = seq_len, M = mem_len, per layer and character), on top of the same q, k, v,
-    output and feed-forward count for the T current rows:
-      - keys and values of the M memory rows, recomputed every segment: 2 x 6 d^2 M / T (the
-        memory is stop-gradient, but the input gradient of these products still runs: it is
-        the attention norm's parameters' gradient);
-      - the positional projection W_R R of the M + T relative distances, computed once per batch
-        for all batch_size rows (R is a constant): 4 d^2 (M + T) / (T x batch_size); the default
-        batch_size 1 gives an upper bound;
-      - attention: three products per (query, key) pair that a query sees (content scores,
-        positional scores, the weighted values), 2 d each forward, x 3 with the backward pass:
-        18 d per key, over M + T / 2 keys (the memory, and the causal half of the segment, as
-        above), or M + 1 with same_length.
+    (chartx.families.xl counts its memory and relative positions on top.)
     """
     d, f, n = self.d_model, self.d_ff, self.num_layers
     matmuls = 6 * n * (4 * d * d + 2 * d * f)
     attention = 6 * n * seq_len * d
-    if self.family == "xl":
-      mem = self.mem_len
-      keys = mem + 1 if self.same_length else mem + seq_len / 2
-      matmuls += n * (12 * d * d * mem / seq_len + 4 * d * d * (mem + seq_len) / (seq_len * batch_size))
-      attention = 18 * n * d * keys
-    heads = 6 * (n if intermediate_layers else 1) * self.num_targets * d * self.vocab_size
-    return float(matmuls + attention + heads)
+    return float(matmuls + attention + self.heads_flops_per_char(intermediate_layers))
+
+  def heads_flops_per_char(self, intermediate_layers: bool) -> float:
+    """The classifiers' part of flops_per_char: 6 d V per target of each head that runs."""
+    return float(6 * (self.num_layers if intermediate_layers else 1) * self.num_targets * self.d_model
+                 * self.vocab_size)
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict, vocab_size: int) -> "ModelConfig":
-    """The model section's owner: checks every model.* key (UserError naming it), then builds."""
+    """Checks the model.* keys every family shares (UserError naming one), then builds; the family's
+    own keys and attention: chartx.families.registry.model_config, which calls this."""
     m = config.model
     for key in ("num_layers", "d_model", "num_heads", "d_ff", "max_len"):
       if int(m[key]) < 1:
@@ -139,7 +126,6 @@ class ModelConfig:
     if m.attention not in (*attention.IMPLS, "auto"):
       raise UserError(f"config.model.attention must be one of {', '.join(attention.IMPLS)}, auto; "
                       f"got {m.attention!r}")
-    _check_family(m)
     if m.attention == "cudnn" and (dtype == "float32" or backend != "gpu"):
       # cuDNN's flash attention takes only 16-bit inputs, on a GPU; "auto" falls back to xla.
       raise UserError(f"config.model.attention=cudnn needs a GPU and config.model.dtype=bfloat16 "
@@ -157,8 +143,6 @@ class ModelConfig:
       raise UserError(f"config.model.positions=rope needs an even head width (d_model / num_heads), "
                       f"got {m.d_model // m.num_heads}")
     impl = attention.resolve(m.attention, backend, dtype, config.data.seq_len)
-    if m.family == "xl" and impl == "splash":  # Only from "auto" (_check_family refuses it named).
-      impl = "xla"
     return cls(vocab_size=vocab_size, num_layers=m.num_layers, d_model=m.d_model,
                num_heads=m.num_heads, d_ff=m.d_ff, max_len=m.max_len, dropout=m.dropout,
                num_targets=int(config.loss.multiple_targets),  # Checked by losses.LossConfig.
@@ -166,30 +150,6 @@ class ModelConfig:
                scan_layers=m.scan_layers, remat=m.remat, dtype=dtype,
                attention=impl, activation=m.activation, init=m.init, family=m.family,
                mem_len=m.mem_len, clamp_len=m.clamp_len, same_length=m.same_length)
-
-
-def _check_family(m: ml_collections.ConfigDict) -> None:
-  """model.family and its keys (mem_len, clamp_len, same_length), against the rest of model.*."""
-  if m.family not in FAMILIES:
-    raise UserError(f"config.model.family must be one of {', '.join(FAMILIES)}; got {m.family!r}")
-  for key in ("mem_len", "clamp_len"):
-    if m[key] < 0:
-      raise UserError(f"config.model.{key} must be >= 0, got {m[key]}")
-  if m.family == "fixed":
-    for key, off in (("mem_len", 0), ("clamp_len", 0), ("same_length", False)):
-      if m[key] != off:
-        raise UserError(f"config.model.{key}={m[key]} is for config.model.family=xl only "
-                        f"(the fixed family has no memory)")
-    return
-  if m.attention == "splash":
-    raise UserError("config.model.attention=splash does not support config.model.family=xl "
-                    "(XL's relative positions are an attention bias); use auto, xla or cudnn")
-  if m.d_model % 2:
-    raise UserError(f"config.model.d_model must be even for config.model.family=xl (sinusoidal "
-                    f"relative positions), got {m.d_model}")
-  if m.same_length and m.mem_len < 1:
-    raise UserError("config.model.same_length needs config.model.mem_len >= 1 (with no memory, "
-                    "every query would see only itself)")
 
 
 def with_axes(initializer, *names: str):

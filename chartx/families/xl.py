@@ -62,8 +62,11 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 
-from chartx.families import layers
+from chartx import data
+from chartx.errors import UserError
+from chartx.families import base, layers
 from chartx.matmul import matmul
 
 
@@ -255,3 +258,114 @@ class XLTransformer(nn.Module):
     h, new_memory = self(tokens_BxT, memory)
     h_BxTxD = h[-1] if self.all_layers else h
     return self.heads().layer(-1).logits(self.cfg, h_BxTxD, target=0), new_memory
+
+
+# The logical axes of each field of a Memory, which config.mesh.rules map to mesh axes as they do
+# the parameters': rows of the batch (streams) split over the batch axes.
+MEMORY_AXES = {"h_LxBxMxD": ("layers", "batch", "length", "embed"), "valid_B": ("batch",)}
+
+
+class XLFamily(base.Family):
+  """Transformer-XL: a memory carried across steps on contiguous streams, recurrent evaluation
+  (base.Recurrent), the memory as its decoding state (no beam search)."""
+  name = "xl"
+  # Its checkpoints also hold the memory: mem_len rows per layer for each of train.batch_size streams.
+  fixed_on_resume = ("model.mem_len", "train.batch_size")
+
+  def check_config(self, m: ml_collections.ConfigDict) -> None:
+    for key in ("mem_len", "clamp_len"):
+      if m[key] < 0:
+        raise UserError(f"config.model.{key} must be >= 0, got {m[key]}")
+    if m.attention == "splash":
+      raise UserError("config.model.attention=splash does not support config.model.family=xl "
+                      "(XL's relative positions are an attention bias); use auto, xla or cudnn")
+    if m.d_model % 2:
+      raise UserError(f"config.model.d_model must be even for config.model.family=xl (sinusoidal "
+                      f"relative positions), got {m.d_model}")
+    if m.same_length and m.mem_len < 1:
+      raise UserError("config.model.same_length needs config.model.mem_len >= 1 (with no memory, "
+                      "every query would see only itself)")
+
+  def attention(self, impl: str) -> str:
+    return "xla" if impl == "splash" else impl  # Only from "auto" (check_config refuses it named).
+
+  def build(self, cfg: layers.ModelConfig, deterministic: bool = True,
+            all_layers: bool = False) -> XLTransformer:
+    return XLTransformer(cfg, deterministic=deterministic, all_layers=all_layers)
+
+  def init_memory(self, cfg: layers.ModelConfig, batch_size: int) -> Memory:
+    memory = init_memory(cfg, batch_size)
+    return memory.replace(**{name: nn.LogicallyPartitioned(getattr(memory, name), names)
+                             for name, names in MEMORY_AXES.items()})
+
+  def reset_memory(self, memory: Memory, reset_B: jax.Array) -> Memory:
+    return memory.replace(valid_B=jnp.where(reset_B, 0, memory.valid_B))
+
+  def apply(self, module, variables, inputs_BxT, memory, rngs):
+    return module.apply(variables, inputs_BxT, memory, rngs=rngs)
+
+  def check_train_data(self, num_chars: int, config: ml_collections.ConfigDict) -> None:
+    data.segments_per_pass(num_chars, batch_size=config.train.batch_size, seq_len=config.data.seq_len,
+                           num_targets=int(config.loss.multiple_targets))
+
+  def train_batch(self, train_M, config, step, *, num_targets, process_index, process_count):
+    # The next segment of each contiguous stream (its memory is in the state).
+    return data.stream_batch(train_M, step=step, batch_size=config.train.batch_size,
+                             seq_len=config.data.seq_len, num_targets=num_targets,
+                             process_index=process_index, process_count=process_count)
+
+  def check_eval_config(self, config: ml_collections.ConfigDict) -> None:
+    e = config.eval
+    if e.stride:
+      raise UserError(f"config.eval.stride={e.stride} is the fixed family's sliding window; "
+                      "model.family=xl evaluates recurrently (eval.seq_len, eval.mem_len): leave "
+                      "eval.stride at 0")
+    for key, low in (("seq_len", 0), ("mem_len", -1), ("clamp_len", -1)):
+      if e[key] < low:
+        raise UserError(f"config.eval.{key} must be >= {low} ({low}: as in training), got {e[key]}")
+    resolved = self.protocol(config)
+    if resolved.same_length and resolved.mem_len < 1:
+      raise UserError(f"config.eval.same_length={e.same_length} needs a memory (eval.mem_len >= 1; "
+                      f"it is {resolved.mem_len}): with none, every character would see only itself")
+
+  def protocol(self, config: ml_collections.ConfigDict) -> base.Recurrent:
+    e, m = config.eval, config.model
+    seq_len = e.seq_len or config.data.seq_len
+    same_length = m.same_length if e.same_length.lower() == "auto" else e.same_length.lower() == "true"
+    return base.Recurrent(seq_len=seq_len, stride=seq_len,
+                          mem_len=m.mem_len if e.mem_len == -1 else e.mem_len,
+                          clamp_len=m.clamp_len if e.clamp_len == -1 else e.clamp_len,
+                          same_length=same_length)
+
+  def decoder(self, module: nn.Module, context: int) -> base.Decoder:
+    del context  # The memory never fills.
+    def step(variables, tokens_BxT, memory, index):
+      del index  # Positions are relative.
+      return module.apply(variables, tokens_BxT, memory, method="logits")
+    return base.Decoder(step=step, init_state=lambda batch_size: init_memory(module.cfg, batch_size),
+                        recurrent=True)
+
+  def flops_per_char(self, cfg: layers.ModelConfig, seq_len: int, intermediate_layers: bool = True,
+                     batch_size: int = 1) -> float:
+    """base.Family's count (T = seq_len, M = mem_len, per layer and character), on top of the same
+    q, k, v, output and feed-forward count for the T current rows:
+      - keys and values of the M memory rows, recomputed every segment: 2 x 6 d^2 M / T (the
+        memory is stop-gradient, but the input gradient of these products still runs: it is
+        the attention norm's parameters' gradient);
+      - the positional projection W_R R of the M + T relative distances, computed once per batch
+        for all batch_size rows (R is a constant): 4 d^2 (M + T) / (T x batch_size); the default
+        batch_size 1 gives an upper bound;
+      - attention: three products per (query, key) pair that a query sees (content scores,
+        positional scores, the weighted values), 2 d each forward, x 3 with the backward pass:
+        18 d per key, over M + T / 2 keys (the memory, and the causal half of the segment, as
+        above), or M + 1 with same_length.
+    """
+    d, f, n, mem = cfg.d_model, cfg.d_ff, cfg.num_layers, cfg.mem_len
+    keys = mem + 1 if cfg.same_length else mem + seq_len / 2
+    matmuls = 6 * n * (4 * d * d + 2 * d * f)
+    matmuls += n * (12 * d * d * mem / seq_len + 4 * d * d * (mem + seq_len) / (seq_len * batch_size))
+    attention = 18 * n * d * keys
+    return float(matmuls + attention + cfg.heads_flops_per_char(intermediate_layers))
+
+
+FAMILY = XLFamily()

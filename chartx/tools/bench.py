@@ -27,7 +27,7 @@ Each run prints one JSON object on one line and appends it to --out when given. 
                step_time_s (their median), step_time_mean_s, step_time_min_s, step_cpu_time_s
                (median CPU seconds of this process per step, all threads), chars_per_sec
                (batch_size x seq_len / step_time_s)
-  FLOPs        flops_per_char (chartx.families.layers.ModelConfig.flops_per_char: MaxText's causal count),
+  FLOPs        flops_per_char (chartx.families.base.Family.flops_per_char: MaxText's causal count),
                flops_per_sec (achieved), peak_flops_per_sec and peak_flops_source (which peak and
                where it came from; null off the known accelerators), mfu (null without a peak)
   memory       peak_memory_bytes, peak_memory_source: the devices' peak_bytes_in_use where JAX
@@ -152,13 +152,13 @@ def benchmark(config: ml_collections.ConfigDict, *, steps: int = 10, warmup: int
       functools.partial(train.init_state, task, seq_len=seq_len), mesh, rules)
   record["params"] = layers.count_params(abstract_state.params)
   windows_BxS = synthetic_windows(config, mesh, vocab_size, cfg.num_targets)
-  # Transformer-XL's step also takes the rows whose stream starts over: none, every step.
+  # The step also takes the rows whose stream starts over (a family with a memory): none, every step.
   no_resets_B = np.zeros(config.train.batch_size, bool)
-  resets = () if abstract_state.memory is None else (jax.make_array_from_callback(
-      no_resets_B.shape, sharding.batch_sharding(mesh), lambda index: no_resets_B[index]),)
+  resets_B = jax.make_array_from_callback(no_resets_B.shape, sharding.batch_sharding(mesh),
+                                          lambda index: no_resets_B[index])
   step_fn = train.jit_train_step(task, mesh, shardings, rules)
   start = time.perf_counter()
-  lowered = step_fn.lower(abstract_state, windows_BxS, dropout_rng, *resets)
+  lowered = step_fn.lower(abstract_state, windows_BxS, dropout_rng, resets_B)
   record["lower_s"] = time.perf_counter() - start
   start = time.perf_counter()
   compiled = lowered.compile()
@@ -176,7 +176,7 @@ def benchmark(config: ml_collections.ConfigDict, *, steps: int = 10, warmup: int
   def chartx_step() -> jax.Array:
     step = next(calls)
     with profiler.step(step):
-      current[0], out = compiled(current[0], windows_BxS, dropout_rng, *resets)
+      current[0], out = compiled(current[0], windows_BxS, dropout_rng, resets_B)
     jax.block_until_ready(current[0])
     profiler.done(step, current[0])
     return out["loss"]
@@ -220,7 +220,8 @@ def benchmark(config: ml_collections.ConfigDict, *, steps: int = 10, warmup: int
 def _flops(cfg: layers.ModelConfig, task: train.Task, seq_len: int, chars_per_sec: float,
            devices: list[Any]) -> dict[str, Any]:
   """FLOPs per character (MaxText's causal count), achieved FLOP/s and MFU against the bf16 peak."""
-  per_char = cfg.flops_per_char(seq_len, task.loss_cfg.intermediate_layers, batch_size=task.batch_size)
+  per_char = task.family.flops_per_char(cfg, seq_len, task.loss_cfg.intermediate_layers,
+                                        batch_size=task.batch_size)
   achieved = per_char * chars_per_sec
   peak = flops.peak_flops(devices[0])
   if peak is None:
