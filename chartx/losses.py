@@ -158,8 +158,9 @@ def compute_loss(model: Any, cfg: LossConfig, params: Any, windows_BxS: jax.Arra
                  weights_LxK: jax.Array, rng: jax.Array | None,
                  memory: Any = None) -> tuple[jax.Array, tuple[jax.Array, Any]]:
   """(total loss, (nll_LxK, memory)) of windows of T inputs and K targets; rng: dropout's key
-  (None: none). model: the family's module (registry.build); memory: the family's memory of the windows' streams, which the model reads
-  and returns updated (None for a family without one, and then None back). Without intermediate layers only the last layer runs its heads (L = 1)."""
+  (None: none). model: the family's module (registry.build); memory: the family's memory of the
+  windows' streams, which the model reads and returns updated (None for a family without one, and
+  then None back). Without intermediate layers only the last layer runs its heads (L = 1)."""
   num_targets = model.cfg.num_targets
   seq_len = windows_BxS.shape[1] - num_targets
   inputs_BxT = windows_BxS[:, :seq_len]

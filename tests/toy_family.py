@@ -42,8 +42,7 @@ class OneLayer(nn.Module):
     return self.classifiers
 
   def logits(self, tokens_BxT: jax.Array) -> jax.Array:
-    h = self(tokens_BxT)
-    return self.heads().layer(-1).logits(self.cfg, h[-1] if self.all_layers else h, target=0)
+    return layers.last_layer_logits(self, self(tokens_BxT))
 
   def decode(self, tokens_BxT: jax.Array, prev_BxD: jax.Array) -> tuple[jax.Array, jax.Array]:
     h_BxTxD, prev_BxD = self.step(tokens_BxT, prev_BxD)

@@ -20,8 +20,8 @@ from chartx.errors import UserError
 from chartx.families import base
 from chartx.families.layers import (Heads, LayerCache, ModelConfig, attention_out_residual, embed,
                                     embedding_param, feed_forward_residual, head_in_init, head_params,
-                                    layer_cls, layer_norm, normal_002, rotate, sinusoid_table,
-                                    table_rows, with_axes)
+                                    last_layer_logits, layer_cls, layer_norm, normal_002, rotate,
+                                    scanned, sinusoid_table, table_rows, with_axes)
 from chartx.matmul import matmul
 
 
@@ -113,9 +113,7 @@ class Transformer(nn.Module):
                                       (cfg.max_len, cfg.d_model))
     self.dropout = nn.Dropout(cfg.dropout)
     if cfg.scan_layers:
-      stack = nn.scan(_ScanBody, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
-                      length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
-      self.layers = stack(cfg, self.deterministic, self.all_layers)
+      self.layers = scanned(_ScanBody, cfg)(cfg, self.deterministic, self.all_layers)
     else:
       self.layers = [layer_cls(cfg, Block)(cfg, self.deterministic) for _ in range(cfg.num_layers)]
     self.classifiers = head_params(self, cfg, self.embedding)
@@ -152,9 +150,7 @@ class Transformer(nn.Module):
 
   def logits(self, tokens_BxT: jax.Array) -> jax.Array:
     """Inference: the last layer's next-character logits, float32 BxTxV."""
-    h = self(tokens_BxT)
-    h_BxTxD = h[-1] if self.all_layers else h
-    return self.heads().layer(-1).logits(self.cfg, h_BxTxD, target=0)
+    return last_layer_logits(self, self(tokens_BxT))
 
   def decode(self, tokens_BxT: jax.Array, cache: dict[str, jax.Array],
              index: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:

@@ -333,6 +333,23 @@ def layer_cls(cfg: ModelConfig, block: type[nn.Module]) -> type[nn.Module]:
 
 
 
+def scanned(body: type[nn.Module], cfg: ModelConfig, num_broadcast: int = 0) -> type[nn.Module]:
+  """A family's layer body under nn.scan over cfg.num_layers layers (MaxText's idiom: one compiled
+  layer): parameters stacked on a leading "layers" axis, the params and dropout keys split per
+  layer; after the carry, the first input is scanned over layers, the next num_broadcast are the
+  same for every layer."""
+  return nn.scan(body, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                 in_axes=(0,) + (nn.broadcast,) * num_broadcast, length=cfg.num_layers,
+                 metadata_params={nn.PARTITION_NAME: "layers"})
+
+
+def last_layer_logits(module: nn.Module, h: jax.Array) -> jax.Array:
+  """The last layer's next-character logits_BxTxV (float32) of a family's module, from what its
+  __call__ returned (h_LxBxTxD when all_layers, else h_BxTxD)."""
+  h_BxTxD = h[-1] if module.all_layers else h
+  return module.heads().layer(-1).logits(module.cfg, h_BxTxD, target=0)
+
+
 def count_params(params: Any) -> int:
   return sum(int(x.size) for x in jax.tree.leaves(params))
 

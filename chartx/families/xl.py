@@ -186,8 +186,8 @@ class _ScanBody(nn.Module):
 
 def init_memory(cfg: layers.ModelConfig, batch_size: int) -> Memory:
   """An empty memory: mem_len zero rows per layer and row, none of them valid."""
-  return Memory(h_LxBxMxD=jnp.zeros((cfg.num_layers, batch_size, cfg.mem_len, cfg.d_model), cfg.compute_dtype),
-                valid_B=jnp.zeros((batch_size,), jnp.int32))
+  h_LxBxMxD = jnp.zeros((cfg.num_layers, batch_size, cfg.mem_len, cfg.d_model), cfg.compute_dtype)
+  return Memory(h_LxBxMxD=h_LxBxMxD, valid_B=jnp.zeros((batch_size,), jnp.int32))
 
 
 class XLTransformer(nn.Module):
@@ -206,9 +206,8 @@ class XLTransformer(nn.Module):
     self.position_bias = self.param("position_bias", bias_init, (cfg.num_heads, cfg.head_dim))
     self.dropout = nn.Dropout(cfg.dropout)
     if cfg.scan_layers:
-      stack = nn.scan(_ScanBody, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
-                      in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
-                      length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
+      # Each layer's memory scanned in; R, u, v and the mask the same for every layer.
+      stack = layers.scanned(_ScanBody, cfg, num_broadcast=4)
       self.layers = stack(cfg, self.deterministic, self.all_layers)
     else:
       self.layers = [layers.layer_cls(cfg, XLBlock)(cfg, self.deterministic)
@@ -256,8 +255,7 @@ class XLTransformer(nn.Module):
     """(the last layer's next-character logits_BxTxV, float32; the new memory). Generation is
     this with T = 1: its cost per character depends on mem_len, not on what came before."""
     h, new_memory = self(tokens_BxT, memory)
-    h_BxTxD = h[-1] if self.all_layers else h
-    return self.heads().layer(-1).logits(self.cfg, h_BxTxD, target=0), new_memory
+    return layers.last_layer_logits(self, h), new_memory
 
 
 # The logical axes of each field of a Memory, which config.mesh.rules map to mesh axes as they do
