@@ -150,10 +150,10 @@ def stream_segments(ids_M: np.ndarray, *, seq_len: int,
   seq_len. The N - 1 targets of ids_M are cut into batch_size contiguous streams of
   ceil((N - 1) / batch_size) (the last ones shorter, or empty); mask_BxP is False on the padding
   after a stream's end, so every target is scored exactly once."""
-  stream_len = stream_len(len(ids_M), batch_size)
-  padded = -(-stream_len // seq_len) * seq_len
-  index_BxP = np.arange(batch_size)[:, None] * stream_len + np.arange(padded)[None, :]
-  mask_BxP = (np.arange(padded)[None, :] < stream_len) & (index_BxP < len(ids_M) - 1)
+  per_stream = stream_len(len(ids_M), batch_size)
+  padded = -(-per_stream // seq_len) * seq_len
+  index_BxP = np.arange(batch_size)[:, None] * per_stream + np.arange(padded)[None, :]
+  mask_BxP = (np.arange(padded)[None, :] < per_stream) & (index_BxP < len(ids_M) - 1)
   index_BxP = np.where(mask_BxP, index_BxP, 0)
   return ids_M[index_BxP], ids_M[index_BxP + 1], mask_BxP
 
