@@ -10,7 +10,7 @@ checkpoint or dataset is needed. Both samplers are one jitted lax.fori_loop over
 and start from a prompt of seq_len characters, so the window is full from the first character:
 "recompute" runs the full forward pass over the last seq_len characters for every new one;
 "cached" is chartx.sample (one position per step, a prefill of the last seq_len // 2 characters
-whenever the cache fills). Evaluation is chartx.evaluate.evaluate_bits with config.eval.batch_size
+whenever the cache fills). Evaluation is chartx.scoring.evaluate_bits with config.eval.batch_size
 over --eval_windows windows; its rate counts every window as scoring `stride` characters (the
 first window of a split scores seq_len, a one-off that would flatter stride 1 on a short run).
 Compilation is left out of every number (a first, untimed call compiles). Prints one JSON line.
@@ -29,8 +29,8 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from chartx import evaluate, sample, sharding
-from chartx import model as model_lib
+from chartx import sample, scoring, sharding
+from chartx.families import fixed, layers, registry
 
 
 def _timed(fn: Callable[[], Any]) -> float:
@@ -40,24 +40,24 @@ def _timed(fn: Callable[[], Any]) -> float:
   return time.perf_counter() - start
 
 
-def random_model(config, vocab_size: int = 256) -> tuple[model_lib.Transformer, Any]:
+def random_model(config, vocab_size: int = 256) -> tuple[fixed.Transformer, Any]:
   """(net, variables): the deterministic model of config.model with random parameters."""
-  cfg = model_lib.ModelConfig.from_config(config, vocab_size)
-  net = model_lib.Transformer(cfg, deterministic=True)
+  cfg = registry.model_config(config, vocab_size)
+  net = fixed.Transformer(cfg, deterministic=True)
   tokens_1xT = jnp.zeros((1, config.data.seq_len), jnp.int32)
   return net, flax.linen.unbox(jax.jit(net.init)(jax.random.key(0), tokens_1xT))
 
 
-def cached_sample_rate(net: model_lib.Transformer, variables: Any, seq_len: int, num_chars: int) -> float:
+def cached_sample_rate(net: fixed.Transformer, variables: Any, seq_len: int, num_chars: int) -> float:
   """Characters per second of chartx.sample's KV-cache sampler from a full seq_len prompt."""
-  generate = sample.make_generate(sample.model_tokens_to_logits(net), context=seq_len,
+  generate = sample.make_generate(fixed.FAMILY.decoder(net, seq_len).step, context=seq_len,
                                   num_chars=num_chars, sampling=sample.SamplingConfig(temperature=1.0))
   prompt_C = np.random.default_rng(0).integers(0, net.cfg.vocab_size, seq_len).astype(np.int32)
   cache = net.cfg.init_cache(1, seq_len)
   return num_chars / _timed(lambda: generate(variables, cache, prompt_C, seq_len, jax.random.key(1)))
 
 
-def recompute_sample_rate(net: model_lib.Transformer, variables: Any, seq_len: int, num_chars: int) -> float:
+def recompute_sample_rate(net: fixed.Transformer, variables: Any, seq_len: int, num_chars: int) -> float:
   """Characters per second of a sampler that reruns the whole seq_len window for every character."""
   sampling = sample.SamplingConfig(temperature=1.0)
 
@@ -66,7 +66,7 @@ def recompute_sample_rate(net: model_lib.Transformer, variables: Any, seq_len: i
     def body(i, carry):
       window_C, key, ids_M = carry
       key, draw = jax.random.split(key)
-      logits_1xV = net.apply(variables, window_C[None], method=model_lib.Transformer.logits)[:, -1]
+      logits_1xV = net.apply(variables, window_C[None], method=fixed.Transformer.logits)[:, -1]
       next_1 = sample.choose(logits_1xV, draw, sampling)
       return jnp.concatenate([window_C[1:], next_1]), key, ids_M.at[i].set(next_1[0])
     return jax.lax.fori_loop(0, num_chars, body, (window_C, key, jnp.zeros(num_chars, jnp.int32)))[-1]
@@ -75,20 +75,20 @@ def recompute_sample_rate(net: model_lib.Transformer, variables: Any, seq_len: i
   return num_chars / _timed(lambda: recompute(variables, prompt_C, jax.random.key(1)))
 
 
-def eval_rate(config, net: model_lib.Transformer, variables: Any, *, stride: int, windows: int,
+def eval_rate(config, net: fixed.Transformer, variables: Any, *, stride: int, windows: int,
               batch_size: int) -> float:
-  """Characters per second of chartx.evaluate.evaluate_bits at `stride` over `windows` windows.
+  """Characters per second of chartx.scoring.evaluate_bits at `stride` over `windows` windows.
 
   Every window counts as scoring `stride` characters (the first window of a split scores
   seq_len, a one-off that would flatter stride 1 on a short run).
   """
   seq_len = config.data.seq_len
   mesh = sharding.make_mesh(config)
-  score = evaluate.jit_score_fn(evaluate.model_score_fn(net), mesh, sharding.logical_rules(config))
+  score = scoring.jit_score_fn(scoring.model_score_fn(net), mesh, sharding.logical_rules(config))
   # Windows start at 0, S, 2S, ...: `windows` of them.
   ids_M = np.random.default_rng(0).integers(0, net.cfg.vocab_size,
                                             1 + seq_len + (windows - 1) * stride).astype(np.int32)
-  run = lambda: evaluate.evaluate_bits(score, variables["params"], ids_M, seq_len=seq_len, stride=stride,
+  run = lambda: scoring.evaluate_bits(score, variables["params"], ids_M, seq_len=seq_len, stride=stride,
                                        batch_size=batch_size, mesh=mesh)
   return windows * stride / _timed(run)
 
@@ -104,7 +104,7 @@ def benchmark(config, sample_chars: int, recompute_chars: int, eval_windows: int
       "host": platform.node(), "backend": jax.default_backend(), "device_kind": jax.devices()[0].device_kind,
       "num_devices": jax.device_count(), "jax_version": jax.__version__,
       "num_layers": cfg.num_layers, "d_model": cfg.d_model, "seq_len": seq_len,
-      "params": model_lib.count_params(params), "eval_batch_size": batch_size,
+      "params": layers.count_params(params), "eval_batch_size": batch_size,
       "sample_chars": sample_chars, "recompute_chars": recompute_chars,
       "sample_cached_chars_per_sec": cached,
       "sample_recompute_chars_per_sec": recomputed,

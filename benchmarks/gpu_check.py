@@ -180,7 +180,7 @@ def infer_section(model: str, args: argparse.Namespace) -> dict[str, Any]:
   """Evaluation chars/s at stride 1 and seq_len, and KV-cache sampling chars/s, each measured apart."""
   import jax  # pylint: disable=import-outside-toplevel
   from benchmarks import eval_sample  # pylint: disable=import-outside-toplevel
-  from chartx import model as model_lib  # pylint: disable=import-outside-toplevel
+  from chartx.families import layers  # pylint: disable=import-outside-toplevel
   from chartx import sharding  # pylint: disable=import-outside-toplevel
   from chartx.tools import bench  # pylint: disable=import-outside-toplevel
   config, overrides = model_config(model, args, jax.default_backend(), "auto")
@@ -188,7 +188,7 @@ def infer_section(model: str, args: argparse.Namespace) -> dict[str, Any]:
   record: dict[str, Any] = {"overrides": overrides}
   net, variables = eval_sample.random_model(config)
   result = {"backend": jax.default_backend(), "device_kind": jax.devices()[0].device_kind,
-            "num_devices": jax.device_count(), "params": model_lib.count_params(variables),
+            "num_devices": jax.device_count(), "params": layers.count_params(variables),
             "seq_len": seq_len, "eval_batch_size": args.eval_batch_size,
             "eval_windows": args.eval_windows, "sample_chars": args.sample_chars}
   for stride in (1, seq_len):

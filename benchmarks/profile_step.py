@@ -21,7 +21,7 @@ import tempfile
 import time
 
 # Each chartx op goes to the first group whose pattern its op_name contains: the named scopes of
-# chartx.model and chartx.losses, in the forward and the backward pass alike.
+# chartx.families and chartx.losses, in the forward and the backward pass alike.
 _GROUPS = (("heads and losses", "heads"), ("attention", "attention"), ("feed-forward", "feed_forward"),
            ("attention projections", "projections"), ("layer norms", "layer_norm"))
 
@@ -36,6 +36,7 @@ def _group(op_name: str) -> str:
 def chartx_profile(config, steps: int) -> dict[str, float]:
   """Milliseconds per step of each group, from a jax.profiler trace of `steps` train steps."""
   import jax  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
   from chartx import sharding, train  # pylint: disable=import-outside-toplevel
   from chartx.tools import bench  # pylint: disable=import-outside-toplevel
   task = train.make_task(config, 256)
@@ -45,18 +46,20 @@ def chartx_profile(config, steps: int) -> dict[str, float]:
   step_fn = train.jit_train_step(task, mesh, shardings, rules)
   windows_BxS = bench.synthetic_windows(config, mesh, 256, task.model_cfg.num_targets)
   rng = jax.random.key(1)
-  compiled = step_fn.lower(abstract, windows_BxS, rng).compile()
+  # No stream starts over (the step's reset_B; only a family with a memory reads it).
+  resets_B = jax.device_put(np.zeros(config.train.batch_size, bool), sharding.batch_sharding(mesh))
+  compiled = step_fn.lower(abstract, windows_BxS, rng, resets_B).compile()
   op_names = dict(re.findall(r'^\s*(?:ROOT )?%([\w.\-]+) = .*?metadata=\{op_name="([^"]*)"',
                              compiled.as_text(), re.M))
   state = create(jax.random.key(0))
   for _ in range(2):
-    state, _ = compiled(state, windows_BxS, rng)
+    state, _ = compiled(state, windows_BxS, rng, resets_B)
   jax.block_until_ready(state)
   with tempfile.TemporaryDirectory() as trace_dir:
     jax.profiler.start_trace(trace_dir)
     start = time.perf_counter()
     for _ in range(steps):
-      state, _ = compiled(state, windows_BxS, rng)
+      state, _ = compiled(state, windows_BxS, rng, resets_B)
       jax.block_until_ready(state)
     wall = time.perf_counter() - start
     jax.profiler.stop_trace()

@@ -37,8 +37,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from chartx import evaluate, sample, sharding, train
-from chartx import model as model_lib
+from chartx import sample, scoring, sharding
+from chartx.families import layers, registry, xl
 from configs import enwik8_12l, enwik8_xl_12l
 
 TINY = {"num_layers": 2, "d_model": 32, "num_heads": 2, "d_ff": 64}
@@ -114,20 +114,21 @@ def fixed_rate(length: int, args: argparse.Namespace, mesh, rules) -> dict[str, 
   """The fixed model's stride-1 sliding window over windows of `length` characters."""
   config = _config(enwik8_12l, args.tiny)
   config.data.seq_len = config.model.max_len = length
-  cfg = model_lib.ModelConfig.from_config(config, 256)
-  net = model_lib.build(cfg)
-  params = flax.linen.unbox(jax.jit(lambda r: train.init_params(net, r, length))(jax.random.key(0)))
-  score = evaluate.jit_score_fn(evaluate.model_score_fn(net), mesh, rules)
+  cfg = registry.model_config(config, 256)
+  net = registry.build(cfg)
+  init = lambda r: registry.get(cfg.family).init_params(net, r, length)
+  params = flax.linen.unbox(jax.jit(init)(jax.random.key(0)))
+  score = scoring.jit_score_fn(scoring.model_score_fn(net), mesh, rules)
   rng = np.random.default_rng(0)
   windows_BxS = rng.integers(0, 256, (args.batch_size, length + 1)).astype(np.int32)
   first_B = np.full(args.batch_size, length - 1, np.int32)  # Stride 1: the last target only.
   rate, calls = _rate(lambda: score(params, windows_BxS, first_B), args.batch_size, args.min_seconds)
-  record = {"fixed_params": model_lib.count_params(params), "fixed_chars_per_sec": rate,
+  record = {"fixed_params": layers.count_params(params), "fixed_chars_per_sec": rate,
             "fixed_calls": calls}
   if args.sample_chars:
     # chartx.sample's KV-cache sampler from a full prompt of `length` characters (it re-encodes
     # the last length / 2 whenever the cache fills).
-    generate = sample.make_generate(sample.model_tokens_to_logits(net), context=length,
+    generate = sample.make_generate(registry.get(cfg.family).decoder(net, length).step, context=length,
                                     num_chars=args.sample_chars, sampling=sample.SamplingConfig())
     prompt_C = rng.integers(0, 256, length).astype(np.int32)
     record["fixed_sample_chars_per_sec"], _ = _rate(
@@ -140,13 +141,13 @@ def xl_rate(length: int, args: argparse.Namespace, mesh, rules) -> dict[str, Any
   """XL's recurrent protocol: segments of args.segment with a memory of length - 1, same_length."""
   config = _config(enwik8_xl_12l, args.tiny)
   config.data.seq_len = config.model.max_len = args.segment
-  cfg = dataclasses.replace(model_lib.ModelConfig.from_config(config, 256), mem_len=length - 1,
+  cfg = dataclasses.replace(registry.model_config(config, 256), mem_len=length - 1,
                             same_length=True)
-  net = model_lib.build(cfg)
-  params = flax.linen.unbox(jax.jit(lambda r: train.init_params(net, r, args.segment))(jax.random.key(0)))
+  net = registry.build(cfg)
+  params = flax.linen.unbox(jax.jit(lambda r: xl.FAMILY.init_params(net, r, args.segment))(jax.random.key(0)))
   _, memory_shardings, empty_memory = sharding.sharded_init(
-      lambda _: train.boxed_memory(cfg, args.batch_size), mesh, rules)
-  score = evaluate.jit_segment_score_fn(evaluate.model_segment_score_fn(net), memory_shardings,
+      lambda _: xl.FAMILY.init_memory(cfg, args.batch_size), mesh, rules)
+  score = scoring.jit_segment_score_fn(scoring.model_segment_score_fn(net), memory_shardings,
                                         mesh, rules)
   rng = np.random.default_rng(0)
   inputs_BxT, targets_BxT = (rng.integers(0, 256, (args.batch_size, args.segment)).astype(np.int32)
@@ -158,16 +159,16 @@ def xl_rate(length: int, args: argparse.Namespace, mesh, rules) -> dict[str, Any
     nats, count, state["memory"] = score(params, state["memory"], inputs_BxT, targets_BxT, mask_BxT)
     return nats, count
   rate, calls = _rate(call, args.batch_size * args.segment, args.min_seconds)
-  record = {"xl_params": model_lib.count_params(params), "xl_chars_per_sec": rate, "xl_calls": calls,
+  record = {"xl_params": layers.count_params(params), "xl_chars_per_sec": rate, "xl_calls": calls,
             "xl_mem_len": length - 1}
   if args.sample_chars:
     # chartx.sample's recurrent sampler: one position with the memory per character (its cost
     # does not depend on how full the memory is, so a one-character prompt times the same).
-    generate = sample.make_recurrent_generate(sample.model_read_char(net), num_chars=args.sample_chars,
+    generate = sample.make_recurrent_generate(sample.read_char(xl.FAMILY.decoder(net, 0)), num_chars=args.sample_chars,
                                               sampling=sample.SamplingConfig())
     prompt_C = np.zeros(64, np.int32)
     record["xl_sample_chars_per_sec"], _ = _rate(
-        lambda: generate({"params": params}, cfg.init_memory(1), prompt_C, 1, jax.random.key(1)),
+        lambda: generate({"params": params}, xl.init_memory(cfg, 1), prompt_C, 1, jax.random.key(1)),
         args.sample_chars, args.min_seconds)
   return record
 

@@ -18,6 +18,7 @@ import numpy as np
 from chartx import config as config_lib
 from chartx import data, evaluate, inference, run_config, sample
 from chartx.errors import UserError
+from chartx.families import base
 
 
 @dataclasses.dataclass
@@ -25,7 +26,7 @@ class Run:
   """A trained run's model restored from its workdir (chartx.load)."""
   config: ml_collections.ConfigDict  # The run's saved config.
   vocab: data.Vocab
-  restored: inference.Restored  # Its model as evaluation runs it (evaluate.inference_model).
+  restored: inference.Restored  # Its model as evaluation runs it (inference.inference_model).
   _evaluator: evaluate.Evaluator
   # Compiled once per length and sampling (or beam size).
   _generators: dict[tuple[Any, ...], Callable[..., Any]] = dataclasses.field(default_factory=dict)
@@ -52,7 +53,7 @@ class Run:
     if len(ids_M) < 2:
       raise UserError(f"score's text has {len(ids_M)} characters; a score needs at least 2")
     if stride is not None:
-      if self._evaluator.protocol.name != evaluate.SLIDING_WINDOW:
+      if not isinstance(self.restored.protocol, base.SlidingWindow):
         raise UserError(f"stride={stride} is the fixed family's sliding window; this run "
                         f"(model.family={self.config.model.family}) evaluates recurrently")
       if not 1 <= stride <= self.config.data.seq_len:
@@ -98,9 +99,7 @@ def load(workdir: str, *, step: int | None = None, best: bool = False) -> Run:
   config.eval.update(step=-1 if step is None else step, best=best)
   config_lib.check(config)
   vocab = data.vocab_for(config.data)
-  restored = inference.restore(config, workdir, vocab.size)
-  proto = evaluate.protocol(config)
-  restored = dataclasses.replace(restored, model=evaluate.inference_model(restored.model, proto))
-  evaluator = evaluate.Evaluator(restored.model, proto, restored.mesh, restored.rules,
+  restored = inference.restore(config, workdir, vocab.size)  # Builds the model, once.
+  evaluator = evaluate.Evaluator(restored.model, restored.protocol, restored.mesh, restored.rules,
                                  config.eval.batch_size)
   return Run(config=config, vocab=vocab, restored=restored, _evaluator=evaluator)

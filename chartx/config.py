@@ -6,7 +6,7 @@ import jax
 import ml_collections
 
 from chartx import data, evaluate, losses, optimizer, sample, sharding, train, wandb_writer
-from chartx import model as model_lib
+from chartx.families import registry
 
 
 def check(config: ml_collections.ConfigDict) -> tuple[jax.sharding.Mesh, sharding.Rules]:
@@ -14,7 +14,7 @@ def check(config: ml_collections.ConfigDict) -> tuple[jax.sharding.Mesh, shardin
   (checkpoint.* needs no check beyond the types ml_collections holds each key to.)"""
   vocab = data.check_config(config)  # data.*; the paths where they are read (load_corpus).
   train.check_config(config)  # seed, train.*
-  model_lib.ModelConfig.from_config(config, vocab.size)  # model.*
+  registry.model_config(config, vocab.size)  # model.*
   losses.LossConfig.from_config(config)  # loss.*
   optimizer.check_config(config)  # optimizer.*
   mesh, rules = sharding.check_config(config)  # mesh.*

@@ -1,5 +1,5 @@
-"""The accelerators' peak FLOP/s, and model FLOPs utilization (the model counts its FLOPs:
-chartx.model.ModelConfig.flops_per_char)."""
+"""The accelerators' peak FLOP/s, and model FLOPs utilization (a model family counts its
+FLOPs: chartx.families.base.Family.flops_per_char)."""
 
 from typing import Any
 

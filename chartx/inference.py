@@ -1,5 +1,5 @@
-"""Inference: a checkpoint's parameters restored onto a mesh, with the model that uses them
-(restore(): where evaluation, sampling and notebooks start)."""
+"""Inference: a checkpoint's parameters restored onto a mesh, with the model that uses them, built
+once as evaluation and sampling run it (restore(): where evaluation, sampling and notebooks start)."""
 
 import dataclasses
 from typing import Any
@@ -7,19 +7,28 @@ from typing import Any
 import jax
 import ml_collections
 
-from chartx import checkpoint, sharding, train
-from chartx import model as model_lib
+from chartx import checkpoint, sharding
+from chartx.families import base, registry
 from chartx.errors import UserError
 
 
 @dataclasses.dataclass(frozen=True)
 class Restored:
   """A model restored from a workdir for evaluation or sampling."""
-  model: Any  # The family's module (model_lib.build), deterministic, last layer only.
+  model: Any  # The family's module as inference runs it (inference_model), deterministic.
   params: Any
   step: int
   mesh: jax.sharding.Mesh
   rules: sharding.Rules
+  family: base.Family
+  protocol: base.Protocol  # The family's evaluation protocol, eval.* resolved.
+
+
+def inference_model(model: Any, proto: base.Protocol) -> Any:
+  """The family's module as evaluation and sampling run it, deterministic: its config as `proto`
+  has it (Transformer-XL: eval.mem_len, eval.clamp_len, eval.same_length; the same parameters
+  serve any)."""
+  return registry.build(proto.inference_cfg(model.cfg))
 
 
 def checkpoint_step(config: ml_collections.ConfigDict) -> int | str | None:
@@ -40,11 +49,13 @@ def restore(config: ml_collections.ConfigDict, workdir: str, vocab_size: int) ->
   sharding.sharded_init gives, so nothing is initialized and the mesh may differ from training's.
   """
   step = checkpoint_step(config)
-  model = model_lib.build(model_lib.ModelConfig.from_config(config, vocab_size))
+  family = registry.get(config.model.family)
+  proto = family.protocol(config)
+  model = family.build(proto.inference_cfg(registry.model_config(config, vocab_size)))
   mesh = sharding.make_mesh(config)
   rules = sharding.logical_rules(config)
   params_like, _, _ = sharding.sharded_init(
-      lambda rng: train.init_params(model, rng, config.data.seq_len), mesh, rules)
+      lambda rng: family.init_params(model, rng, config.data.seq_len), mesh, rules)
   try:
     params, step = checkpoint.restore_params(workdir, params_like, step)
   except UserError as e:
@@ -52,4 +63,5 @@ def restore(config: ml_collections.ConfigDict, workdir: str, vocab_size: int) ->
       raise
     key = "config.eval.best=True" if step == "best" else f"config.eval.step={step}"
     raise UserError(f"{key}: {e}") from None
-  return Restored(model=model, params=params, step=step, mesh=mesh, rules=rules)
+  return Restored(model=model, params=params, step=step, mesh=mesh, rules=rules, family=family,
+                  protocol=proto)

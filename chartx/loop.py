@@ -6,8 +6,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from chartx import data, evaluate, profiling, report, resume, run_config, sharding, signals, train
-from chartx import model as model_lib
+from chartx import data, evaluate, inference, profiling, report, resume, run_config, sharding, signals, train
+from chartx.families import layers
 from chartx.errors import UserError
 
 
@@ -27,11 +27,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
   corpus = data.load_corpus(config.data)
   task = train.make_task(config, corpus.vocab.size)
   seq_len, num_targets = config.data.seq_len, task.model_cfg.num_targets
-  # Transformer-XL trains on contiguous streams, its memory carrying each from step to step.
-  sequential = task.model_cfg.family == "xl"
-  if sequential:  # Before anything slow: the streams must hold a segment.
-    data.segments_per_pass(len(corpus.train), batch_size=config.train.batch_size, seq_len=seq_len,
-                           num_targets=num_targets)
+  family = task.family
+  family.check_train_data(len(corpus.train), config)  # Before anything slow.
 
   rng = jax.random.key(config.seed)
   init_rng, dropout_rng = jax.random.split(rng)
@@ -44,29 +41,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
   # The slice of each global batch this process feeds (processes holding replicas share one).
   slice_index, slice_count = sharding.process_slice(mesh, config.train.batch_size)
   eval_ids = evaluate.eval_ids(config, corpus) if config.train.eval_every else None
-  evaluator = evaluate.Evaluator(task.model, evaluate.protocol(config), mesh, rules,
+  proto = family.protocol(config)
+  evaluator = evaluate.Evaluator(inference.inference_model(task.model, proto), proto, mesh, rules,
                                  config.eval.batch_size)
 
-  reporter = report.Reporter(config, task, workdir, start_step, model_lib.count_params(state.params))
+  reporter = report.Reporter(config, task, workdir, start_step, layers.count_params(state.params))
   previous = None  # (step, out) of the newest step not yet finished.
   # The jitted step and score bind the mesh and rules themselves (sharding.MeshJit).
   with (signals.StopSignal(ckpts.manager) as stop_requested, ckpts,
         profiling.StepProfiler(config.train.profile_steps, workdir) as profiler):
     for step in range(start_step, config.train.num_steps):
       with profiler.step(step):
-        if not sequential:  # Windows at random positions.
-          local_BxS = data.train_batch(corpus.train, seed=config.seed, step=step,
-                                       batch_size=config.train.batch_size,
-                                       length=seq_len + num_targets,
-                                       process_index=slice_index, process_count=slice_count)
-          resets = ()
-        else:  # The next segment of each stream (its memory is in the state).
-          local_BxS, local_B = data.stream_batch(corpus.train, step=step,
-                                                 batch_size=config.train.batch_size, seq_len=seq_len,
-                                                 num_targets=num_targets, process_index=slice_index,
-                                                 process_count=slice_count)
-          resets = (sharding.global_batch(local_B, mesh),)
-        state, out = step_fn(state, sharding.global_batch(local_BxS, mesh), dropout_rng, *resets)
+        # The family's batch stream: windows at random positions, or contiguous streams whose
+        # memory is in the state (reset_B: the rows whose stream starts over).
+        local_BxS, local_B = family.train_batch(corpus.train, config, step, num_targets=num_targets,
+                                                process_index=slice_index, process_count=slice_count)
+        state, out = step_fn(state, sharding.global_batch(local_BxS, mesh), dropout_rng,
+                             sharding.global_batch(local_B, mesh))
       profiler.done(step, out)
       # Wait for the previous step only now that this one is queued: the device never idles.
       _finish(previous, reporter, ckpts)

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from chartx import model as model_lib
+from chartx.families import layers, registry
 from chartx.errors import UserError
 
 
@@ -123,7 +123,7 @@ def _nll(logits_BxTxV: jax.Array, targets_BxT: jax.Array, position_weights_T: ja
   return jnp.stack([loss, nll])
 
 
-def layer_nlls(model_cfg: model_lib.ModelConfig, heads: model_lib.Heads, h_LxBxTxD: jax.Array,
+def layer_nlls(model_cfg: layers.ModelConfig, heads: layers.Heads, h_LxBxTxD: jax.Array,
                targets_KxBxT: jax.Array, multiple_positions: bool = True,
                label_smoothing: float = 0.0) -> tuple[jax.Array, jax.Array]:
   """(loss_LxK, nll_LxK): the mean negative log-likelihood (nats) of every layer's every
@@ -158,9 +158,9 @@ def compute_loss(model: Any, cfg: LossConfig, params: Any, windows_BxS: jax.Arra
                  weights_LxK: jax.Array, rng: jax.Array | None,
                  memory: Any = None) -> tuple[jax.Array, tuple[jax.Array, Any]]:
   """(total loss, (nll_LxK, memory)) of windows of T inputs and K targets; rng: dropout's key
-  (None: none). model: the family's module (model.build); memory: Transformer-XL's memory of
-  the windows' streams, which the model reads and returns updated (None for the fixed family,
-  and then None back). Without intermediate layers only the last layer runs its heads (L = 1)."""
+  (None: none). model: the family's module (registry.build); memory: the family's memory of the
+  windows' streams, which the model reads and returns updated (None for a family without one, and
+  then None back). Without intermediate layers only the last layer runs its heads (L = 1)."""
   num_targets = model.cfg.num_targets
   seq_len = windows_BxS.shape[1] - num_targets
   inputs_BxT = windows_BxS[:, :seq_len]
@@ -168,10 +168,7 @@ def compute_loss(model: Any, cfg: LossConfig, params: Any, windows_BxS: jax.Arra
   variables = {"params": params}
   net = model.clone(deterministic=rng is None, all_layers=cfg.intermediate_layers)
   rngs = {} if rng is None else {"dropout": rng}
-  if memory is None:
-    h = net.apply(variables, inputs_BxT, rngs=rngs)
-  else:
-    h, memory = net.apply(variables, inputs_BxT, memory, rngs=rngs)
+  h, memory = registry.get(model.cfg.family).apply(net, variables, inputs_BxT, memory, rngs)
   heads = model.apply(variables, method="heads")
   if not cfg.intermediate_layers:
     h, weights_LxK, heads = h[None], weights_LxK[-1:], heads.layer(slice(-1, None))

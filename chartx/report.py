@@ -41,8 +41,9 @@ class Reporter:
                                                           config.train.num_steps, start_step)
     seq_len = config.data.seq_len
     self._chars_per_step = config.train.batch_size * seq_len
-    self._flops_per_char = task.model_cfg.flops_per_char(seq_len, task.loss_cfg.intermediate_layers,
-                                                         batch_size=config.train.batch_size)
+    self._flops_per_char = task.family.flops_per_char(task.model_cfg, seq_len,
+                                                      task.loss_cfg.intermediate_layers,
+                                                      batch_size=config.train.batch_size)
     device = jax.devices()[0]
     peak = flops.peak_flops(device)
     self._mark_step, self._mark_time = start_step, time.perf_counter()

@@ -18,6 +18,7 @@ from typing import Any
 import ml_collections
 
 from chartx import files
+from chartx.families import registry
 from chartx.errors import UserError
 
 CONFIG_FILE = "config.json"
@@ -28,9 +29,7 @@ _DEFAULTS_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__
 FIXED_ON_RESUME = ("model.family", "model.num_layers", "model.d_model", "model.num_heads", "model.d_ff",
                    "model.max_len", "model.positions", "model.tie_embeddings",
                    "model.scan_layers", "loss.multiple_targets", "data.name")
-# A Transformer-XL run's checkpoints also hold its memory: mem_len rows per layer for each of
-# train.batch_size streams.
-FIXED_ON_RESUME_XL = ("model.mem_len", "train.batch_size")
+# A family's checkpoints may fix more (chartx.families.base.Family.fixed_on_resume).
 # model.* keys that say how the model is computed, not what it is: inference may use others
 # (bfloat16 or cuDNN attention on a GPU for a model trained elsewhere; dropout is off anyway).
 _COMPUTE_KEYS = ("model.dtype", "model.attention", "model.remat", "model.dropout")
@@ -183,7 +182,7 @@ def resume_changes(config: ml_collections.ConfigDict, workdir: str) -> str | Non
   if saved is None:
     return None
   changes = differences(saved, config)
-  keys = FIXED_ON_RESUME + (FIXED_ON_RESUME_XL if saved.model.get("family") == "xl" else ())
+  keys = FIXED_ON_RESUME + registry.get(saved.model.get("family", "fixed")).fixed_on_resume
   fixed = {key: change for key, change in changes.items() if key in keys}
   if fixed:
     raise UserError(f"{_describe(fixed)}: a resumed run cannot change what its checkpoints hold; "

@@ -53,8 +53,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from chartx import data, evaluate, inference, sharding
-from chartx import model as model_lib
+from chartx import data, inference, sharding
+from chartx.families import base, registry
 from chartx.errors import UserError
 
 TokensToLogits = Callable[[Any, jax.Array, Any, jax.Array], tuple[jax.Array, Any]]
@@ -84,7 +84,7 @@ class SamplingConfig:
       raise UserError(f"config.sample.top_p must be in (0, 1] (1 keeps all), got {s.top_p}")
     if not 1 <= s.beam_size <= vocab_size:
       raise UserError(f"config.sample.beam_size must be in [1, {vocab_size}] (1: sampling), got {s.beam_size}")
-    if s.beam_size > 1 and config.model.family != "fixed":
+    if s.beam_size > 1 and not registry.get(config.model.family).beam_search:
       raise UserError(f"config.sample.beam_size={s.beam_size}: beam search runs on the fixed family's "
                       f"KV cache; config.model.family={config.model.family} samples (beam_size 1)")
     if s.beam_size > 1:
@@ -185,14 +185,13 @@ def make_recurrent_generate(read_char: ReadChar, *, num_chars: int,
   return jax.jit(generate)
 
 
-def model_read_char(model: Any) -> ReadChar:
-  """A Transformer-XL's ReadChar: its last layer's next-character logits, the memory updated."""
-  net = model.clone(deterministic=True, all_layers=False)
-
-  def read_char(variables, tokens_1x1, memory):
-    logits_1x1xV, memory = net.apply(variables, tokens_1x1, memory, method="logits")
+def read_char(decoder: base.Decoder) -> ReadChar:
+  """The ReadChar of a recurrent decoder (a model with a memory): one character's next-character
+  logits, the memory updated."""
+  def read(variables, tokens_1x1, memory):
+    logits_1x1xV, memory = decoder.step(variables, tokens_1x1, memory, jnp.zeros((), jnp.int32))
     return logits_1x1xV[:, 0], memory
-  return read_char
+  return read
 
 
 def _prefill(tokens_to_logits: TokensToLogits, variables: Any, cache: Any, block_BxC: jax.Array,
@@ -256,17 +255,6 @@ def prompt_block(prompt_ids: np.ndarray, context: int) -> tuple[np.ndarray, int]
   return np.pad(ids, (0, context - len(ids))), len(ids)
 
 
-def model_tokens_to_logits(model: model_lib.Transformer) -> TokensToLogits:
-  net = model.clone(deterministic=True, all_layers=False)
-  return lambda variables, tokens_BxT, cache, index: net.apply(
-      variables, tokens_BxT, cache, index, method="decode")
-
-
-def model_reorder_cache(cache: dict[str, jax.Array], parents_G: jax.Array) -> dict[str, jax.Array]:
-  """ModelConfig.init_cache's layout: keys and values are LxBxCxNxH, the rows on axis 1."""
-  return jax.tree.map(lambda x_LxBxCxNxH: jnp.take(x_LxBxCxNxH, parents_G, axis=1), cache)
-
-
 def encode_prompt(vocab: data.Vocab, prompt: str) -> np.ndarray:
   """The prompt's ids; characters outside the vocabulary raise UserError naming sample.prompt."""
   if not prompt:
@@ -286,46 +274,45 @@ def model_generator(restored: inference.Restored, *, context: int, num_chars: in
   """generate(prompt_ids, seed) -> ids_M: num_chars ids continuing the prompt, drawn by a restored
   model, compiled once for any prompt (--mode=sample and chartx.load's generate use it).
 
-  The fixed family sees the last `context` characters; a Transformer-XL (restored.model as
-  evaluate.inference_model gives it) reads the whole prompt and needs no context.
+  The family's decoder says how: a cache of the last `context` characters (the fixed family), or a
+  memory that reads the whole prompt and needs no context (Transformer-XL).
   """
-  cfg = restored.model.cfg
-  if cfg.family == "xl":
-    generate = sharding.MeshJit(make_recurrent_generate(model_read_char(restored.model),
-                                                        num_chars=num_chars, sampling=sampling),
+  decoder = restored.family.decoder(restored.model, context)
+  if decoder.recurrent:
+    generate = sharding.MeshJit(make_recurrent_generate(read_char(decoder), num_chars=num_chars,
+                                                        sampling=sampling),
                                 restored.mesh, restored.rules)
 
     def run_recurrent(prompt_ids: np.ndarray, seed: int) -> np.ndarray:
       block = max(64, 1 << (len(prompt_ids) - 1).bit_length())  # A compilation per power of two.
       prompt_C, length = prompt_block(prompt_ids, block)
-      return np.asarray(generate({"params": restored.params}, cfg.init_memory(1), prompt_C, length,
+      return np.asarray(generate({"params": restored.params}, decoder.init_state(1), prompt_C, length,
                                  jax.random.key(seed)))
     return run_recurrent
 
-  generate = sharding.MeshJit(make_generate(model_tokens_to_logits(restored.model), context=context,
-                                           num_chars=num_chars, sampling=sampling),
-                             restored.mesh, restored.rules)
+  generate = sharding.MeshJit(make_generate(decoder.step, context=context, num_chars=num_chars,
+                                            sampling=sampling), restored.mesh, restored.rules)
 
   def run(prompt_ids: np.ndarray, seed: int) -> np.ndarray:
     prompt_C, length = prompt_block(prompt_ids, context)
-    cache = restored.model.cfg.init_cache(1, context)
-    return np.asarray(generate({"params": restored.params}, cache, prompt_C, length,
+    return np.asarray(generate({"params": restored.params}, decoder.init_state(1), prompt_C, length,
                                jax.random.key(seed)))
   return run
 
 
 def model_beam_search(restored: inference.Restored, *, context: int, num_chars: int,
                       beam_size: int) -> Callable[[np.ndarray], tuple[np.ndarray, float]]:
-  """search(prompt_ids) -> (ids_M, log_prob): make_beam_search on a restored model, compiled once
-  for any prompt (--mode=sample and chartx.load's beam_search use it)."""
-  search = sharding.MeshJit(make_beam_search(model_tokens_to_logits(restored.model), model_reorder_cache,
-                                             context=context, num_chars=num_chars, beam_size=beam_size),
+  """search(prompt_ids) -> (ids_M, log_prob): make_beam_search on a restored model (a family whose
+  decoder reorders its state), compiled once for any prompt (--mode=sample and chartx.load's
+  beam_search use it)."""
+  decoder = restored.family.decoder(restored.model, context)
+  search = sharding.MeshJit(make_beam_search(decoder.step, decoder.reorder, context=context,
+                                             num_chars=num_chars, beam_size=beam_size),
                             restored.mesh, restored.rules)
 
   def run(prompt_ids: np.ndarray) -> tuple[np.ndarray, float]:
     prompt_C, length = prompt_block(prompt_ids, context)
-    ids_M, log_prob = search({"params": restored.params}, restored.model.cfg.init_cache(beam_size, context),
-                             prompt_C, length)
+    ids_M, log_prob = search({"params": restored.params}, decoder.init_state(beam_size), prompt_C, length)
     return np.asarray(ids_M), float(log_prob)
   return run
 
@@ -334,10 +321,9 @@ def sample_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> str:
   """--mode=sample: the prompt and its continuation, from the checkpoint eval.step/eval.best choose."""
   vocab = data.vocab_for(config.data)
   prompt_ids, sampling = check_config(config, vocab)
+  # The model as the family's protocol runs it: Transformer-XL samples with the memory it
+  # evaluates with (eval.mem_len, ...).
   restored = inference.restore(config, workdir, vocab.size)
-  # Transformer-XL samples with the memory it evaluates with (eval.mem_len, ...).
-  restored = dataclasses.replace(restored, model=evaluate.inference_model(restored.model,
-                                                                          evaluate.protocol(config)))
   # The fixed family's context is the positions the model was trained on.
   context, num_chars = config.data.seq_len, config.sample.num_chars
   start = time.time()

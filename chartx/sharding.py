@@ -3,7 +3,7 @@
 The mesh has three axes: "data" (data parallelism, parameters replicated), "fsdp" (data
 parallelism whose parameters and optimizer state are sharded too, and gathered where a layer
 uses them) and "tensor" (tensor parallelism inside a layer: heads, feed-forward units and the
-vocabulary are split). Parameters and activations carry logical axis names (chartx.model);
+vocabulary are split). Parameters and activations carry logical axis names (chartx.families);
 config.mesh.rules maps them to mesh axes, so one config change moves a run from a laptop, mesh
 (1, 1, 1), to a pod, e.g. (-1, 8, 1).
 

@@ -12,7 +12,7 @@ import ml_collections
 import optax
 
 from chartx import losses, profiling, sharding
-from chartx import model as model_lib
+from chartx.families import base, layers, registry
 from chartx import optimizer as optimizer_lib
 from chartx.errors import UserError
 
@@ -33,7 +33,7 @@ class TrainState:
 @dataclasses.dataclass(frozen=True)
 class Task:
   """The static pieces of a run that the jitted functions close over."""
-  model: Any  # The family's module (model_lib.build): Transformer or xl.XLTransformer.
+  model: Any  # The family's module (registry.build).
   loss_cfg: losses.LossConfig
   tx: optax.GradientTransformation
   schedule: optax.Schedule
@@ -41,8 +41,12 @@ class Task:
   batch_size: int = 1  # The global batch (train.batch_size): the rows of a memory.
 
   @property
-  def model_cfg(self) -> model_lib.ModelConfig:
+  def model_cfg(self) -> layers.ModelConfig:
     return self.model.cfg
+
+  @property
+  def family(self) -> base.Family:
+    return registry.get(self.model.cfg.family)
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
@@ -62,62 +66,47 @@ def check_config(config: ml_collections.ConfigDict) -> None:
 
 
 def make_task(config: ml_collections.ConfigDict, vocab_size: int) -> Task:
-  model_cfg = model_lib.ModelConfig.from_config(config, vocab_size)
-  return Task(model=model_lib.build(model_cfg, deterministic=False, all_layers=True),
+  model_cfg = registry.model_config(config, vocab_size)
+  return Task(model=registry.build(model_cfg, deterministic=False, all_layers=True),
               loss_cfg=losses.LossConfig.from_config(config),
               tx=optimizer_lib.make_optimizer(config),
               schedule=optimizer_lib.learning_rate_schedule(config.optimizer, config.train.num_steps),
               grad_accum_steps=config.train.grad_accum_steps, batch_size=config.train.batch_size)
 
 
-# The logical axes of each field of a memory (xl.Memory), which config.mesh.rules map to mesh
-# axes as they do the parameters': rows of the batch (streams) split over the batch axes.
-MEMORY_AXES = {"h_LxBxMxD": ("layers", "batch", "length", "embed"), "valid_B": ("batch",)}
-
-
-def boxed_memory(cfg: model_lib.ModelConfig, batch_size: int) -> Any:
-  """The family's empty memory of batch_size rows, each field nn.Partitioned-boxed with its
-  MEMORY_AXES (sharding.sharded_init shards it); None for a family without memory (fixed)."""
-  if cfg.family != "xl":
-    return None
-  memory = cfg.init_memory(batch_size)
-  return memory.replace(**{name: nn.LogicallyPartitioned(getattr(memory, name), names)
-                           for name, names in MEMORY_AXES.items()})
-
-
-def init_params(model: Any, rng: jax.Array, seq_len: int) -> Any:
-  """The family's fresh parameters, nn.Partitioned-boxed with logical axis names."""
-  tokens_1xT = jnp.zeros((1, seq_len), jnp.int32)
-  memory = nn.unbox(boxed_memory(model.cfg, 1))
-  inputs = (tokens_1xT,) if memory is None else (tokens_1xT, memory)
-  return model.clone(deterministic=True, all_layers=False).init(rng, *inputs)["params"]
-
-
 def init_state(task: Task, rng: jax.Array, seq_len: int) -> TrainState:
   """A fresh state; its params (and memory) are nn.Partitioned-boxed with logical axis names."""
-  params = init_params(task.model, rng, seq_len)
+  params = task.family.init_params(task.model, rng, seq_len)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=task.tx.init(params),
                     loss_weights=losses.loss_weights(jnp.zeros((), jnp.int32), task.loss_cfg),
-                    memory=boxed_memory(task.model_cfg, task.batch_size))
+                    memory=task.family.init_memory(task.model_cfg, task.batch_size))
 
 
-def _micro_batches(tree: Any, accum: int, axes: dict[str, int] | None = None) -> Any:
+def _batch_axes(task: Task) -> Any:
+  """The memory's tree with each leaf's batch axis, from the logical axis names of
+  family.init_memory (traced, not computed); None for a family without memory."""
+  boxed = jax.eval_shape(lambda: task.family.init_memory(task.model_cfg, 1))
+  return jax.tree.map(lambda box: box.names.index("batch"), boxed,
+                      is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+
+
+def _micro_batches(tree: Any, accum: int, axes: Any = None) -> Any:
   """Splits the batch rows of each leaf into accum micro-batches on a new leading axis: micro-batch
-  a is rows a, a + A, ... (axes: a field name's batch axis; leaves without one: axis 0)."""
+  a is rows a, a + A, ... (axes: a tree like `tree` of each leaf's batch axis; None: axis 0)."""
   def split(x, axis):
     shape = x.shape[:axis] + (x.shape[axis] // accum, accum) + x.shape[axis + 1:]
     return jnp.moveaxis(x.reshape(shape), axis + 1, 0)
   if axes is None:
     return jax.tree.map(lambda x: split(x, 0), tree)
-  return tree.replace(**{name: split(getattr(tree, name), axis) for name, axis in axes.items()})
+  return jax.tree.map(split, tree, axes)
 
 
-def _whole_batch(tree: Any, axes: dict[str, int]) -> Any:
+def _whole_batch(tree: Any, axes: Any) -> Any:
   """The inverse of _micro_batches for a memory: the micro-batches' rows back in batch order."""
   def merge(x, axis):
     x = jnp.moveaxis(x, 0, axis + 1)
     return x.reshape(x.shape[:axis] + (-1,) + x.shape[axis + 2:])
-  return tree.replace(**{name: merge(getattr(tree, name), axis) for name, axis in axes.items()})
+  return jax.tree.map(merge, tree, axes)
 
 
 def loss_and_grads(task: Task, params: Any, windows_BxS: jax.Array, weights_LxK: jax.Array,
@@ -138,8 +127,8 @@ def loss_and_grads(task: Task, params: Any, windows_BxS: jax.Array, weights_LxK:
   accum = task.grad_accum_steps
   if accum == 1:
     return grads_of(windows_BxS, memory, dropout_rng)
-  memory_axes = {name: axes.index("batch") for name, axes in MEMORY_AXES.items()}
   windows_AxMxS = _micro_batches(windows_BxS, accum)
+  memory_axes = _batch_axes(task)
   memory_A = None if memory is None else _micro_batches(memory, accum, memory_axes)
 
   def micro(total, xs):
@@ -161,12 +150,12 @@ def train_step(task: Task, state: TrainState, windows_BxS: jax.Array, rng: jax.A
                reset_B: jax.Array | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
   """One update (of task.grad_accum_steps micro-batches: the step, the learning rate and the
   auxiliary-loss schedule count updates). Pure: the dropout key is rng folded with the step, so
-  a step is reproducible. reset_B (with a memory): the rows whose stream starts over here, whose
-  memory is emptied first (data.stream_batch)."""
+  a step is reproducible. reset_B: the rows whose stream starts over here, whose memory (if the
+  family has one) is emptied first (the family's train_batch gives it); None: none."""
   dropout_rng = jax.random.fold_in(rng, state.step)
   memory = state.memory
-  if memory is not None:
-    memory = memory.replace(valid_B=jnp.where(reset_B, 0, memory.valid_B))
+  if memory is not None and reset_B is not None:
+    memory = task.family.reset_memory(memory, reset_B)
   (loss, (nll_LxK, memory)), grads = loss_and_grads(task, state.params, windows_BxS,
                                                     state.loss_weights, dropout_rng, memory)
   updates, opt_state = task.tx.update(grads, state.opt_state, state.params)
@@ -182,13 +171,12 @@ def train_step(task: Task, state: TrainState, windows_BxS: jax.Array, rng: jax.A
 def jit_train_step(task: Task, mesh: jax.sharding.Mesh, shardings: TrainState,
                    rules: sharding.Rules) -> sharding.MeshJit:
   """The train step compiled once, with explicit shardings and the old state's buffers donated:
-  step(state, windows_BxS, rng), and reset_B after them for a family with a memory (XL).
+  step(state, windows_BxS, rng, reset_B), for every family.
 
   It is traced under the mesh and `rules`, which the activations' sharding constraints need.
   """
   batch = sharding.batch_sharding(mesh)
-  resets = (batch,) if task.model_cfg.family == "xl" else ()
   return sharding.MeshJit(
       functools.partial(train_step, task), mesh, rules,
-      in_shardings=(shardings, batch, sharding.replicated(mesh), *resets),
+      in_shardings=(shardings, batch, sharding.replicated(mesh), batch),
       out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)

@@ -49,7 +49,7 @@ def get_config() -> ml_collections.ConfigDict:
   # residual output projections divided by sqrt(2 x layers), embeddings N(0, 0.02)).
   config.model.init = "lecun"
   # Model family: "fixed" (Al-Rfou et al.: fixed context, learned positions) | "xl" (Transformer-XL,
-  # Dai et al. 2019: segment recurrence with a memory, relative positions; chartx/xl.py).
+  # Dai et al. 2019: segment recurrence with a memory, relative positions; chartx/families/xl.py).
   config.model.family = "fixed"
   config.model.mem_len = 0  # xl: memory rows kept per layer in training (the previous segments' states).
   config.model.clamp_len = 0  # xl: relative distances above it use its encoding; 0: no clamp.

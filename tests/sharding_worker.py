@@ -85,9 +85,9 @@ def run(c, devices, windows_steps_BxS, resets_steps_B=None):
   for s, windows_BxS in enumerate(windows_steps_BxS):
     with count_compiles() as counts:
       mine = slice(index * rows, (index + 1) * rows)
-      resets = () if resets_steps_B is None else (sharding.global_batch(resets_steps_B[s][mine], mesh),)
+      resets_B = (np.zeros(len(windows_BxS), bool) if resets_steps_B is None else resets_steps_B[s])
       batch = sharding.global_batch(windows_BxS[mine], mesh)
-      state, out = step_fn(state, batch, dropout_rng, *resets)
+      state, out = step_fn(state, batch, dropout_rng, sharding.global_batch(resets_B[mine], mesh))
       losses.append(float(out["loss"]))
     per_step.append(counts)
   leaves = jax.tree_util.tree_flatten_with_path(state.params)[0]

@@ -12,8 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from chartx import evaluate, inference, sharding
-from chartx import model as model_lib
+from chartx import evaluate, inference, scoring, sharding
+from chartx.families import fixed, layers, registry
 from chartx.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -23,7 +23,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     (2, 4, 1), (5, 4, 4), (6, 4, 1), (6, 4, 3), (50, 8, 1), (50, 8, 3), (50, 8, 8), (51, 8, 5), (57, 8, 7)])
 def test_windows_score_every_character_once_with_the_promised_context(num_chars, seq_len, stride):
   seq_len = min(seq_len, num_chars - 1)
-  starts_W, first_W = evaluate.window_starts(num_chars, seq_len, stride)
+  starts_W, first_W = scoring.window_starts(num_chars, seq_len, stride)
   scored = []  # (target index, characters of context)
   for w, (start, first) in enumerate(zip(starts_W, first_W)):
     for offset in range(first, seq_len):
@@ -44,7 +44,7 @@ def _brute_force_bits(net, params, ids_M, seq_len, stride):
   (the model is causal), so that one compilation serves every context length.
   """
   logits = jax.jit(lambda tokens_1xT: net.apply({"params": params}, tokens_1xT,
-                                                method=model_lib.Transformer.logits))
+                                                method=fixed.Transformer.logits))
   n = len(ids_M)
   seq_len = min(seq_len, n - 1)
   junk_T = np.random.default_rng(1).integers(0, 256, seq_len)
@@ -62,16 +62,16 @@ def _brute_force_bits(net, params, ids_M, seq_len, stride):
 def test_strided_total_bits_equal_brute_force_for_every_stride(tiny_config):
   num_chars, seq_len = 61, 8
   tiny_config.data.seq_len = tiny_config.model.max_len = seq_len
-  cfg = model_lib.ModelConfig.from_config(tiny_config, 256)
-  net = model_lib.Transformer(cfg)
+  cfg = registry.model_config(tiny_config, 256)
+  net = fixed.Transformer(cfg)
   init = jax.jit(net.init)(jax.random.key(1), jnp.zeros((1, seq_len), jnp.int32))
   params = flax.linen.unbox(init)["params"]
   ids_M = np.random.default_rng(0).integers(0, 256, num_chars).astype(np.int32)
   mesh = sharding.make_mesh(tiny_config)
-  score = evaluate.jit_score_fn(evaluate.model_score_fn(net), mesh, sharding.logical_rules(tiny_config))
+  score = scoring.jit_score_fn(scoring.model_score_fn(net), mesh, sharding.logical_rules(tiny_config))
   totals = {}
   for stride in (1, 3, 8):
-    bits, count = evaluate.evaluate_bits(score, params, ids_M, seq_len=seq_len, stride=stride,
+    bits, count = scoring.evaluate_bits(score, params, ids_M, seq_len=seq_len, stride=stride,
                                          batch_size=4, mesh=mesh)
     assert count == num_chars - 1
     np.testing.assert_allclose(bits, _brute_force_bits(net, params, ids_M, seq_len, stride), rtol=2e-6)

@@ -48,7 +48,7 @@ def test_saved_config_round_trips_through_a_url(root):
 def test_eval_result_and_metrics_are_written_through_a_url(root, capsys):
   result = {"split": "test", "step": 20, "bpc": 1.5, "num_chars": 99, "stride": 1, "context": 32,
             "protocol": "sliding_window", "attention_length": 32}
-  evaluate.write_result(root, result)
+  evaluate.write_result(root, result, "stride 1, context 32")
   assert json.loads(files.read_text(os.path.join(root, "eval_test.json"))) == result
   (record,) = metrics.read_metrics(root)
   assert (record["step"], record["eval_test_bpc"], record["eval_test_chars"]) == (20, 1.5, 99)

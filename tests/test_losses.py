@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from chartx import evaluate, losses, train
+from chartx import losses, scoring, train
 from chartx.errors import UserError
 
 
@@ -98,7 +98,7 @@ def test_last_position_only_loss_scores_only_the_last_position(tiny_config):
   task, state, windows_BxS = _setup(tiny_config)
   loss, _ = _loss(task, state.params, windows_BxS)
   # The inference path's score, from the last position only vs from every position.
-  score = evaluate.model_score_fn(task.model)
+  score = scoring.model_score_fn(task.model)
   batch, seq_len = windows_BxS.shape[0], windows_BxS.shape[1] - 1
   last_nats, last_count = score(state.params, windows_BxS, jnp.full((batch,), seq_len - 1))
   all_nats, all_count = score(state.params, windows_BxS, jnp.zeros((batch,), jnp.int32))

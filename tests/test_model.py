@@ -10,7 +10,7 @@ import pytest
 
 from chartx import losses, train
 from chartx.errors import UserError
-from chartx import model as model_lib
+from chartx.families import fixed, layers, registry
 from configs import enwik8_12l, enwik8_64l
 
 
@@ -40,7 +40,7 @@ def test_every_head_is_causal_through_gradients(tiny_config):
   @jax.jit
   def head_outputs_LxK(params):
     h_LxBxTxD = task.model.clone(deterministic=True).apply({"params": params}, tokens_1xT)
-    heads = task.model.apply({"params": params}, method=model_lib.Transformer.heads)
+    heads = task.model.apply({"params": params}, method=fixed.Transformer.heads)
     return jnp.stack([jnp.stack([
         heads.layer(layer).logits(cfg, h_LxBxTxD[layer], target)[0, t].sum()
         for target in range(cfg.num_targets)]) for layer in range(cfg.num_layers)])
@@ -99,15 +99,15 @@ def test_paper_parameter_counts(config_module, expected_millions):
   config = config_module.get_config()
   task = _task(config)
   abstract = jax.eval_shape(functools.partial(train.init_state, task, seq_len=512), jax.random.key(0))
-  count = model_lib.count_params(flax.linen.unbox(abstract.params))
+  count = layers.count_params(flax.linen.unbox(abstract.params))
   assert abs(count / 1e6 - expected_millions) < 0.5, count
 
 
 def test_tied_embeddings_drop_the_next_character_classifiers(tiny_config):
-  untied = model_lib.count_params(_params(_task(tiny_config), 8))
+  untied = layers.count_params(_params(_task(tiny_config), 8))
   tiny_config.model.tie_embeddings = True
   tied_task = _task(tiny_config)
-  tied = model_lib.count_params(_params(tied_task, 8))
+  tied = layers.count_params(_params(tied_task, 8))
   cfg = tied_task.model_cfg
   assert untied - tied == cfg.num_layers * (cfg.d_model + 1) * cfg.vocab_size
 
@@ -125,28 +125,28 @@ def test_sinusoid_positions_have_no_parameters(tiny_config):
   names = [jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_leaves_with_path(params)]
   assert not [name for name in names if "pos" in name], names
   tiny_config.model.positions = "per_layer"
-  learned = model_lib.count_params(_params(_task(tiny_config), 8))
-  cfg = model_lib.ModelConfig.from_config(tiny_config, 256)
-  assert learned - model_lib.count_params(params) == cfg.num_layers * cfg.max_len * cfg.d_model
+  learned = layers.count_params(_params(_task(tiny_config), 8))
+  cfg = registry.model_config(tiny_config, 256)
+  assert learned - layers.count_params(params) == cfg.num_layers * cfg.max_len * cfg.d_model
   # Vaswani et al.'s signal: sin at even columns, cos at odd, wavelengths from 2 pi to 10000 x 2 pi.
-  table_PxD = model_lib.sinusoid_table(50, 8)
+  table_PxD = layers.sinusoid_table(50, 8)
   np.testing.assert_allclose(table_PxD[7, 0], np.sin(7.0), rtol=1e-6)
   np.testing.assert_allclose(table_PxD[7, 5], np.cos(7.0 / 10000 ** (4 / 8)), rtol=1e-6)
   tiny_config.model.positions = "learned"
   with pytest.raises(UserError, match="config.model.positions must be one of per_layer, input, sinusoid, rope"):
-    model_lib.ModelConfig.from_config(tiny_config, 256)
+    registry.model_config(tiny_config, 256)
 
 
 def test_rotary_scores_depend_on_distance_only():
   q_BxTxNxH, k_BxTxNxH = jax.random.normal(jax.random.key(0), (2, 2, 9, 3, 8))
   def scores(start):
-    return jnp.einsum("btnh,bcnh->bntc", model_lib.rotate(q_BxTxNxH, start), model_lib.rotate(k_BxTxNxH, start))
+    return jnp.einsum("btnh,bcnh->bntc", layers.rotate(q_BxTxNxH, start), layers.rotate(k_BxTxNxH, start))
   # Shifting every position by the same offset leaves every query-key score as it was; rotations
   # keep norms, and position 0 is not rotated at all.
   np.testing.assert_allclose(scores(37), scores(0), atol=1e-4)
-  np.testing.assert_allclose(jnp.linalg.norm(model_lib.rotate(q_BxTxNxH, 5), axis=-1),
+  np.testing.assert_allclose(jnp.linalg.norm(layers.rotate(q_BxTxNxH, 5), axis=-1),
                              jnp.linalg.norm(q_BxTxNxH, axis=-1), rtol=1e-5)
-  np.testing.assert_allclose(model_lib.rotate(q_BxTxNxH, 0)[:, 0], q_BxTxNxH[:, 0], rtol=1e-6)
+  np.testing.assert_allclose(layers.rotate(q_BxTxNxH, 0)[:, 0], q_BxTxNxH[:, 0], rtol=1e-6)
   # But the scores do change with position: a query sees a key's distance.
   assert not np.allclose(scores(0), jnp.einsum("btnh,bcnh->bntc", q_BxTxNxH, k_BxTxNxH), atol=1e-2)
 
@@ -158,7 +158,7 @@ def test_rotary_positions_have_no_parameters_and_need_an_even_head_width(tiny_co
   assert not [name for name in names if "pos" in name], names
   tiny_config.model.d_model, tiny_config.model.num_heads = 12, 4
   with pytest.raises(UserError, match="config.model.positions=rope needs an even head width .* got 3"):
-    model_lib.ModelConfig.from_config(tiny_config, 256)
+    registry.model_config(tiny_config, 256)
 
 
 def test_64_layer_train_step_lowers_and_compiles_on_cpu():
@@ -173,8 +173,8 @@ def test_64_layer_train_step_lowers_and_compiles_on_cpu():
   abstract_state = flax.linen.unbox(abstract)
   windows = jax.ShapeDtypeStruct((16, 512 + 2), jnp.int32)
   with jax.set_mesh(mesh), flax.linen.logical_axis_rules(rules):
-    lowered = train.jit_train_step(task, mesh, shardings, rules).lower(abstract_state, windows,
-                                                                       jax.random.key(0))
+    lowered = train.jit_train_step(task, mesh, shardings, rules).lower(
+        abstract_state, windows, jax.random.key(0), jax.ShapeDtypeStruct((16,), jnp.bool_))
     compiled = lowered.compile()
   assert compiled is not None
   assert "while" in lowered.as_text()  # The 64 layers are one scanned loop, not 64 copies.
@@ -200,7 +200,7 @@ def test_flops_per_char_counts_the_real_models_matmul_parameters(tiny_config):
 
 def test_auto_dtype_and_attention_are_the_cpus_on_a_cpu(tiny_config):
   tiny_config.model.dtype = tiny_config.model.attention = "auto"
-  cfg = model_lib.ModelConfig.from_config(tiny_config, 256)
+  cfg = registry.model_config(tiny_config, 256)
   assert (cfg.dtype, cfg.attention) == (("float32", "xla") if jax.default_backend() == "cpu"
                                         else ("bfloat16", cfg.attention))
 
@@ -220,7 +220,7 @@ def test_gpt2_init_and_gelu(tiny_config):
   tokens_1xT = jnp.arange(16)[None]
   tiny_config.model.activation = "relu"
   logits = {name: t.model.clone(deterministic=True, all_layers=False).apply(
-      {"params": params}, tokens_1xT, method=model_lib.Transformer.logits)
+      {"params": params}, tokens_1xT, method=fixed.Transformer.logits)
             for name, t in (("gelu", task), ("relu", _task(tiny_config)))}
   assert np.all(np.isfinite(logits["gelu"])) and logits["gelu"].shape == (1, 16, 256)
   assert not np.allclose(logits["gelu"], logits["relu"])  # The activation is the one configured.

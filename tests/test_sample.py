@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from chartx import data, sample
-from chartx import model as model_lib
+from chartx.families import fixed, layers, registry
 from chartx.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -21,8 +21,8 @@ GREEDY = sample.SamplingConfig(temperature=0.0)
 
 
 def _model(tiny_config, **overrides):
-  cfg = dataclasses.replace(model_lib.ModelConfig.from_config(tiny_config, V), **overrides)
-  net = model_lib.Transformer(cfg)
+  cfg = dataclasses.replace(registry.model_config(tiny_config, V), **overrides)
+  net = fixed.Transformer(cfg)
   init = jax.jit(net.init)(jax.random.key(0), jnp.zeros((1, cfg.max_len), jnp.int32))
   return net, flax.linen.unbox(init)["params"]
 
@@ -38,10 +38,10 @@ def test_cached_decoding_equals_the_full_forward_at_every_position(tiny_config, 
   net, params = _model(tiny_config, **overrides)
   T = net.cfg.max_len
   tokens_BxT = jax.random.randint(jax.random.key(1), (2, T), 0, V)
-  full_BxTxV = jax.jit(lambda t: net.apply({"params": params}, t, method=model_lib.Transformer.logits))(
+  full_BxTxV = jax.jit(lambda t: net.apply({"params": params}, t, method=fixed.Transformer.logits))(
       tokens_BxT)
   decode = jax.jit(lambda t, c, i: net.apply({"params": params}, t, c, i,
-                                             method=model_lib.Transformer.decode))
+                                             method=fixed.Transformer.decode))
   # As the sampler does: a prefill of a full block whose tail (after `known`) is junk, then one
   # character per step, each overwriting the junk at its position.
   known = 9
@@ -101,13 +101,13 @@ def test_sampler_context_slides_as_documented():
 def test_greedy_cached_generation_matches_recomputing_the_context(tiny_config):
   net, params = _model(tiny_config)
   context = net.cfg.max_len
-  tokens_to_logits = sample.model_tokens_to_logits(net)
+  tokens_to_logits = fixed.FAMILY.decoder(net, context).step
   generate = sample.make_generate(tokens_to_logits, context=context, num_chars=40, sampling=GREEDY)
   prompt = data.BYTES.encode("def main")
   ids_M = np.asarray(generate({"params": params}, net.cfg.init_cache(1, context),
                               *sample.prompt_block(prompt, context), jax.random.key(0)))
   # No cache: the full forward pass over the visible context, padded to one shape.
-  logits = jax.jit(lambda t: net.apply({"params": params}, t, method=model_lib.Transformer.logits))
+  logits = jax.jit(lambda t: net.apply({"params": params}, t, method=fixed.Transformer.logits))
   text, visible = list(prompt), list(prompt)
   for _ in range(40):
     tokens_1xC = np.pad(np.asarray(visible, np.int32), (0, context - len(visible)))[None]
@@ -119,11 +119,11 @@ def test_greedy_cached_generation_matches_recomputing_the_context(tiny_config):
 def test_beam_of_one_is_greedy_decoding_through_slides_of_the_context(tiny_config):
   net, params = _model(tiny_config)
   context = net.cfg.max_len
-  tokens_to_logits = sample.model_tokens_to_logits(net)
+  tokens_to_logits = fixed.FAMILY.decoder(net, context).step
   prompt_C, length = sample.prompt_block(data.BYTES.encode("def main"), context)
   greedy = sample.make_generate(tokens_to_logits, context=context, num_chars=80, sampling=GREEDY)
   greedy_M = greedy({"params": params}, net.cfg.init_cache(1, context), prompt_C, length, jax.random.key(0))
-  beam = sample.make_beam_search(tokens_to_logits, sample.model_reorder_cache, context=context,
+  beam = sample.make_beam_search(tokens_to_logits, fixed.FAMILY.decoder(net, context).reorder, context=context,
                                  num_chars=80, beam_size=1)
   beam_M, _ = beam({"params": params}, net.cfg.init_cache(1, context), prompt_C, length)
   np.testing.assert_array_equal(beam_M, greedy_M)  # 80 characters: the context slides 4 times.
@@ -133,12 +133,12 @@ def test_beam_log_probability_is_the_full_forward_likelihood_of_its_continuation
   """With several beams the cache rows are gathered every step: a wrong gather shows here."""
   net, params = _model(tiny_config)
   prompt = data.BYTES.encode("def ")
-  beam = sample.make_beam_search(sample.model_tokens_to_logits(net), sample.model_reorder_cache,
-                                 context=net.cfg.max_len, num_chars=20, beam_size=4)
+  decoder = fixed.FAMILY.decoder(net, net.cfg.max_len)
+  beam = sample.make_beam_search(decoder.step, decoder.reorder, context=net.cfg.max_len, num_chars=20, beam_size=4)
   ids_M, log_prob = beam({"params": params}, net.cfg.init_cache(4, net.cfg.max_len),
                          *sample.prompt_block(prompt, net.cfg.max_len))
   tokens_1xT = jnp.concatenate([jnp.asarray(prompt, jnp.int32), ids_M])[None]
-  logits_1xTxV = net.apply({"params": params}, tokens_1xT[:, :-1], method=model_lib.Transformer.logits)
+  logits_1xTxV = net.apply({"params": params}, tokens_1xT[:, :-1], method=fixed.Transformer.logits)
   logp_TxV = jax.nn.log_softmax(logits_1xTxV[0], axis=-1)
   want = sum(float(logp_TxV[len(prompt) - 1 + i, int(c)]) for i, c in enumerate(ids_M))
   np.testing.assert_allclose(float(log_prob), want, rtol=1e-5)

@@ -197,7 +197,7 @@ def test_activation_constraints_hold_wherever_the_step_is_traced(tiny_config):
   shardings = sharding.logical_shardings(boxed, mesh, rules)
   windows = jax.ShapeDtypeStruct((8, tiny_config.data.seq_len + 2), jnp.int32)
   text = train.jit_train_step(task, mesh, shardings, rules).lower(
-      flax.linen.unbox(boxed), windows, jax.random.key(0)).as_text()
+      flax.linen.unbox(boxed), windows, jax.random.key(0), jax.ShapeDtypeStruct((8,), jnp.bool_)).as_text()
   # The residual stream: batch over (data, fsdp), and embed whole because batch took fsdp first;
   # the feed-forward hidden units over tensor.
   constraints = set(re.findall(r"sdy.sharding_constraint %\S+ <@mesh, (\[.*?\])>", text))

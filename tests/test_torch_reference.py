@@ -12,7 +12,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from chartx import losses, train  # noqa: E402
-from chartx import model as model_lib  # noqa: E402
+from chartx.families import layers  # noqa: E402
 from chartx.tools import torch_reference  # noqa: E402
 
 DIMS = dict(vocab_size=40, num_layers=3, d_model=16, num_heads=2, d_ff=24, max_len=12)
@@ -42,7 +42,7 @@ def test_param_count_matches_spec_and_chartx(tiny_config, num_targets, per_layer
   config.model.tie_embeddings = tie_embeddings
   task = train.make_task(config, DIMS["vocab_size"])
   abstract = jax.eval_shape(lambda r: train.init_state(task, r, DIMS["max_len"]), jax.random.key(0))
-  assert model_lib.count_params(flax.linen.unbox(abstract.params)) == expected
+  assert layers.count_params(flax.linen.unbox(abstract.params)) == expected
 
 
 def test_initial_loss_near_log_vocab_and_steps_lower_it():

@@ -1,4 +1,4 @@
-"""Transformer-XL (chartx/xl.py): the memory is exact and stop-gradient, the relative shift is the
+"""Transformer-XL (chartx/families/xl.py): the memory is exact and stop-gradient, the relative shift is the
 direct computation, causality through gradients, generation with a memory, config errors."""
 
 import dataclasses
@@ -10,21 +10,21 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from chartx import losses, xl
-from chartx import model as model_lib
+from chartx import losses
+from chartx.families import fixed, layers, registry, xl
 from chartx.errors import UserError
 
-_CFG = model_lib.ModelConfig(vocab_size=64, num_layers=2, d_model=32, num_heads=2, d_ff=64,
+_CFG = layers.ModelConfig(vocab_size=64, num_layers=2, d_model=32, num_heads=2, d_ff=64,
                              num_targets=2, family="xl", mem_len=8, dtype="float32", attention="xla")
 
 
-def _cfg(**changes) -> model_lib.ModelConfig:
+def _cfg(**changes) -> layers.ModelConfig:
   return dataclasses.replace(_CFG, **changes)
 
 
 def _params(cfg, seed=0):
   tokens_1xT = jnp.zeros((1, 4), jnp.int32)
-  init = jax.jit(model_lib.build(cfg).init)  # One compile, where eager init compiles every op.
+  init = jax.jit(registry.build(cfg).init)  # One compile, where eager init compiles every op.
   return flax.linen.unbox(init(jax.random.key(seed), tokens_1xT)["params"])
 
 
@@ -38,7 +38,7 @@ def _unstack(params, num_layers):
 
 def _logits_fn(cfg):
   """jit((params, tokens_BxT, memory) -> (logits_BxTxV, new memory)) of the deterministic model."""
-  model = model_lib.build(cfg)
+  model = registry.build(cfg)
   return jax.jit(lambda params, tokens, memory: model.apply({"params": params}, tokens, memory,
                                                             method="logits"))
 
@@ -65,7 +65,7 @@ def test_segment_with_memory_equals_one_forward_pass(scan_layers):
   logits = _logits_fn(cfg)
   tokens_BxT = _tokens((3, 16))
   full_BxTxV, _ = logits(params, tokens_BxT, None)
-  first_BxTxV, memory = logits(params, tokens_BxT[:, :8], cfg.init_memory(3))
+  first_BxTxV, memory = logits(params, tokens_BxT[:, :8], xl.init_memory(cfg, 3))
   assert memory.h_LxBxMxD.shape == (2, 3, 12, 32)
   np.testing.assert_array_equal(memory.valid_B, [8, 8, 8])
   second_BxTxV, memory = logits(params, tokens_BxT[:, 8:], memory)
@@ -73,7 +73,7 @@ def test_segment_with_memory_equals_one_forward_pass(scan_layers):
   np.testing.assert_allclose(first_BxTxV, full_BxTxV[:, :8], rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(second_BxTxV, full_BxTxV[:, 8:], rtol=1e-5, atol=1e-5)
   # Without the memory, segment 2 would differ: the test above is not vacuous.
-  alone_BxTxV, _ = logits(params, tokens_BxT[:, 8:], cfg.init_memory(3))
+  alone_BxTxV, _ = logits(params, tokens_BxT[:, 8:], xl.init_memory(cfg, 3))
   assert np.abs(alone_BxTxV - full_BxTxV[:, 8:]).max() > 1e-2
 
 
@@ -81,7 +81,7 @@ def test_new_memory_holds_every_layers_input():
   """Layer 0's memory rows are the embedded characters; layer 1's the output of layer 0."""
   cfg = _cfg(mem_len=6)
   params = _params(cfg)
-  model = model_lib.build(cfg, all_layers=True)
+  model = registry.build(cfg, all_layers=True)
   tokens_BxT = _tokens((2, 4))
   memory = _memory(cfg, 2, [6, 1])
   h_LxBxTxD, new = jax.jit(lambda p, t, m: model.apply({"params": p}, t, m))(params, tokens_BxT, memory)
@@ -98,11 +98,11 @@ def test_no_gradient_reaches_the_memory_or_the_segment_that_made_it():
   only through that memory; segment 2's own characters' embeddings do get a gradient."""
   cfg = _cfg()
   params = _params(cfg)
-  model = model_lib.build(cfg)
+  model = registry.build(cfg)
   first_BxT, second_BxT = _tokens((2, 8), seed=1, high=32), _tokens((2, 8), seed=2, low=32)
 
   def second_loss(params, memory_h):
-    _, memory = model.apply({"params": params}, first_BxT, cfg.init_memory(2), method="logits")
+    _, memory = model.apply({"params": params}, first_BxT, xl.init_memory(cfg, 2), method="logits")
     memory = memory.replace(h_LxBxMxD=memory.h_LxBxMxD + memory_h)
     logits_BxTxV, _ = model.apply({"params": params}, second_BxT, memory, method="logits")
     return logits_BxTxV.sum()
@@ -175,7 +175,7 @@ def test_every_head_is_causal_through_gradients():
   of its own, so an embedding row's gradient is that position's."""
   cfg = _cfg(mem_len=4)
   params = _params(cfg)
-  model = model_lib.build(cfg, all_layers=True)
+  model = registry.build(cfg, all_layers=True)
   T, t = 10, 4
   tokens_1xT = jnp.arange(T)[None]
   memory = _memory(cfg, 1, [3])
@@ -206,12 +206,12 @@ def test_generation_one_character_at_a_time_equals_the_full_forward():
     step = _logits_fn(cfg)
     banded = _logits_fn(dataclasses.replace(cfg, same_length=True))
     expected_1xTxV, _ = (step if mem_len >= 12 else banded)(params, text_1xT, None)
-    memory, stepped = cfg.init_memory(1), []
+    memory, stepped = xl.init_memory(cfg, 1), []
     for t in range(12):
       logits_1x1xV, memory = step(params, text_1xT[:, t:t + 1], memory)
       stepped.append(logits_1x1xV)
     np.testing.assert_allclose(jnp.concatenate(stepped, 1), expected_1xTxV, rtol=1e-5, atol=1e-5)
-  memory, segments = cfg.init_memory(1), []
+  memory, segments = xl.init_memory(cfg, 1), []
   for start in range(0, 12, 4):
     logits_1xTxV, memory = banded(params, text_1xT[:, start:start + 4], memory)
     segments.append(logits_1xTxV)
@@ -251,22 +251,22 @@ def test_bad_xl_configs_fail_with_the_key(tiny_config, key, value, message):
     tiny_config.model.num_heads = 1
   tiny_config.model[key] = value
   with pytest.raises(UserError, match=message):
-    model_lib.ModelConfig.from_config(tiny_config, 64)
+    registry.model_config(tiny_config, 64)
 
 
 def test_xl_keys_on_the_fixed_family_fail(tiny_config):
   tiny_config.model.mem_len = 16
   with pytest.raises(UserError, match="config.model.mem_len=16 is for config.model.family=xl only"):
-    model_lib.ModelConfig.from_config(tiny_config, 64)
+    registry.model_config(tiny_config, 64)
 
 
 def test_build_picks_the_family_and_xl_has_no_absolute_positions(tiny_config):
-  fixed = model_lib.ModelConfig.from_config(tiny_config, 64)
-  assert type(model_lib.build(fixed)) is model_lib.Transformer
+  fixed_cfg = registry.model_config(tiny_config, 64)
+  assert type(registry.build(fixed_cfg)) is fixed.Transformer
   tiny_config.model.update(family="xl", mem_len=16, clamp_len=8)
-  cfg = model_lib.ModelConfig.from_config(tiny_config, 64)
+  cfg = registry.model_config(tiny_config, 64)
   assert (cfg.family, cfg.mem_len, cfg.clamp_len, cfg.same_length) == ("xl", 16, 8, False)
-  module = model_lib.build(cfg, deterministic=False, all_layers=True)
+  module = registry.build(cfg, deterministic=False, all_layers=True)
   assert type(module) is xl.XLTransformer and module.all_layers and not module.deterministic
   abstract = jax.eval_shape(lambda: module.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32)))
   flat = flax.traverse_util.flatten_dict(flax.linen.unbox(abstract["params"]), sep="/")
@@ -281,7 +281,7 @@ def test_build_picks_the_family_and_xl_has_no_absolute_positions(tiny_config):
 def test_bfloat16_runs_and_is_finite():
   cfg = _cfg(dtype="bfloat16", remat="full")
   params = _params(cfg)
-  logits_BxTxV, memory = _logits_fn(cfg)(params, _tokens((2, 8)), cfg.init_memory(2))
+  logits_BxTxV, memory = _logits_fn(cfg)(params, _tokens((2, 8)), xl.init_memory(cfg, 2))
   logits_BxTxV, memory = _logits_fn(cfg)(params, _tokens((2, 8), seed=3), memory)
   assert memory.h_LxBxMxD.dtype == jnp.bfloat16
   assert logits_BxTxV.dtype == jnp.float32 and np.all(np.isfinite(logits_BxTxV))
@@ -292,12 +292,12 @@ def test_the_auxiliary_losses_run_on_xl():
   every target, finite, with gradients for every layer's parameters."""
   cfg = _cfg(num_targets=3, remat="dots", dropout=0.1)
   params = _params(cfg)
-  model = model_lib.build(cfg, deterministic=False, all_layers=True)
+  model = registry.build(cfg, deterministic=False, all_layers=True)
   windows_BxS = _tokens((2, 8 + 3))
   targets_KxBxT = losses.targets(windows_BxS, 8, 3)
 
   def loss(params):
-    h_LxBxTxD, memory = model.apply({"params": params}, windows_BxS[:, :8], cfg.init_memory(2),
+    h_LxBxTxD, memory = model.apply({"params": params}, windows_BxS[:, :8], xl.init_memory(cfg, 2),
                                     rngs={"dropout": jax.random.key(0)})
     heads = model.apply({"params": params}, method="heads")
     loss_LxK, nll_LxK = losses.layer_nlls(cfg, heads, h_LxBxTxD, targets_KxBxT)
@@ -325,7 +325,7 @@ def test_flops_per_char_counts_xl_from_the_models_shapes():
   position = 4 * per_layer["position_key"] * (cfg.mem_len + T) / (T * B)
   heads = 6 * flat["head_kernel"].size // n  # The last layer's.
   expected = n * (6 * current + 6 * memory_kv + position + 18 * d * (cfg.mem_len + T / 2)) + heads
-  assert cfg.flops_per_char(T, intermediate_layers=False, batch_size=B) == pytest.approx(expected)
+  assert xl.FAMILY.flops_per_char(cfg, T, intermediate_layers=False, batch_size=B) == pytest.approx(expected)
   same = dataclasses.replace(cfg, same_length=True)
-  assert same.flops_per_char(T, False, B) - cfg.flops_per_char(T, False, B) == pytest.approx(
+  assert xl.FAMILY.flops_per_char(same, T, False, B) - xl.FAMILY.flops_per_char(cfg, T, False, B) == pytest.approx(
       18 * d * n * (1 - T / 2))

@@ -1,4 +1,4 @@
-"""Transformer-XL outside the model (chartx/xl.py's own tests are tests/test_xl.py): the memory in
+"""Transformer-XL outside the model (chartx/families/xl.py's own tests are tests/test_xl.py): the memory in
 the train state (resets, accumulation), recurrent evaluation scoring every character once, the
 protocol fields of eval_<split>.json for both families, sampling with the memory, the configs,
 the one-line errors, and the evaluation-speed benchmark at tiny dims."""
@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 
 from chartx import config as config_lib
-from chartx import data, evaluate, run_config, sample, sharding, train
-from chartx import model as model_lib
+from chartx import data, evaluate, inference, run_config, sample, scoring, sharding, train
+from chartx.families import base, fixed, layers, registry, xl
 from chartx.errors import UserError
 from configs import enwik8_xl_12l, enwik8_xl_24l, text8_xl_12l, text8_xl_24l
 
@@ -97,7 +97,7 @@ def test_accumulation_splits_the_memory_rows_with_the_batch(tiny_config):
 def _direct_stream_bits(net, params, ids_M, start, stop, seq_len):
   """One stream, targets start+1..stop, read segment by segment with a batch of one row and the
   memory: every target's nll summed in float64, straight from the model's logits."""
-  memory = net.cfg.init_memory(1)
+  memory = xl.init_memory(net.cfg, 1)
   logits = jax.jit(lambda tokens_1xT, memory: net.apply({"params": params}, tokens_1xT, memory,
                                                         method="logits"))
   nats = 0.0
@@ -119,16 +119,16 @@ def test_recurrent_evaluation_scores_every_character_once_as_a_direct_loop(tiny_
   config = xl_config(tiny_config)
   config.eval.seq_len, config.eval.mem_len = 12, 20
   config.eval.same_length = str(same_length).lower()
-  proto = evaluate.protocol(config)
+  proto = registry.get(config.model.family).protocol(config)
   assert (proto.name, proto.seq_len, proto.mem_len, proto.same_length) == ("recurrent", 12, 20, same_length)
   task = train.make_task(config, 256)
   params = _state(task, config.data.seq_len).params
   mesh, rules = sharding.make_mesh(config), sharding.logical_rules(config)
-  evaluator = evaluate.Evaluator(task.model, proto, mesh, rules, streams)
+  evaluator = evaluate.Evaluator(inference.inference_model(task.model, proto), proto, mesh, rules, streams)
   ids_M = np.random.default_rng(2).integers(0, 256, num_chars).astype(np.int32)
   bits, count = evaluator(params, ids_M)
   assert count == num_chars - 1
-  net = evaluate.inference_model(task.model, proto)
+  net = inference.inference_model(task.model, proto)
   assert net.cfg.mem_len == 20 and net.cfg.same_length == same_length
   stream_len = -(-(num_chars - 1) // streams)
   want = sum(_direct_stream_bits(net, params, ids_M, b * stream_len, min((b + 1) * stream_len, num_chars - 1),
@@ -142,7 +142,7 @@ def test_recurrent_evaluation_scores_every_character_once_as_a_direct_loop(tiny_
 ])
 def test_stream_segments_cover_each_target_once_in_order(num_chars, streams, per_stream):
   ids_M = np.arange(num_chars)  # Each id is its position.
-  inputs_BxP, targets_BxP, mask_BxP = evaluate.stream_segments(ids_M, seq_len=2, batch_size=streams)
+  inputs_BxP, targets_BxP, mask_BxP = scoring.stream_segments(ids_M, seq_len=2, batch_size=streams)
   assert inputs_BxP.shape[0] == streams and inputs_BxP.shape[1] % 2 == 0
   np.testing.assert_array_equal(np.sort(targets_BxP[mask_BxP]), np.arange(1, num_chars))
   np.testing.assert_array_equal(targets_BxP[mask_BxP], inputs_BxP[mask_BxP] + 1)
@@ -153,20 +153,20 @@ def test_stream_segments_cover_each_target_once_in_order(num_chars, streams, per
 
 
 def test_protocol_fields_of_both_families(tiny_config):
-  fixed = evaluate.protocol(tiny_config)
-  assert fixed == evaluate.Protocol("sliding_window", seq_len=32, stride=32)  # eval.stride 0: seq_len.
+  fixed = registry.get(tiny_config.model.family).protocol(tiny_config)
+  assert fixed == base.SlidingWindow(seq_len=32, stride=32)  # eval.stride 0: seq_len.
   assert fixed.describe(1000, 8) == {"protocol": "sliding_window", "attention_length": 32, "stride": 32}
   assert fixed.attention_length(10, 8) == 9  # No more than the text before the last character.
   config = xl_config(tiny_config)
   config.eval.mem_len, config.eval.seq_len = 100, 8
-  assert evaluate.protocol(config).describe(1000, 8) == {
+  assert registry.get(config.model.family).protocol(config).describe(1000, 8) == {
       "protocol": "recurrent", "attention_length": 108, "stride": 8, "seq_len": 8, "mem_len": 100,
       "clamp_len": 0, "same_length": False, "streams": 8}
   config.model.same_length = True  # eval.same_length "auto": as the model.
-  assert evaluate.protocol(config).attention_length(1000, 8) == 101
-  assert evaluate.protocol(config).attention_length(1000, 32) == 32  # Streams of 32 characters.
+  assert registry.get(config.model.family).protocol(config).attention_length(1000, 8) == 101
+  assert registry.get(config.model.family).protocol(config).attention_length(1000, 32) == 32  # Streams of 32 characters.
   config.eval.same_length, config.eval.mem_len, config.eval.clamp_len = "false", -1, 7
-  assert evaluate.protocol(config) == evaluate.Protocol("recurrent", seq_len=8, stride=8, mem_len=16,
+  assert registry.get(config.model.family).protocol(config) == base.Recurrent(seq_len=8, stride=8, mem_len=16,
                                                         clamp_len=7, same_length=False)
 
 
@@ -179,14 +179,14 @@ def test_recurrent_sampling_reads_each_character_once_and_runs_for_10000(tiny_co
   config = xl_config(tiny_config)
   task = train.make_task(config, 256)
   params = _state(task, config.data.seq_len).params
-  net = model_lib.build(task.model_cfg)
+  net = registry.build(task.model_cfg)
   greedy = sample.SamplingConfig(temperature=0.0)
   prompt_C, length = sample.prompt_block(np.frombuffer(b"def main(", np.uint8), 64)
-  read = sample.model_read_char(net)
+  read = sample.read_char(registry.get(net.cfg.family).decoder(net, 0))
   ids_M = np.asarray(sample.make_recurrent_generate(read, num_chars=40, sampling=greedy)(
-      {"params": params}, net.cfg.init_memory(1), prompt_C, length, jax.random.key(0)))
+      {"params": params}, xl.init_memory(net.cfg, 1), prompt_C, length, jax.random.key(0)))
   step = jax.jit(read)
-  memory, want = net.cfg.init_memory(1), []
+  memory, want = xl.init_memory(net.cfg, 1), []
   for token in b"def main(":
     logits_1xV, memory = step({"params": params}, jnp.asarray([[token]]), memory)
   for _ in range(40):
@@ -194,7 +194,7 @@ def test_recurrent_sampling_reads_each_character_once_and_runs_for_10000(tiny_co
     logits_1xV, memory = step({"params": params}, jnp.asarray([[want[-1]]]), memory)
   assert ids_M.tolist() == want  # Past the memory's 16 rows: nothing re-encoded, nothing lost.
   long_M = sample.make_recurrent_generate(read, num_chars=10_000, sampling=sample.SamplingConfig(top_k=20))(
-      {"params": params}, net.cfg.init_memory(1), prompt_C, length, jax.random.key(1))
+      {"params": params}, xl.init_memory(net.cfg, 1), prompt_C, length, jax.random.key(1))
   assert long_M.shape == (10_000,) and 0 <= int(long_M.min()) and int(long_M.max()) < 256
 
 
@@ -213,12 +213,12 @@ def test_xl_configs_load_check_and_build(module, millions):
   task = train.make_task(config, vocab.size)
   abstract = jax.eval_shape(functools.partial(train.init_state, task, seq_len=config.data.seq_len),
                             jax.random.key(0))
-  count = model_lib.count_params(flax.linen.unbox(abstract.params))
+  count = layers.count_params(flax.linen.unbox(abstract.params))
   assert abs(count / 1e6 - millions) < 0.03 * millions, count
   memory = flax.linen.unbox(abstract.memory)
   assert memory.h_LxBxMxD.shape == (config.model.num_layers, config.train.batch_size,
                                     config.model.mem_len, config.model.d_model)
-  proto = evaluate.protocol(config)
+  proto = registry.get(config.model.family).protocol(config)
   assert proto.name == "recurrent" and proto.same_length and proto.mem_len > config.model.mem_len
 
 

@@ -27,7 +27,7 @@ Each run prints one JSON object on one line and appends it to --out when given. 
                step_time_s (their median), step_time_mean_s, step_time_min_s, step_cpu_time_s
                (median CPU seconds of this process per step, all threads), chars_per_sec
                (batch_size x seq_len / step_time_s)
-  FLOPs        flops_per_char (chartx.model.ModelConfig.flops_per_char: MaxText's causal count),
+  FLOPs        flops_per_char (chartx.families.base.Family.flops_per_char: MaxText's causal count),
                flops_per_sec (achieved), peak_flops_per_sec and peak_flops_source (which peak and
                where it came from; null off the known accelerators), mfu (null without a peak)
   memory       peak_memory_bytes, peak_memory_source: the devices' peak_bytes_in_use where JAX
@@ -64,7 +64,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from chartx import cpu_devices, errors, flops, losses, malloc, profiling, sharding, train
-from chartx import model as model_lib
+from chartx.families import layers
 from chartx import data
 from chartx.errors import UserError
 
@@ -150,15 +150,15 @@ def benchmark(config: ml_collections.ConfigDict, *, steps: int = 10, warmup: int
   # Compiled against shapes alone, so the compile time does not wait for initialization.
   abstract_state, shardings, create_state = sharding.sharded_init(
       functools.partial(train.init_state, task, seq_len=seq_len), mesh, rules)
-  record["params"] = model_lib.count_params(abstract_state.params)
+  record["params"] = layers.count_params(abstract_state.params)
   windows_BxS = synthetic_windows(config, mesh, vocab_size, cfg.num_targets)
-  # Transformer-XL's step also takes the rows whose stream starts over: none, every step.
+  # The step also takes the rows whose stream starts over (a family with a memory): none, every step.
   no_resets_B = np.zeros(config.train.batch_size, bool)
-  resets = () if abstract_state.memory is None else (jax.make_array_from_callback(
-      no_resets_B.shape, sharding.batch_sharding(mesh), lambda index: no_resets_B[index]),)
+  resets_B = jax.make_array_from_callback(no_resets_B.shape, sharding.batch_sharding(mesh),
+                                          lambda index: no_resets_B[index])
   step_fn = train.jit_train_step(task, mesh, shardings, rules)
   start = time.perf_counter()
-  lowered = step_fn.lower(abstract_state, windows_BxS, dropout_rng, *resets)
+  lowered = step_fn.lower(abstract_state, windows_BxS, dropout_rng, resets_B)
   record["lower_s"] = time.perf_counter() - start
   start = time.perf_counter()
   compiled = lowered.compile()
@@ -176,7 +176,7 @@ def benchmark(config: ml_collections.ConfigDict, *, steps: int = 10, warmup: int
   def chartx_step() -> jax.Array:
     step = next(calls)
     with profiler.step(step):
-      current[0], out = compiled(current[0], windows_BxS, dropout_rng, *resets)
+      current[0], out = compiled(current[0], windows_BxS, dropout_rng, resets_B)
     jax.block_until_ready(current[0])
     profiler.done(step, current[0])
     return out["loss"]
@@ -217,10 +217,11 @@ def benchmark(config: ml_collections.ConfigDict, *, steps: int = 10, warmup: int
   return record
 
 
-def _flops(cfg: model_lib.ModelConfig, task: train.Task, seq_len: int, chars_per_sec: float,
+def _flops(cfg: layers.ModelConfig, task: train.Task, seq_len: int, chars_per_sec: float,
            devices: list[Any]) -> dict[str, Any]:
   """FLOPs per character (MaxText's causal count), achieved FLOP/s and MFU against the bf16 peak."""
-  per_char = cfg.flops_per_char(seq_len, task.loss_cfg.intermediate_layers, batch_size=task.batch_size)
+  per_char = task.family.flops_per_char(cfg, seq_len, task.loss_cfg.intermediate_layers,
+                                        batch_size=task.batch_size)
   achieved = per_char * chars_per_sec
   peak = flops.peak_flops(devices[0])
   if peak is None:
@@ -233,7 +234,7 @@ def _flops(cfg: model_lib.ModelConfig, task: train.Task, seq_len: int, chars_per
           "peak_flops_source": source, "mfu": flops.mfu(achieved, devices)}
 
 
-def _check_torch_comparable(config: ml_collections.ConfigDict, cfg: model_lib.ModelConfig) -> None:
+def _check_torch_comparable(config: ml_collections.ConfigDict, cfg: layers.ModelConfig) -> None:
   """The reference implements the paper's step only: float32, ReLU, SGD with momentum, no clipping."""
   opt = config.optimizer
   for key, value, wanted in (("model.dtype", cfg.dtype, "float32"),
@@ -252,7 +253,7 @@ def _check_torch_comparable(config: ml_collections.ConfigDict, cfg: model_lib.Mo
     raise UserError("--torch needs PyTorch: pip install 'chartx[bench]'")
 
 
-def torch_step_kwargs(config: ml_collections.ConfigDict, cfg: model_lib.ModelConfig,
+def torch_step_kwargs(config: ml_collections.ConfigDict, cfg: layers.ModelConfig,
                       loss_cfg: losses.LossConfig) -> dict[str, Any]:
   """chartx.tools.torch_reference.make_torch_step's arguments for the model and losses of a run."""
   opt = config.optimizer
@@ -266,7 +267,7 @@ def torch_step_kwargs(config: ml_collections.ConfigDict, cfg: model_lib.ModelCon
       seed=config.seed)
 
 
-def _torch_step(config: ml_collections.ConfigDict, cfg: model_lib.ModelConfig,
+def _torch_step(config: ml_collections.ConfigDict, cfg: layers.ModelConfig,
                 loss_cfg: losses.LossConfig, windows_BxS: np.ndarray) -> tuple[Callable[[], None], dict]:
   """The PyTorch reference's train step on the same dims, losses and windows; and what it ran."""
   import torch  # pylint: disable=import-outside-toplevel

@@ -41,7 +41,7 @@ from typing import Any, Sequence
 import ml_collections
 
 from chartx import config as config_lib
-from chartx import data, evaluate, files, inference, loop, progress, run_config
+from chartx import data, evaluate, files, inference, loop, progress, run_config, scoring
 from chartx.errors import UserError
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -153,7 +153,7 @@ def run_dir(out: str, name: str, seed: int) -> str:
 def score(config: ml_collections.ConfigDict, workdir: str, eval_chars: int, stride: int) -> dict[str, Any]:
   """The protocol: the last checkpoint's last-layer next-character bpc on the first eval_chars
   characters of the validation split, by windows of data.seq_len = T sliding by `stride`, counting
-  only the characters with at least T - stride + 1 characters before them. evaluate.evaluate_bits
+  only the characters with at least T - stride + 1 characters before them. scoring.evaluate_bits
   also scores the first window's targets with the 1..T characters they have; a row trained on the
   last position alone (no multiple positions) never learned to predict from those, so they are
   taken out: they are exactly what evaluating the first T + 1 characters alone scores."""
@@ -163,11 +163,11 @@ def score(config: ml_collections.ConfigDict, workdir: str, eval_chars: int, stri
   if len(ids_M) <= seq_len + 1:
     raise UserError(f"--eval_chars={eval_chars} must exceed data.seq_len + 1 = {seq_len + 1}")
   restored = inference.restore(config, workdir, corpus.vocab.size)
-  score_fn = evaluate.jit_score_fn(evaluate.model_score_fn(restored.model), restored.mesh, restored.rules)
+  score_fn = scoring.jit_score_fn(scoring.model_score_fn(restored.model), restored.mesh, restored.rules)
   kwargs = dict(seq_len=seq_len, stride=stride, batch_size=config.eval.batch_size, mesh=restored.mesh)
   start = time.time()
-  bits, count = evaluate.evaluate_bits(score_fn, restored.params, ids_M, **kwargs)
-  short_bits, short_count = evaluate.evaluate_bits(score_fn, restored.params, ids_M[:seq_len + 1], **kwargs)
+  bits, count = scoring.evaluate_bits(score_fn, restored.params, ids_M, **kwargs)
+  short_bits, short_count = scoring.evaluate_bits(score_fn, restored.params, ids_M[:seq_len + 1], **kwargs)
   return {"step": restored.step, "bpc": (bits - short_bits) / (count - short_count),
           "protocol": {"split": "validation", "stride": stride, "context": seq_len,
                        "min_context": seq_len - stride + 1, "max_chars": eval_chars,

@@ -1,10 +1,10 @@
 """The chartx model and train step in PyTorch eager, the baseline of the CPU benchmark.
 
-It follows the model spec that chartx.model and chartx.losses implement: per-layer positional
+It follows the model spec that chartx.families and chartx.losses implement: per-layer positional
 tables, pre-LayerNorm blocks, per-layer classifiers for K characters ahead, the three auxiliary
 losses with the same weights and schedule, and SGD with momentum. Attention is
 F.scaled_dot_product_attention(is_causal=True), PyTorch's fused (flash) CPU kernel. Initial
-values follow the same distributions as chartx.model, not the same draws.
+values follow the same distributions as chartx.families.fixed, not the same draws.
 
 Only the benchmark needs it (the `bench` extra installs torch); chartx itself never imports it.
 """
@@ -116,7 +116,7 @@ def count_params(module: nn.Module) -> int:
 
 
 def load_flax_params(model: Transformer, params: dict) -> None:
-  """Copies chartx.model parameters (unboxed, scanned layers: scan_layers=True) into model.
+  """Copies chartx.families.fixed parameters (unboxed, scanned layers: scan_layers=True) into model.
 
   Both sides then start from the same point; the test of this module uses it to check the two
   implementations against each other.

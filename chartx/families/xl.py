@@ -1,7 +1,7 @@
 """Transformer-XL (Dai, Yang, Yang, Carbonell, Le, Salakhutdinov; ACL 2019): config.model.family="xl".
 
-The same pre-LayerNorm residual stack, classifiers (model.Heads) and building blocks as the
-fixed-context family (chartx.model), with the XL layer:
+The same pre-LayerNorm residual stack, classifiers (layers.Heads) and building blocks
+(chartx.families.layers) as the fixed-context family (chartx.families.fixed), with the XL layer:
 
 Segment-level recurrence. The text is read in consecutive segments of T characters. Layer l of a
 segment attends with queries from the segment's T positions only, over keys and values of the
@@ -62,8 +62,11 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 
-from chartx import model as model_lib
+from chartx import data
+from chartx.errors import UserError
+from chartx.families import base, layers
 from chartx.matmul import matmul
 
 
@@ -134,7 +137,7 @@ def _last_rows(x_BxCxD: jax.Array, rows: int) -> jax.Array:
 
 class XLBlock(nn.Module):
   """One XL layer: relative attention over [memory; input] -> feed-forward, pre-LN residuals."""
-  cfg: model_lib.ModelConfig
+  cfg: layers.ModelConfig
   deterministic: bool
 
   @nn.compact
@@ -149,9 +152,9 @@ class XLBlock(nn.Module):
     C = M + T
     mem_BxMxD = nn.with_logical_constraint(mem_BxMxD, ("batch", "length", "embed"))
     cat_BxCxD = jnp.concatenate([mem_BxMxD.astype(x_BxTxD.dtype), x_BxTxD], axis=1)
-    in_init = model_lib.head_in_init(cfg)
+    in_init = layers.head_in_init(cfg)
     with jax.named_scope("layer_norm"):
-      h_BxCxD = model_lib.layer_norm(cfg, "attention_norm")(cat_BxCxD)
+      h_BxCxD = layers.layer_norm(cfg, "attention_norm")(cat_BxCxD)
     with jax.named_scope("projections"):
       kernel = lambda name: self.param(name, in_init, (D, N, H)).reshape(D, N * H)
       q_BxTxNxH = matmul(h_BxCxD[:, M:], kernel("query")).reshape(B, T, N, H)
@@ -161,62 +164,67 @@ class XLBlock(nn.Module):
     with jax.named_scope("attention"):
       a_BxTxNxH = relative_attention(q_BxTxNxH, k_BxCxNxH, value_BxCxNxH, rk_CxNxH, content_bias_NxH,
                                      position_bias_NxH, mask_Bx1xTxC, impl=cfg.attention)
-    x_BxTxD = model_lib.attention_out_residual(self, x_BxTxD, a_BxTxNxH)
-    x_BxTxD = model_lib.feed_forward_residual(cfg, self.deterministic, x_BxTxD)
+    x_BxTxD = layers.attention_out_residual(self, x_BxTxD, a_BxTxNxH)
+    x_BxTxD = layers.feed_forward_residual(cfg, self.deterministic, x_BxTxD)
     return x_BxTxD, _last_rows(cat_BxCxD, cfg.mem_len)
 
 
 class _ScanBody(nn.Module):
   """Adapts XLBlock to nn.scan: the carry is x; each layer's memory is scanned in, its new memory
   (and its output, when kept) scanned out."""
-  cfg: model_lib.ModelConfig
+  cfg: layers.ModelConfig
   deterministic: bool
   keep_all_layers: bool
 
   @nn.compact
   def __call__(self, x_BxTxD, mem_BxMxD, r_CxD, content_bias_NxH, position_bias_NxH, mask_Bx1xTxC):
-    block = model_lib.layer_cls(self.cfg, XLBlock)(self.cfg, self.deterministic, name="block")
+    block = layers.layer_cls(self.cfg, XLBlock)(self.cfg, self.deterministic, name="block")
     x_BxTxD, new_mem_BxMxD = block(x_BxTxD, mem_BxMxD, r_CxD, content_bias_NxH, position_bias_NxH,
                                    mask_Bx1xTxC)
     return x_BxTxD, (new_mem_BxMxD, x_BxTxD if self.keep_all_layers else None)
 
 
+def init_memory(cfg: layers.ModelConfig, batch_size: int) -> Memory:
+  """An empty memory: mem_len zero rows per layer and row, none of them valid."""
+  h_LxBxMxD = jnp.zeros((cfg.num_layers, batch_size, cfg.mem_len, cfg.d_model), cfg.compute_dtype)
+  return Memory(h_LxBxMxD=h_LxBxMxD, valid_B=jnp.zeros((batch_size,), jnp.int32))
+
+
 class XLTransformer(nn.Module):
   """(tokens_BxT, memory) -> (the residual stream after every layer (all_layers) or the last,
-  the new memory). Attributes as model.Transformer's; build it with model.build."""
-  cfg: model_lib.ModelConfig
+  the new memory). Attributes as fixed.Transformer's; build it with registry.build."""
+  cfg: layers.ModelConfig
   deterministic: bool = True
   all_layers: bool = False
 
   def setup(self):
     cfg = self.cfg
-    self.embedding = model_lib.embedding_param(self, cfg)
+    self.embedding = layers.embedding_param(self, cfg)
     bias_init = nn.with_logical_partitioning(nn.initializers.zeros, ("heads", "head_dim"))
     # u and v, shared by every layer (the paper); zero at first: plain content attention.
     self.content_bias = self.param("content_bias", bias_init, (cfg.num_heads, cfg.head_dim))
     self.position_bias = self.param("position_bias", bias_init, (cfg.num_heads, cfg.head_dim))
     self.dropout = nn.Dropout(cfg.dropout)
     if cfg.scan_layers:
-      stack = nn.scan(_ScanBody, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
-                      in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
-                      length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
+      # Each layer's memory scanned in; R, u, v and the mask the same for every layer.
+      stack = layers.scanned(_ScanBody, cfg, num_broadcast=4)
       self.layers = stack(cfg, self.deterministic, self.all_layers)
     else:
-      self.layers = [model_lib.layer_cls(cfg, XLBlock)(cfg, self.deterministic)
+      self.layers = [layers.layer_cls(cfg, XLBlock)(cfg, self.deterministic)
                      for _ in range(cfg.num_layers)]
-    self.classifiers = model_lib.head_params(self, cfg, self.embedding)
+    self.classifiers = layers.head_params(self, cfg, self.embedding)
 
   def __call__(self, tokens_BxT: jax.Array, memory: Memory | None = None) -> tuple[jax.Array, Memory]:
     """(h_LxBxTxD if all_layers else h_BxTxD, before the heads' norm; the new memory: the last
     mem_len positions of [memory; this segment] of every layer's input, valid_B = min(mem_len,
-    valid_B + T)). memory None: no memory (as an empty one; cfg.init_memory makes one)."""
+    valid_B + T)). memory None: no memory (as an empty one; init_memory makes one)."""
     cfg = self.cfg
     B, T = tokens_BxT.shape
     if memory is None:
       memory = Memory(h_LxBxMxD=jnp.zeros((cfg.num_layers, B, 0, cfg.d_model), cfg.compute_dtype),
                       valid_B=jnp.zeros((B,), jnp.int32))
     M = memory.h_LxBxMxD.shape[2]
-    x_BxTxD = self.dropout(model_lib.embed(cfg, self.embedding, tokens_BxT), deterministic=self.deterministic)
+    x_BxTxD = self.dropout(layers.embed(cfg, self.embedding, tokens_BxT), deterministic=self.deterministic)
     x_BxTxD = nn.with_logical_constraint(x_BxTxD, ("batch", "length", "embed"))
     memory_axes = ("layers", "batch", "length", "embed")
     mem_LxBxMxD = nn.with_logical_constraint(
@@ -239,7 +247,7 @@ class XLTransformer(nn.Module):
     new_memory = Memory(h_LxBxMxD=new_LxBxMxD, valid_B=jnp.minimum(cfg.mem_len, memory.valid_B + T))
     return (h_LxBxTxD if self.all_layers else x_BxTxD), new_memory
 
-  def heads(self) -> model_lib.Heads:
+  def heads(self) -> layers.Heads:
     """Every layer's classifiers (for a loss); inference uses heads().layer(-1)."""
     return self.classifiers
 
@@ -247,5 +255,115 @@ class XLTransformer(nn.Module):
     """(the last layer's next-character logits_BxTxV, float32; the new memory). Generation is
     this with T = 1: its cost per character depends on mem_len, not on what came before."""
     h, new_memory = self(tokens_BxT, memory)
-    h_BxTxD = h[-1] if self.all_layers else h
-    return self.heads().layer(-1).logits(self.cfg, h_BxTxD, target=0), new_memory
+    return layers.last_layer_logits(self, h), new_memory
+
+
+# The logical axes of each field of a Memory, which config.mesh.rules map to mesh axes as they do
+# the parameters': rows of the batch (streams) split over the batch axes.
+MEMORY_AXES = {"h_LxBxMxD": ("layers", "batch", "length", "embed"), "valid_B": ("batch",)}
+
+
+class XLFamily(base.Family):
+  """Transformer-XL: a memory carried across steps on contiguous streams, recurrent evaluation
+  (base.Recurrent), the memory as its decoding state (no beam search)."""
+  name = "xl"
+  # Its checkpoints also hold the memory: mem_len rows per layer for each of train.batch_size streams.
+  fixed_on_resume = ("model.mem_len", "train.batch_size")
+
+  def check_config(self, m: ml_collections.ConfigDict) -> None:
+    for key in ("mem_len", "clamp_len"):
+      if m[key] < 0:
+        raise UserError(f"config.model.{key} must be >= 0, got {m[key]}")
+    if m.attention == "splash":
+      raise UserError("config.model.attention=splash does not support config.model.family=xl "
+                      "(XL's relative positions are an attention bias); use auto, xla or cudnn")
+    if m.d_model % 2:
+      raise UserError(f"config.model.d_model must be even for config.model.family=xl (sinusoidal "
+                      f"relative positions), got {m.d_model}")
+    if m.same_length and m.mem_len < 1:
+      raise UserError("config.model.same_length needs config.model.mem_len >= 1 (with no memory, "
+                      "every query would see only itself)")
+
+  def attention(self, impl: str) -> str:
+    return "xla" if impl == "splash" else impl  # Only from "auto" (check_config refuses it named).
+
+  def build(self, cfg: layers.ModelConfig, deterministic: bool = True,
+            all_layers: bool = False) -> XLTransformer:
+    return XLTransformer(cfg, deterministic=deterministic, all_layers=all_layers)
+
+  def init_memory(self, cfg: layers.ModelConfig, batch_size: int) -> Memory:
+    memory = init_memory(cfg, batch_size)
+    return memory.replace(**{name: nn.LogicallyPartitioned(getattr(memory, name), names)
+                             for name, names in MEMORY_AXES.items()})
+
+  def reset_memory(self, memory: Memory, reset_B: jax.Array) -> Memory:
+    return memory.replace(valid_B=jnp.where(reset_B, 0, memory.valid_B))
+
+  def apply(self, module, variables, inputs_BxT, memory, rngs):
+    return module.apply(variables, inputs_BxT, memory, rngs=rngs)
+
+  def check_train_data(self, num_chars: int, config: ml_collections.ConfigDict) -> None:
+    data.segments_per_pass(num_chars, batch_size=config.train.batch_size, seq_len=config.data.seq_len,
+                           num_targets=int(config.loss.multiple_targets))
+
+  def train_batch(self, train_M, config, step, *, num_targets, process_index, process_count):
+    # The next segment of each contiguous stream (its memory is in the state).
+    return data.stream_batch(train_M, step=step, batch_size=config.train.batch_size,
+                             seq_len=config.data.seq_len, num_targets=num_targets,
+                             process_index=process_index, process_count=process_count)
+
+  def check_eval_config(self, config: ml_collections.ConfigDict) -> None:
+    e = config.eval
+    if e.stride:
+      raise UserError(f"config.eval.stride={e.stride} is the fixed family's sliding window; "
+                      "model.family=xl evaluates recurrently (eval.seq_len, eval.mem_len): leave "
+                      "eval.stride at 0")
+    for key, low in (("seq_len", 0), ("mem_len", -1), ("clamp_len", -1)):
+      if e[key] < low:
+        raise UserError(f"config.eval.{key} must be >= {low} ({low}: as in training), got {e[key]}")
+    resolved = self.protocol(config)
+    if resolved.same_length and resolved.mem_len < 1:
+      raise UserError(f"config.eval.same_length={e.same_length} needs a memory (eval.mem_len >= 1; "
+                      f"it is {resolved.mem_len}): with none, every character would see only itself")
+
+  def protocol(self, config: ml_collections.ConfigDict) -> base.Recurrent:
+    e, m = config.eval, config.model
+    seq_len = e.seq_len or config.data.seq_len
+    same_length = m.same_length if e.same_length.lower() == "auto" else e.same_length.lower() == "true"
+    return base.Recurrent(seq_len=seq_len, stride=seq_len,
+                          mem_len=m.mem_len if e.mem_len == -1 else e.mem_len,
+                          clamp_len=m.clamp_len if e.clamp_len == -1 else e.clamp_len,
+                          same_length=same_length)
+
+  def decoder(self, module: nn.Module, context: int) -> base.Decoder:
+    del context  # The memory never fills.
+    def step(variables, tokens_BxT, memory, index):
+      del index  # Positions are relative.
+      return module.apply(variables, tokens_BxT, memory, method="logits")
+    return base.Decoder(step=step, init_state=lambda batch_size: init_memory(module.cfg, batch_size),
+                        recurrent=True)
+
+  def flops_per_char(self, cfg: layers.ModelConfig, seq_len: int, intermediate_layers: bool = True,
+                     batch_size: int = 1) -> float:
+    """base.Family's count (T = seq_len, M = mem_len, per layer and character), on top of the same
+    q, k, v, output and feed-forward count for the T current rows:
+      - keys and values of the M memory rows, recomputed every segment: 2 x 6 d^2 M / T (the
+        memory is stop-gradient, but the input gradient of these products still runs: it is
+        the attention norm's parameters' gradient);
+      - the positional projection W_R R of the M + T relative distances, computed once per batch
+        for all batch_size rows (R is a constant): 4 d^2 (M + T) / (T x batch_size); the default
+        batch_size 1 gives an upper bound;
+      - attention: three products per (query, key) pair that a query sees (content scores,
+        positional scores, the weighted values), 2 d each forward, x 3 with the backward pass:
+        18 d per key, over M + T / 2 keys (the memory, and the causal half of the segment, as
+        above), or M + 1 with same_length.
+    """
+    d, f, n, mem = cfg.d_model, cfg.d_ff, cfg.num_layers, cfg.mem_len
+    keys = mem + 1 if cfg.same_length else mem + seq_len / 2
+    matmuls = 6 * n * (4 * d * d + 2 * d * f)
+    matmuls += n * (12 * d * d * mem / seq_len + 4 * d * d * (mem + seq_len) / (seq_len * batch_size))
+    attention = 18 * n * d * keys
+    return float(matmuls + attention + cfg.heads_flops_per_char(intermediate_layers))
+
+
+FAMILY = XLFamily()

@@ -1,13 +1,9 @@
-"""The deep causal character transformer of Al-Rfou et al. (2019), in Flax Linen, and what the
-model families share: ModelConfig, the per-layer classifiers (Heads), the layers' building blocks,
-and build(), the one place that picks a family (config.model.family: "fixed", this module's
-Transformer; "xl", chartx.xl's XLTransformer).
+"""What the model families share (chartx.families.fixed, chartx.families.xl): ModelConfig, the
+per-layer classifiers (Heads), and the layers' building blocks.
 
-A pre-LayerNorm residual stack. Each layer adds its own learned positional table to its
-input (the paper: a timing signal added at the bottom would fade over 64 layers; model.positions
-also offers one learned table or a fixed sinusoid at the input), and each layer has its own
-classifiers predicting 1..K characters ahead (Heads), so every layer can carry an auxiliary loss.
-Every parameter carries logical axis names; chartx.sharding maps them to mesh axes.
+Both families are pre-LayerNorm residual stacks of causal self-attention layers, and each layer
+has its own classifiers predicting 1..K characters ahead (Heads), so every layer can carry an
+auxiliary loss. Every parameter carries logical axis names; chartx.sharding maps them to mesh axes.
 
 Arrays throughout chartx carry their shape in their names (x_BxTxD), one letter per meaning:
   B batch rows             T input positions (time)   S a window's characters, T + K (K = 1: eval)
@@ -18,7 +14,7 @@ Arrays throughout chartx carry their shape in their names (x_BxTxD), one letter 
   W evaluation windows     M a stream's characters (a split, a prompt, a sample)
   I, O a matmul's input and output width, R its rows (any leading axes: chartx.matmul)
   G beam search's beams (chartx.sample)    J half a head's width (rotary pairs)
-In chartx.xl, M is also a memory's rows and C the keys a segment's queries see, M + T.
+In chartx.families.xl, M is also a memory's rows and C the keys a segment's queries see, M + T.
 """
 
 import dataclasses
@@ -43,7 +39,6 @@ _REMAT_POLICIES = {
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 _ACTIVATIONS = {"relu": nn.relu, "gelu": functools.partial(nn.gelu, approximate=False)}
 _INITS = ("lecun", "gpt2")
-FAMILIES = ("fixed", "xl")
 # Where positions enter: a learned table added to every layer's input (the paper), one learned
 # table added to the embeddings, Vaswani et al.'s fixed sinusoids added to the embeddings, or
 # rotary embeddings (Su et al. 2021: every layer's queries and keys rotated by their position).
@@ -69,7 +64,7 @@ class ModelConfig:
   attention: str = "xla"
   activation: str = "relu"
   init: str = "lecun"
-  family: str = "fixed"  # "fixed": Transformer (this module); "xl": chartx.xl.XLTransformer.
+  family: str = "fixed"  # config.model.family: the chartx.families.registry name of the family.
   # XL only. Evaluation and sampling may replace these three on a restored model (the parameters
   # do not depend on them): dataclasses.replace(cfg, mem_len=..., clamp_len=..., same_length=...).
   mem_len: int = 0  # Memory rows kept per layer (M).
@@ -89,47 +84,28 @@ class ModelConfig:
     shape = (self.num_layers, batch_size, length, self.num_heads, self.head_dim)
     return {"key": jnp.zeros(shape, self.compute_dtype), "value": jnp.zeros(shape, self.compute_dtype)}
 
-  def init_memory(self, batch_size: int) -> "xl.Memory":
-    """An empty XL memory: mem_len zero rows per layer and row, none of them valid."""
-    from chartx import xl  # pylint: disable=import-outside-toplevel  (xl builds on this module)
-    return xl.Memory(
-        h_LxBxMxD=jnp.zeros((self.num_layers, batch_size, self.mem_len, self.d_model), self.compute_dtype),
-        valid_B=jnp.zeros((batch_size,), jnp.int32))
-
-  def flops_per_char(self, seq_len: int, intermediate_layers: bool = True, batch_size: int = 1) -> float:
+  def flops_per_char(self, seq_len: int, intermediate_layers: bool = True) -> float:
     """Model FLOPs of one training character, forward and backward (MaxText's count, for MFU):
     6 x the matmul parameters but the embedding (per layer 4 d^2 + 2 d f); causal attention, 6 n
     seq_len d (2 x 2 seq_len d forward, halved by the mask, x 3); 6 d V per target of each head
     that runs (every layer's when intermediate_layers: they keep running after their loss stops).
     Not counted, by convention: recomputation (remat), layer norms, softmaxes, biases.
-
-    family "xl" (T = seq_len, M = mem_len, per layer and character), on top of the same q, k, v,
-    output and feed-forward count for the T current rows:
-      - keys and values of the M memory rows, recomputed every segment: 2 x 6 d^2 M / T (the
-        memory is stop-gradient, but the input gradient of these products still runs: it is
-        the attention norm's parameters' gradient);
-      - the positional projection W_R R of the M + T relative distances, computed once per batch
-        for all batch_size rows (R is a constant): 4 d^2 (M + T) / (T x batch_size); the default
-        batch_size 1 gives an upper bound;
-      - attention: three products per (query, key) pair that a query sees (content scores,
-        positional scores, the weighted values), 2 d each forward, x 3 with the backward pass:
-        18 d per key, over M + T / 2 keys (the memory, and the causal half of the segment, as
-        above), or M + 1 with same_length.
+    (chartx.families.xl counts its memory and relative positions on top.)
     """
     d, f, n = self.d_model, self.d_ff, self.num_layers
     matmuls = 6 * n * (4 * d * d + 2 * d * f)
     attention = 6 * n * seq_len * d
-    if self.family == "xl":
-      mem = self.mem_len
-      keys = mem + 1 if self.same_length else mem + seq_len / 2
-      matmuls += n * (12 * d * d * mem / seq_len + 4 * d * d * (mem + seq_len) / (seq_len * batch_size))
-      attention = 18 * n * d * keys
-    heads = 6 * (n if intermediate_layers else 1) * self.num_targets * d * self.vocab_size
-    return float(matmuls + attention + heads)
+    return float(matmuls + attention + self.heads_flops_per_char(intermediate_layers))
+
+  def heads_flops_per_char(self, intermediate_layers: bool) -> float:
+    """The classifiers' part of flops_per_char: 6 d V per target of each head that runs."""
+    return float(6 * (self.num_layers if intermediate_layers else 1) * self.num_targets * self.d_model
+                 * self.vocab_size)
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict, vocab_size: int) -> "ModelConfig":
-    """The model section's owner: checks every model.* key (UserError naming it), then builds."""
+    """Checks the model.* keys every family shares (UserError naming one), then builds; the family's
+    own keys and attention: chartx.families.registry.model_config, which calls this."""
     m = config.model
     for key in ("num_layers", "d_model", "num_heads", "d_ff", "max_len"):
       if int(m[key]) < 1:
@@ -150,7 +126,6 @@ class ModelConfig:
     if m.attention not in (*attention.IMPLS, "auto"):
       raise UserError(f"config.model.attention must be one of {', '.join(attention.IMPLS)}, auto; "
                       f"got {m.attention!r}")
-    _check_family(m)
     if m.attention == "cudnn" and (dtype == "float32" or backend != "gpu"):
       # cuDNN's flash attention takes only 16-bit inputs, on a GPU; "auto" falls back to xla.
       raise UserError(f"config.model.attention=cudnn needs a GPU and config.model.dtype=bfloat16 "
@@ -168,8 +143,6 @@ class ModelConfig:
       raise UserError(f"config.model.positions=rope needs an even head width (d_model / num_heads), "
                       f"got {m.d_model // m.num_heads}")
     impl = attention.resolve(m.attention, backend, dtype, config.data.seq_len)
-    if m.family == "xl" and impl == "splash":  # Only from "auto" (_check_family refuses it named).
-      impl = "xla"
     return cls(vocab_size=vocab_size, num_layers=m.num_layers, d_model=m.d_model,
                num_heads=m.num_heads, d_ff=m.d_ff, max_len=m.max_len, dropout=m.dropout,
                num_targets=int(config.loss.multiple_targets),  # Checked by losses.LossConfig.
@@ -179,35 +152,11 @@ class ModelConfig:
                mem_len=m.mem_len, clamp_len=m.clamp_len, same_length=m.same_length)
 
 
-def _check_family(m: ml_collections.ConfigDict) -> None:
-  """model.family and its keys (mem_len, clamp_len, same_length), against the rest of model.*."""
-  if m.family not in FAMILIES:
-    raise UserError(f"config.model.family must be one of {', '.join(FAMILIES)}; got {m.family!r}")
-  for key in ("mem_len", "clamp_len"):
-    if m[key] < 0:
-      raise UserError(f"config.model.{key} must be >= 0, got {m[key]}")
-  if m.family == "fixed":
-    for key, off in (("mem_len", 0), ("clamp_len", 0), ("same_length", False)):
-      if m[key] != off:
-        raise UserError(f"config.model.{key}={m[key]} is for config.model.family=xl only "
-                        f"(the fixed family has no memory)")
-    return
-  if m.attention == "splash":
-    raise UserError("config.model.attention=splash does not support config.model.family=xl "
-                    "(XL's relative positions are an attention bias); use auto, xla or cudnn")
-  if m.d_model % 2:
-    raise UserError(f"config.model.d_model must be even for config.model.family=xl (sinusoidal "
-                    f"relative positions), got {m.d_model}")
-  if m.same_length and m.mem_len < 1:
-    raise UserError("config.model.same_length needs config.model.mem_len >= 1 (with no memory, "
-                    "every query would see only itself)")
-
-
-def _init(initializer, *names: str):
+def with_axes(initializer, *names: str):
   return nn.with_logical_partitioning(initializer, names)
 
 
-_normal_002 = nn.initializers.normal(stddev=0.02)
+normal_002 = nn.initializers.normal(stddev=0.02)
 
 
 # One layer's decoding cache: (key_BxCxNxH, value_BxCxNxH, index), where rows [0, index) hold
@@ -246,7 +195,7 @@ class Heads:
 def embedding_param(module: nn.Module, cfg: ModelConfig) -> jax.Array:
   """The input embedding VxD, a parameter of `module` (call it from the family's setup())."""
   embedding_init = nn.initializers.normal(1.0 if cfg.init == "lecun" else 0.02)
-  return module.param("embedding", _init(embedding_init, "vocab", "embed"), (cfg.vocab_size, cfg.d_model))
+  return module.param("embedding", with_axes(embedding_init, "vocab", "embed"), (cfg.vocab_size, cfg.d_model))
 
 
 def embed(cfg: ModelConfig, embedding_VxD: jax.Array, tokens_BxT: jax.Array) -> jax.Array:
@@ -269,15 +218,15 @@ def head_params(module: nn.Module, cfg: ModelConfig, embedding_VxD: jax.Array) -
   """
   num_own = cfg.num_targets - 1 if cfg.tie_embeddings else cfg.num_targets
   L, D, V = cfg.num_layers, cfg.d_model, cfg.vocab_size
-  norm_scale = module.param("head_norm_scale", _init(nn.initializers.ones, "layers", "embed"), (L, D))
-  norm_bias = module.param("head_norm_bias", _init(nn.initializers.zeros, "layers", "embed"), (L, D))
+  norm_scale = module.param("head_norm_scale", with_axes(nn.initializers.ones, "layers", "embed"), (L, D))
+  norm_bias = module.param("head_norm_bias", with_axes(nn.initializers.zeros, "layers", "embed"), (L, D))
   kernel = bias = None
   if num_own:
     kernel = module.param(
-        "head_kernel", _init(nn.initializers.variance_scaling(1.0, "fan_in", "normal", in_axis=-2,
+        "head_kernel", with_axes(nn.initializers.variance_scaling(1.0, "fan_in", "normal", in_axis=-2,
                                                               out_axis=-1),
                              "layers", "targets", "embed", "vocab"), (L, num_own, D, V))
-    bias = module.param("head_bias", _init(nn.initializers.zeros, "layers", "targets", "vocab"),
+    bias = module.param("head_bias", with_axes(nn.initializers.zeros, "layers", "targets", "vocab"),
                         (L, num_own, V))
   return Heads(norm_scale=norm_scale, norm_bias=norm_bias, kernel=kernel, bias=bias,
                embedding=embedding_VxD if cfg.tie_embeddings else None)
@@ -303,60 +252,22 @@ class _Dense(nn.Module):
     return matmul(x_RxI, self.param("kernel", self.kernel_init, (x_RxI.shape[-1], self.features)))
 
 
-class Block(nn.Module):
-  """One layer: [own positions] -> attention -> feed-forward, pre-LayerNorm residuals."""
-  cfg: ModelConfig
-  deterministic: bool
-
-  @nn.compact
-  def __call__(self, x_BxTxD: jax.Array, cache: LayerCache | None = None):
-    """x_BxTxD -> x_BxTxD; with a cache (decoding), -> (x_BxTxD, the updated (key, value) cache)."""
-    cfg = self.cfg
-    dtype = cfg.compute_dtype
-    seq_len = x_BxTxD.shape[1]
-    if cfg.positions == "per_layer":
-      pos_PxD = self.param("pos_embedding", _init(_normal_002, "length", "embed"),
-                           (cfg.max_len, cfg.d_model))
-      x_BxTxD = x_BxTxD + _positions(pos_PxD, seq_len, None if cache is None else cache[2]).astype(dtype)
-
-    N, H, D = cfg.num_heads, cfg.head_dim, cfg.d_model
-    B, T = x_BxTxD.shape[:2]
-    in_init = head_in_init(cfg)
-    # Named scopes label the ops in profiles (benchmarks/profile_step.py, TensorBoard's profiler).
-    with jax.named_scope("layer_norm"):
-      h_BxTxD = layer_norm(cfg, "attention_norm")(x_BxTxD)
-    with jax.named_scope("projections"):
-      q_BxTxNxH, k_BxTxNxH, v_BxTxNxH = (
-          matmul(h_BxTxD, self.param(name, in_init, (D, N, H)).reshape(D, N * H)).reshape(B, T, N, H)
-          for name in ("query", "key", "value"))
-    if cfg.positions == "rope":
-      start = 0 if cache is None else cache[2]
-      q_BxTxNxH, k_BxTxNxH = (rotate(x, start) for x in (q_BxTxNxH, k_BxTxNxH))
-    with jax.named_scope("attention"):
-      if cache is None:
-        a_BxTxNxH = attention.causal_attention(q_BxTxNxH, k_BxTxNxH, v_BxTxNxH, impl=cfg.attention)
-      else:
-        a_BxTxNxH, cache = _cached_attention(q_BxTxNxH, k_BxTxNxH, v_BxTxNxH, cache)
-    x_BxTxD = attention_out_residual(self, x_BxTxD, a_BxTxNxH)
-    x_BxTxD = feed_forward_residual(cfg, self.deterministic, x_BxTxD)
-    return x_BxTxD if cache is None else (x_BxTxD, cache[:2])
-
-
-# The layers' building blocks, shared by the families (chartx.xl's layer is built from them too),
-# so that their parameters, initializers, profile scopes and sharding annotations stay the same.
+# The layers' building blocks, shared by the families (chartx.families.fixed's Block and
+# chartx.families.xl's XLBlock), so that their parameters, initializers, profile scopes and sharding
+# annotations stay the same.
 
 def layer_norm(cfg: ModelConfig, name: str) -> nn.LayerNorm:
   """A LayerNorm over D, computed in the compute dtype; a submodule of the calling layer."""
   return nn.LayerNorm(epsilon=1e-6, dtype=cfg.compute_dtype, name=name,
-                      scale_init=_init(nn.initializers.ones, "embed"),
-                      bias_init=_init(nn.initializers.zeros, "embed"))
+                      scale_init=with_axes(nn.initializers.ones, "embed"),
+                      bias_init=with_axes(nn.initializers.zeros, "embed"))
 
 
 def head_in_init(cfg: ModelConfig) -> nn.initializers.Initializer:
   """The initializer of a DxNxH projection (query, key, value; XL's W_R). Per-head projections as
   explicit DxNxH / NxHxD parameters keep the head axis visible to the sharding rules
   (DenseGeneral would flatten it at init); the products flatten it."""
-  return _init(_initializer(cfg, in_axis=0, out_axis=(1, 2)), "embed", "heads", "head_dim")
+  return with_axes(_initializer(cfg, in_axis=0, out_axis=(1, 2)), "embed", "heads", "head_dim")
 
 
 def attention_out_residual(layer: nn.Module, x_BxTxD: jax.Array, a_BxTxNxH: jax.Array) -> jax.Array:
@@ -365,7 +276,7 @@ def attention_out_residual(layer: nn.Module, x_BxTxD: jax.Array, a_BxTxNxH: jax.
   cfg = layer.cfg
   N, H, D = cfg.num_heads, cfg.head_dim, cfg.d_model
   B, T = x_BxTxD.shape[:2]
-  out_init = _init(_initializer(cfg, in_axis=(0, 1), out_axis=2, residual=True),
+  out_init = with_axes(_initializer(cfg, in_axis=(0, 1), out_axis=2, residual=True),
                    "heads", "head_dim", "embed")
   with jax.named_scope("projections"):
     a_BxTxD = matmul(a_BxTxNxH.reshape(B, T, N * H),
@@ -379,15 +290,15 @@ def feed_forward_residual(cfg: ModelConfig, deterministic: bool, x_BxTxD: jax.Ar
   with jax.named_scope("layer_norm"):
     h_BxTxD = layer_norm(cfg, "mlp_norm")(x_BxTxD)
   with jax.named_scope("feed_forward"):
-    h_BxTxF = _Dense(cfg.d_ff, _init(_initializer(cfg), "embed", "mlp"), name="mlp_in")(h_BxTxD)
+    h_BxTxF = _Dense(cfg.d_ff, with_axes(_initializer(cfg), "embed", "mlp"), name="mlp_in")(h_BxTxD)
     h_BxTxF = nn.with_logical_constraint(_ACTIVATIONS[cfg.activation](h_BxTxF), ("batch", "length", "mlp"))
-    h_BxTxD = _Dense(cfg.d_model, _init(_initializer(cfg, residual=True), "mlp", "embed"),
+    h_BxTxD = _Dense(cfg.d_model, with_axes(_initializer(cfg, residual=True), "mlp", "embed"),
                      name="mlp_out")(h_BxTxF)
   x_BxTxD = x_BxTxD + nn.Dropout(cfg.dropout)(h_BxTxD, deterministic=deterministic)
   return nn.with_logical_constraint(x_BxTxD, ("batch", "length", "embed"))
 
 
-def _positions(pos_PxD: jax.Array, seq_len: int, index: jax.Array | None) -> jax.Array:
+def table_rows(pos_PxD: jax.Array, seq_len: int, index: jax.Array | None) -> jax.Array:
   """Rows [0, T) of a positional table, or [index, index + T) when decoding with a cache."""
   if index is None:
     return pos_PxD[:seq_len]
@@ -413,39 +324,7 @@ def rotate(x_BxTxNxH: jax.Array, start: jax.Array | int) -> jax.Array:
   return jnp.concatenate([x1_BxTxNxJ * cos_1xTx1xJ - x2_BxTxNxJ * sin_1xTx1xJ,
                           x1_BxTxNxJ * sin_1xTx1xJ + x2_BxTxNxJ * cos_1xTx1xJ], axis=-1).astype(x_BxTxNxH.dtype)
 
-
-def _cached_attention(q_BxTxNxH: jax.Array, k_BxTxNxH: jax.Array, v_BxTxNxH: jax.Array,
-                      cache: LayerCache) -> tuple[jax.Array, LayerCache]:
-  """Writes the T new keys/values at rows [index, index + T) and attends causally over the cache."""
-  k_BxCxNxH, v_BxCxNxH, index = cache
-  k_BxCxNxH = jax.lax.dynamic_update_slice_in_dim(k_BxCxNxH, k_BxTxNxH.astype(k_BxCxNxH.dtype), index, 1)
-  v_BxCxNxH = jax.lax.dynamic_update_slice_in_dim(v_BxCxNxH, v_BxTxNxH.astype(v_BxCxNxH.dtype), index, 1)
-  # Query t sits at position index + t and sees cache rows 0..index + t; later rows are stale.
-  query_T = index + jnp.arange(q_BxTxNxH.shape[1])
-  mask_TxC = jnp.arange(k_BxCxNxH.shape[1])[None, :] <= query_T[:, None]
-  a_BxTxNxH = jax.nn.dot_product_attention(q_BxTxNxH, k_BxCxNxH.astype(q_BxTxNxH.dtype),
-                                           v_BxCxNxH.astype(q_BxTxNxH.dtype),
-                                           mask=mask_TxC[None, None], implementation="xla")
-  return a_BxTxNxH, (k_BxCxNxH, v_BxCxNxH, index)
-
-
-class _ScanBody(nn.Module):
-  """Adapts Block to nn.scan's (carry, x) -> (carry, y); y is the layer's output when kept."""
-  cfg: ModelConfig
-  deterministic: bool
-  keep_all_layers: bool
-
-  @nn.compact
-  def __call__(self, x_BxTxD: jax.Array, cache: LayerCache | None) -> tuple[jax.Array, Any]:
-    """cache is None in training; when decoding, y is the layer's updated (key, value)."""
-    block = layer_cls(self.cfg)(self.cfg, self.deterministic, name="block")
-    if cache is not None:
-      return block(x_BxTxD, cache)
-    x_BxTxD = block(x_BxTxD)
-    return x_BxTxD, (x_BxTxD if self.keep_all_layers else None)
-
-
-def layer_cls(cfg: ModelConfig, block: type[nn.Module] = Block) -> type[nn.Module]:
+def layer_cls(cfg: ModelConfig, block: type[nn.Module]) -> type[nn.Module]:
   """The layer class `block` (a family's layer), rematerialized as cfg.remat says."""
   if cfg.remat == "none":
     return block
@@ -453,100 +332,24 @@ def layer_cls(cfg: ModelConfig, block: type[nn.Module] = Block) -> type[nn.Modul
   return nn.remat(block, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
 
 
-class Transformer(nn.Module):
-  """tokens_BxT -> the residual stream after every layer (all_layers) or after the last.
 
-  deterministic and all_layers are attributes, not call arguments, so that the layer stack can
-  be built in setup(); train and inference use clones with the same parameters.
-  """
-  cfg: ModelConfig
-  deterministic: bool = True
-  all_layers: bool = False
+def scanned(body: type[nn.Module], cfg: ModelConfig, num_broadcast: int = 0) -> type[nn.Module]:
+  """A family's layer body under nn.scan over cfg.num_layers layers (MaxText's idiom: one compiled
+  layer): parameters stacked on a leading "layers" axis, the params and dropout keys split per
+  layer; after the carry, the first input is scanned over layers, the next num_broadcast are the
+  same for every layer."""
+  return nn.scan(body, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                 in_axes=(0,) + (nn.broadcast,) * num_broadcast, length=cfg.num_layers,
+                 metadata_params={nn.PARTITION_NAME: "layers"})
 
-  def setup(self):
-    cfg = self.cfg
-    self.embedding = embedding_param(self, cfg)
-    if cfg.positions == "input":
-      self.pos_embedding = self.param("pos_embedding", _init(_normal_002, "length", "embed"),
-                                      (cfg.max_len, cfg.d_model))
-    self.dropout = nn.Dropout(cfg.dropout)
-    if cfg.scan_layers:
-      stack = nn.scan(_ScanBody, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
-                      length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
-      self.layers = stack(cfg, self.deterministic, self.all_layers)
-    else:
-      self.layers = [layer_cls(cfg)(cfg, self.deterministic) for _ in range(cfg.num_layers)]
-    self.classifiers = head_params(self, cfg, self.embedding)
 
-  def __call__(self, tokens_BxT: jax.Array) -> jax.Array:
-    """Returns h_LxBxTxD if all_layers else h_BxTxD (before the per-layer head norm)."""
-    cfg = self.cfg
-    x_BxTxD = self._add_input_positions(embed(cfg, self.embedding, tokens_BxT), None)
-    x_BxTxD = self.dropout(x_BxTxD, deterministic=self.deterministic)
-    x_BxTxD = nn.with_logical_constraint(x_BxTxD, ("batch", "length", "embed"))
-    if cfg.scan_layers:
-      x_BxTxD, h_LxBxTxD = self.layers(x_BxTxD, None)
-    else:
-      outputs = []
-      for block in self.layers:
-        x_BxTxD = block(x_BxTxD)
-        outputs.append(x_BxTxD)
-      h_LxBxTxD = jnp.stack(outputs) if self.all_layers else None
-    return h_LxBxTxD if self.all_layers else x_BxTxD
-
-  def _add_input_positions(self, x_BxTxD: jax.Array, index: jax.Array | None) -> jax.Array:
-    """x plus the input's positions ("input": the learned table; "sinusoid": the fixed one) for
-    positions [0, T), or [index, index + T) when decoding; "per_layer" and "rope" act in each Block."""
-    cfg = self.cfg
-    if cfg.positions in ("per_layer", "rope"):
-      return x_BxTxD
-    pos_PxD = (self.pos_embedding if cfg.positions == "input"
-               else jnp.asarray(sinusoid_table(cfg.max_len, cfg.d_model)))
-    return x_BxTxD + _positions(pos_PxD, x_BxTxD.shape[1], index).astype(cfg.compute_dtype)
-
-  def heads(self) -> Heads:
-    """Every layer's classifiers (for a loss); inference uses heads().layer(-1)."""
-    return self.classifiers
-
-  def logits(self, tokens_BxT: jax.Array) -> jax.Array:
-    """Inference: the last layer's next-character logits, float32 BxTxV."""
-    h = self(tokens_BxT)
-    h_BxTxD = h[-1] if self.all_layers else h
-    return self.heads().layer(-1).logits(self.cfg, h_BxTxD, target=0)
-
-  def decode(self, tokens_BxT: jax.Array, cache: dict[str, jax.Array],
-             index: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Cached inference: tokens_BxT sit at positions [index, index + T); rows [0, index) of the
-    cache (ModelConfig.init_cache) hold the earlier characters. Returns (logits_BxTxV, cache).
-
-    T = 1 is one decoding step; a larger T fills (prefills) the cache. The logits equal those of
-    logits() on the whole prefix. Call it on a deterministic module (no dropout when decoding).
-    """
-    cfg = self.cfg
-    index = jnp.asarray(index, jnp.int32)
-    x_BxTxD = self._add_input_positions(self.embedding[tokens_BxT].astype(cfg.compute_dtype), index)
-    if cfg.scan_layers:
-      index_L = jnp.full((cfg.num_layers,), index)
-      x_BxTxD, (k_LxBxCxNxH, v_LxBxCxNxH) = self.layers(x_BxTxD, (cache["key"], cache["value"], index_L))
-    else:
-      keys, values = [], []
-      for layer, block in enumerate(self.layers):
-        x_BxTxD, (k_BxCxNxH, v_BxCxNxH) = block(x_BxTxD, (cache["key"][layer], cache["value"][layer], index))
-        keys.append(k_BxCxNxH)
-        values.append(v_BxCxNxH)
-      k_LxBxCxNxH, v_LxBxCxNxH = jnp.stack(keys), jnp.stack(values)
-    logits_BxTxV = self.heads().layer(-1).logits(cfg, x_BxTxD, target=0)
-    return logits_BxTxV, {"key": k_LxBxCxNxH, "value": v_LxBxCxNxH}
+def last_layer_logits(module: nn.Module, h: jax.Array) -> jax.Array:
+  """The last layer's next-character logits_BxTxV (float32) of a family's module, from what its
+  __call__ returned (h_LxBxTxD when all_layers, else h_BxTxD)."""
+  h_BxTxD = h[-1] if module.all_layers else h
+  return module.heads().layer(-1).logits(module.cfg, h_BxTxD, target=0)
 
 
 def count_params(params: Any) -> int:
   return sum(int(x.size) for x in jax.tree.leaves(params))
 
-
-def build(cfg: ModelConfig, deterministic: bool = True, all_layers: bool = False) -> nn.Module:
-  """The module of cfg.family (the one place that picks it): Transformer for "fixed",
-  chartx.xl.XLTransformer for "xl"."""
-  if cfg.family == "xl":
-    from chartx import xl  # pylint: disable=import-outside-toplevel  (xl builds on this module)
-    return xl.XLTransformer(cfg, deterministic=deterministic, all_layers=all_layers)
-  return Transformer(cfg, deterministic=deterministic, all_layers=all_layers)
