@@ -35,7 +35,7 @@ The JSON file: started, finished, elapsed_s, budget_s, tiny, command, argv, cwd,
 (python, jax, jaxlib, flax, optax, orbax-checkpoint, ml-collections, numpy), environment
 (XLA_FLAGS ...), nvidia_smi (the GPUs' names, driver, memory and clocks; null without
 nvidia-smi), backend, device_kind and num_devices (from the first section that ran), targets
-(per model: issue 15's MFU target, the best MFU measured, met), sections (name -> {status: ok |
+(per model: the MFU target, the best MFU measured, met), sections (name -> {status: ok |
 error | skipped, started, seconds, config, overrides, result: the numbers or {error,
 traceback}}), errors and skipped (section names). It is rewritten after every section. A line
 per section, then a summary, is printed on stdout.
@@ -59,7 +59,7 @@ from typing import Any, Callable
 
 MODELS = {"T12": "configs.enwik8_12l", "T64": "configs.enwik8_64l"}
 ATTENTIONS = ("xla", "cudnn", "auto")
-# issue 15's MFU targets for one H100/H200 in bfloat16.
+# The MFU targets for one H100/H200 in bfloat16 (docs/results.md, "Not measured yet").
 MFU_TARGETS = {"T12": 0.40, "T64": 0.45}
 TINY = {"model.num_layers": 2, "model.d_model": 64, "model.num_heads": 4, "model.d_ff": 256,
         "model.max_len": 64, "data.seq_len": 64, "train.batch_size": 4}

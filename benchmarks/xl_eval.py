@@ -1,5 +1,5 @@
 """Evaluation speed at equal attention length: Transformer-XL's recurrent protocol against the
-fixed-context model's stride-1 sliding window (issue 12; the XL paper reports 363x at 800 and
+fixed-context model's stride-1 sliding window (the XL paper reports 363x at 800 and
 1,874x at 3,800 on its hardware).
 
     python -m benchmarks.xl_eval                   # 12 layers, d_model 512: T12 against XL 12L

@@ -1,4 +1,4 @@
-"""Quality at equal wall clock on real text: Transformer-XL against the fixed-context model (issue 12).
+"""Quality at equal wall clock on real text: Transformer-XL against the fixed-context model.
 
     python -m benchmarks.xl_quality --budget_s=600 --out=/tmp/xl_quality
     python -m benchmarks.xl_quality --budget_s=60 --eval_chars=2000 --out=/tmp/xl_quality_smoke
@@ -27,7 +27,7 @@ import time
 
 from benchmarks.time_to_bpc import _last_json, _run, _wait
 
-# configs/small.py as it was when this benchmark was written and run (README.md): the paper's
+# configs/small.py as it was when this benchmark was written and run (docs/results.md): the paper's
 # learned per-layer positions for the fixed model, no auxiliary losses for either.
 _RECIPE = ["--config=configs/small.py", "--config.loss.intermediate_layers=False"]
 MODELS = {

@@ -1,4 +1,4 @@
-"""CPU benchmark: the issue's dims, chartx's train step timed beside the PyTorch reference.
+"""CPU benchmark: a small model's train step, chartx's timed beside the PyTorch reference.
 
     pip install -e '.[bench]'   # torch==2.13.0, for --torch only
     python -m chartx.bench --config=configs/bench_cpu.py --torch --steps=20 --out=bench_cpu.jsonl
@@ -18,12 +18,9 @@ step here, then stays in the process instead of being faulted in afresh every st
 PyTorch reference runs in the same process under the same settings.
 
 Hardware: any CPU. chartx_over_torch_paired in the JSON line is chartx's throughput over
-PyTorch's, one step of each in turn in one process. Measured on 2026-11-29 on 2 cores of an AMD
-EPYC (AVX-512), jax 0.10.2, torch 2.13.0, every other job of the machine stopped, three runs of
---steps=10: with chartx's one CPU device per core (chartx/cpu_devices.py: 2 here), 1.04 to 1.05
-s a step for chartx against 1.06 to 1.13 s for PyTorch (paired 1.02 to 1.07); before that, with
-one device, 1.15 to 1.16 s against 1.04 to 1.08 s (paired 0.91 to 0.94). Peak RSS: chartx 2.1
-GB, PyTorch 2.3 GB. README.md (Performance) has the table and the loaded runs.
+PyTorch's, one step of each in turn in one process. Expect, on 2 quiet cores, about 1.04 s a step
+and chartx_over_torch_paired of about 1.0 to 1.1 (docs/results.md, "Train step speed against the
+PyTorch reference").
 """
 
 from configs import default

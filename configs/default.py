@@ -69,10 +69,9 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.optimizer = ml_collections.ConfigDict()
   # The paper's configs keep its published optimizer (momentum 0.99, fixed lr 0.003, no warm-up, no
-  # clipping). At CPU scale it stalls: on configs/reproduce.py neither warm-up, clipping, averaged
-  # layer losses nor rates 3 to 33 times larger brought it below 4.1 bpc in 300 steps (Adam: 3.39),
-  # and after 1,500 steps it is at 4.00 against Adam's 2.48 (README.md, "Reproducing the paper"),
-  # so none of them is added here; the small configs use Adam instead.
+  # clipping). At CPU scale it stalls, and neither warm-up, clipping, averaged layer losses nor
+  # larger rates made it train (docs/results.md, "The paper's optimizer at small scale"), so none
+  # of them is added here; the small configs use Adam instead.
   config.optimizer.name = "momentum"  # "momentum" (SGD with momentum, the paper) | "adamw".
   config.optimizer.learning_rate = 0.003  # Peak learning rate (the paper: fixed 0.003).
   config.optimizer.momentum = 0.99  # Momentum (the paper: 0.99); adamw's b1.

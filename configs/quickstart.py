@@ -1,13 +1,13 @@
-"""Quickstart: a small model on the Python standard library's own sources, offline, on a CPU.
+"""Quickstart: a small model on the sources of Python's email package, offline, on a CPU.
 
     make demo
     # which runs:
     python -m chartx.main --config=configs/quickstart.py --workdir=/tmp/chartx_quickstart
     python -m chartx.main --config=configs/quickstart.py --workdir=/tmp/chartx_quickstart --mode=sample
 
-Hardware: a 2-core CPU, about four minutes. Measured on 2026-11-29 (2-core AMD EPYC, `make demo`,
-the machine otherwise quiet): 3 min 45 s of training, validation bpc 3.42 at step 250, 2.89 at 500,
-2.48 at 750, 2.27 at 1000, 2.06 at 1500, then a sample that reads like Python's email package.
+Hardware: a CPU. Expect, on 2 cores, about four minutes of training, validation bpc falling to
+about 2.1 at step 1,500, then a sample that reads like the email package's Python (docs/results.md,
+"make demo and make test").
 """
 
 import sysconfig
@@ -27,10 +27,8 @@ def get_config():
   config.model.d_ff = 512
   config.model.max_len = 128
   config.model.dropout = 0.1
-  # Adam, not the paper's momentum: in 1,500 steps on a CPU it gets much further (measured on
-  # this config: validation bpc 2.07 against momentum's 3.57 after 1,500 steps). On the 24-layer
-  # configs/reproduce.py neither warm-up, clipping, averaged layer losses nor a larger rate made
-  # momentum 0.99 train in 300 steps (README.md, "Reproducing the paper").
+  # Adam, not the paper's momentum: in 1,500 steps on a CPU it gets much further, here and on
+  # configs/reproduce.py (docs/results.md: "make demo and make test", "The paper's optimizer").
   config.optimizer.name = "adamw"
   config.optimizer.learning_rate = 0.003
   config.optimizer.momentum = 0.9  # adamw's b1.

@@ -7,12 +7,12 @@ The dims of configs/bench_cpu.py (6 layers, d_model 256, 8 heads, d_ff 1024, con
 batch 16) on the top-level modules of Python's standard library (4.7 MB with Python 3.11,
 split 90/5/5 in file order), with the AdamW recipe a nanoGPT user brings (peak 1e-3, 100 steps
 of warm-up, cosine decay, clipping at 1, weight decay 0.1, b2 0.99), GPT-2's initialization,
-rotary positions and the intermediate layers' auxiliary losses. What differs from the paper's
-configs, and why, is in README.md's Performance section (measured by benchmarks/time_to_bpc.py
-on a 2-core CPU).
+rotary positions and the intermediate layers' auxiliary losses (each choice measured:
+docs/results.md, "What configs/small.py learns per step").
 
-Hardware: a CPU. On one core of a 2-core AMD EPYC shared with other jobs, about 2 s a step;
-benchmarks/time_to_bpc.py measured it against a PyTorch GPT loop (README.md, Performance).
+Hardware: a CPU. Expect, on 2 cores, about 1 s a step, and validation bpc about 2.36 after 300 s
+of wall clock under benchmarks/time_to_bpc.py, where a plain PyTorch GPT loop reaches about 3.25
+(docs/results.md, "Time to bpc against a plain PyTorch GPT loop").
 """
 
 import sysconfig
@@ -25,15 +25,14 @@ def get_config():
   config.data.name = "text_files"
   config.data.path = sysconfig.get_paths()["stdlib"] + "/*.py"
   # The intermediate layers' auxiliary losses help most at this scale; predicting 2 characters
-  # ahead helps less, and not on top of them. Validation bpc at 300 steps (seed 0): neither 2.470,
-  # 2 ahead 2.427, intermediate layers 2.364 (2.366 with seed 1), both 2.438 (README.md, Performance).
+  # ahead helps less, and not on top of them (docs/results.md, "What configs/small.py learns").
   config.loss.intermediate_layers = True
   config.loss.multiple_targets = 1
-  # GPT-2's initialization (N(0, 0.02), residual projections by 1/sqrt(2 x layers)): at 300 steps
-  # it reached validation bpc 3.266 against LeCun's 3.306 (README.md, Performance).
+  # GPT-2's initialization (N(0, 0.02), residual projections by 1/sqrt(2 x layers)): lower bpc
+  # at 300 steps than LeCun's (docs/results.md).
   config.model.init = "gpt2"
-  # Rotary positions on every layer's queries and keys, not a learned table per layer: at 300 steps
-  # validation bpc 2.470 and 2.483 (seeds 0, 1) against 3.266 (README.md, Performance).
+  # Rotary positions on every layer's queries and keys, not a learned table per layer: about 0.8
+  # bpc lower at 300 steps (docs/results.md).
   config.model.positions = "rope"
   config.optimizer.name = "adamw"
   config.optimizer.learning_rate = 1e-3

@@ -30,8 +30,9 @@ def _scalars(workdir) -> dict[str, list[tuple[int, float]]]:
   return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
-def _readme_section(title: str) -> str:
-  with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+def _doc_section(title: str, path: str = "README.md") -> str:
+  """The section of the markdown file at path (relative to the repository) that starts at title."""
+  with open(os.path.join(ROOT, path), encoding="utf-8") as f:
     text = f.read()
   start = text.index(title)
   end = text.find("\n## ", start + len(title))
@@ -39,8 +40,9 @@ def _readme_section(title: str) -> str:
 
 
 def _documented_key_patterns() -> list[re.Pattern]:
-  """The metrics.jsonl keys README.md's table documents, placeholders (<l>, <k>, <split>) as regexes."""
-  section = _readme_section("**metrics.jsonl**")
+  """The metrics.jsonl keys docs/reference.md's table documents, placeholders (<l>, <k>, <split>)
+  as regexes."""
+  section = _doc_section("**metrics.jsonl**", "docs/reference.md")
   patterns = []
   for row in section.splitlines():
     if row.startswith("| `"):
@@ -90,7 +92,8 @@ def test_records_carry_wall_time_and_elapsed_and_only_documented_keys(short_run)
   patterns = _documented_key_patterns()
   for record in records:
     for key in record:
-      assert any(p.fullmatch(key) for p in patterns), f"{key} is not in README.md's metrics table"
+      assert any(p.fullmatch(key) for p in patterns), (f"{key} is not in docs/reference.md's "
+                                                       "metrics table")
   elapsed = [r["elapsed"] for r in records]
   assert elapsed == sorted(elapsed) and elapsed[0] >= 0
   assert abs(records[-1]["wall_time"] - records[0]["wall_time"] - (elapsed[-1] - elapsed[0])) < 0.01
@@ -209,17 +212,19 @@ def test_peak_flops_of_this_cpu_is_unknown():
   assert flops.peak_flops(jax.devices("cpu")[0]) is None
 
 
-def test_readme_documents_every_config_key():
-  section = _readme_section("## Config reference")
+def test_reference_documents_every_config_key():
+  section = _doc_section("## Config reference", "docs/reference.md")
   documented = set(re.findall(r"^\| `([\w.]+)` \|", section, flags=re.M))
   keys = set(flax.traverse_util.flatten_dict(default.get_config().to_dict(), sep="."))
-  assert keys - documented == set(), "add these configs/default.py keys to README.md's config reference"
-  assert documented - keys == set(), "README.md documents config keys that do not exist"
+  assert keys - documented == set(), ("add these configs/default.py keys to docs/reference.md's "
+                                      "config reference")
+  assert documented - keys == set(), "docs/reference.md documents config keys that do not exist"
 
 
 def test_readme_layout_map_is_true_to_the_files():
-  section = _readme_section("## Architecture")
-  listed = [line.split()[0] for line in section.splitlines() if line.startswith("    ")]
+  section = _doc_section("## Architecture")
+  # One table row per module; its first cell is the path in backquotes.
+  listed = [line.split("`")[1] for line in section.splitlines() if line.startswith("| `")]
   missing = [path for path in listed if not os.path.exists(os.path.join(ROOT, path))]
   assert not missing, f"README.md's layout map lists files that do not exist: {missing}"
   modules = {f"chartx/{name}" for name in os.listdir(os.path.join(ROOT, "chartx"))
