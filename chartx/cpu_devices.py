@@ -4,7 +4,7 @@ XLA:CPU runs one device's program with a thread pool for its large matmuls, but 
 step's other work (fusions of elementwise ops, layer norms, softmaxes, the loss) runs on one
 thread. Split into one device per core, with the batch split over them by the mesh's data axis
 (plain data parallelism, gradients summed in memory), every core runs its own share of all of
-it: on 2 cores configs/bench_cpu.py's step took about 10% less time (README, Performance).
+it: on 2 cores configs/bench_cpu.py's step took about 10% less time (docs/results.md).
 
 config.mesh.cpu_devices chooses the count: 0 (auto) takes the most devices, up to the cores this
 process may run on, that divide train.batch_size and eval.batch_size, and only with the default

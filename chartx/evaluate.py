@@ -21,7 +21,7 @@ scored exactly once. eval_<split>.json reports the "protocol" and its "attention
 characters any scored character could see: the window T; the memory plus the segment, M + T, or
 with eval.same_length, where every character sees the same number, M + 1).
 
-Speed: README.md's performance table (benchmarks/eval_sample.py, benchmarks/xl_eval.py); a larger
+Speed: docs/results.md (benchmarks/eval_sample.py, benchmarks/xl_eval.py); a larger
 eval.batch_size helps stride 1 most.
 
     python -m chartx.main --config=configs/tiny.py --workdir=DIR --mode=eval \
