@@ -29,6 +29,7 @@ class Checkpoints:
     self.manager = checkpoint.make_manager(workdir, config)
     self._best = math.inf  # The lowest validation bpc among the checkpoints.
     self._writing: int | None = None  # The step of a save that may still be in flight.
+    self._failed = False  # Whether a save failed (and was reported).
     errors.quiet_library_errors()  # A failed save is reported by check(), in one line.
 
   def restore_or_init(self, state: Any) -> Any:
@@ -104,6 +105,7 @@ class Checkpoints:
     waiter.start()
     waiter.join(timeout)
     path = self.manager.directory / str(step)
+    self._failed = waiter.is_alive() or bool(failure)
     if waiter.is_alive():
       raise errors.WriteFailed(f"{path} did not finish writing in {timeout:.0f} s: "
                                f"{self.complete(besides=step)}", checkpoint_note=True)
@@ -127,8 +129,12 @@ class Checkpoints:
   def __exit__(self, exc_type, exc, tb) -> None:
     """Waits (bounded) for a save in flight, even when the loop raised; a failed write of the
     metrics gets the newest complete checkpoint added to its message."""
-    self.wait()  # A failed save's WriteFailed replaces the loop's exception: it says more.
-    self.manager.close()
+    try:
+      self.wait()  # A failed save's WriteFailed replaces the loop's exception: it says more.
+    finally:
+      if not self._failed:
+        self.manager.close()
+      # else Orbax's close would raise the reported failure again, or wait on a stuck write.
     if isinstance(exc, errors.WriteFailed) and not exc.checkpoint_note:
       raise errors.WriteFailed(f"{exc}: {self.complete()}", checkpoint_note=True) from exc
 
