@@ -149,6 +149,7 @@ class MetricWriter:
         self._jsonl.write(line)
         self._jsonl.flush()
       except OSError as e:
+        self._abandon()
         raise errors.write_failed(self._path, e) from e
     return record
 
@@ -161,8 +162,20 @@ class MetricWriter:
     worker = self._tb_events._worker  # pylint: disable=protected-access  (no public way to ask)
     failure = _tb_failures.get(worker)
     if failure is not None or (worker is not None and not worker.is_alive()):
-      self.enabled = False  # Its close would wait on the dead thread's queue.
-      raise errors.write_failed(self._tb_path(), failure or RuntimeError("the writer thread stopped"))
+      path = self._tb_path()
+      self._abandon()
+      raise errors.write_failed(path, failure or RuntimeError("the writer thread stopped"))
+
+  def _abandon(self) -> None:
+    """After a failed write: nothing more is written, and nothing fails again at exit (Python
+    flushes open files, tensorboardX closes its writers from atexit)."""
+    self.enabled = False
+    self._tb_events._closed = True  # pylint: disable=protected-access  (its close: a no-op)
+    if not self._remote:
+      try:
+        self._jsonl.close()
+      except OSError:
+        pass  # Its unwritten end: the line that failed.
 
   def _tb_path(self) -> str:
     return self._tb_events._ev_writer._file_name  # pylint: disable=protected-access
@@ -170,19 +183,22 @@ class MetricWriter:
   def close(self) -> None:
     if not self.enabled:
       return
-    self.enabled = False  # Whatever fails below, closing again does nothing.
     if self._remote:
       self._flush_remote()
     else:
       try:
         self._jsonl.close()
       except OSError as e:
+        self._abandon()
         raise errors.write_failed(self._path, e) from e
     self._check_tb()
     try:
       self._tb.close()
     except OSError as e:
-      raise errors.write_failed(self._tb_path(), e) from e
+      path = self._tb_path()
+      self._abandon()
+      raise errors.write_failed(path, e) from e
+    self.enabled = False
 
 
 def read_metrics(workdir: str) -> list[dict[str, Any]]:

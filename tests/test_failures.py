@@ -105,13 +105,13 @@ def _can_mount(tmp_path):
 
 @contextlib.contextmanager
 def _small_disk(tmp_path, workdir, target):
-  """A 4 MB tmpfs that holds one of the run's outputs (`target`: checkpoints, metrics or
+  """A 16 MB tmpfs that holds one of the run's outputs (`target`: checkpoints, metrics or
   tensorboard); the rest of workdir stays on the test's disk. Yields a function that fills it."""
   if not _can_mount(tmp_path):
     pytest.skip("cannot mount a tmpfs here (needs root); test_a_file_size_limit_... covers it")
   disk, mounts = tmp_path / "disk", []
   disk.mkdir()
-  _mount("-t", "tmpfs", "-o", "size=4M", "tmpfs", str(disk))
+  _mount("-t", "tmpfs", "-o", "size=16M", "tmpfs", str(disk))
   mounts.append(disk)
   try:
     os.makedirs(workdir)
