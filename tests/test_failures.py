@@ -200,3 +200,23 @@ def test_a_sigterm_after_the_loop_has_finished_exits_zero(finished, status):
           "time.sleep(30)\n")
   proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
   assert proc.returncode == status, proc.stderr
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_second_signal_ends_the_process_at_once(sig):
+  """The first asks the loop to stop after a save (which may be what is stuck); the second ends
+  the process there, in one line, status 1."""
+  code = ("import os, signal, time\n"
+          "from chartx import signals\n"
+          "with signals.StopSignal(None) as stop:\n"
+          f"  os.kill(os.getpid(), {int(sig)})\n"
+          "  time.sleep(0.1)\n"
+          "  print('stop requested:', stop(1), flush=True)\n"
+          f"  os.kill(os.getpid(), {int(sig)})\n"
+          "  time.sleep(30)\n"
+          "print('not reached')\n")
+  proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+  assert proc.returncode == 1, proc.stderr
+  assert proc.stdout == "stop requested: True\n"
+  name = signal.Signals(sig).name
+  assert proc.stderr.strip().splitlines()[-1] == f"error: a second {name}: stopping at once, without saving"
