@@ -89,6 +89,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
         with reporter.paused():
           ckpts.save(done, state, validation)
       if stop:
+        ckpts.wait()  # Bounded: a save that fails or hangs ends the run here, in one line.
         if jax.process_index() == 0:
           print(f"train: {stop_requested.received}: stopped after step {done}; "
                 f"{ckpts.newest()}", flush=True)
