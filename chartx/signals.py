@@ -29,6 +29,7 @@ class StopSignal:
     self._manager = manager
     self._previous: dict[int, Any] = {}
     self.received: str | None = None  # The name of the signal that asked to stop.
+    self._forwarded = False  # Several processes: whether a SIGINT was passed on as a SIGTERM.
 
   def __enter__(self) -> "StopSignal":
     if threading.current_thread() is not threading.main_thread():
@@ -63,9 +64,10 @@ class StopSignal:
 
   def _forward(self, signum: int, frame: Any) -> None:
     del frame
-    if self.received is not None:
+    if self._forwarded:
       _end_at_once(signum)
-    self.received = signal.Signals(signum).name
+    # Not self.received: every process must stop at the step the preemption service agrees on.
+    self._forwarded = True
     os.kill(os.getpid(), signal.SIGTERM)  # JAX's preemption service handles SIGTERM (not ours).
 
   def _restore(self) -> None:
