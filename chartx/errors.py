@@ -12,7 +12,7 @@ import re
 import sys
 import threading
 import traceback
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from absl import flags
 
@@ -64,10 +64,24 @@ def one_line_errors() -> Iterator[None]:
   try:
     yield
   except UserError as e:
-    if debug():
-      traceback.print_exc()
-    print(f"error: {e}", file=sys.stderr, flush=True)
+    _print(e)
     exit_now(1)
+
+
+def status_of(main: Callable[..., int], *args: Any) -> int:
+  """The same handler for a tool whose main returns its exit status: main(*args), or 1 after
+  printing a UserError's one line."""
+  try:
+    return main(*args)
+  except UserError as e:
+    _print(e)
+    return 1
+
+
+def _print(e: UserError) -> None:
+  if debug():
+    traceback.print_exception(e)
+  print(f"error: {e}", file=sys.stderr, flush=True)
 
 
 def exit_now(status: int) -> None:

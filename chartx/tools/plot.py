@@ -245,9 +245,12 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--out", help="PNG to write (default: curves.png beside the runs)")
   parser.add_argument("--title", help="title over the panels")
   args = parser.parse_args(argv)
-  with errors.one_line_errors():
-    runs = find_runs(args.workdirs)
-    out = plot(runs, args.out or default_out(runs), args.title)
+  return errors.status_of(_plot, args)
+
+
+def _plot(args: argparse.Namespace) -> int:
+  runs = find_runs(args.workdirs)
+  out = plot(runs, args.out or default_out(runs), args.title)
   print(f"wrote {out} ({len(runs)} run{'s' if len(runs) > 1 else ''})")
   return 0
 

@@ -261,8 +261,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name, row in ROWS.items():
       print(f"{name}: {row.change}")
     return 0
-  with errors.one_line_errors():
-    return _reproduce(args, extra)
+  return errors.status_of(_reproduce, args, extra)
 
 
 def _reproduce(args: argparse.Namespace, extra: Sequence[str]) -> int:

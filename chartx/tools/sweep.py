@@ -194,8 +194,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   unknown = [a for a in extra if not a.startswith("--config.")]
   if unknown:
     parser.error(f"unrecognized arguments: {' '.join(unknown)} (runs take --config.KEY=VALUE)")
-  with errors.one_line_errors():
-    return _sweep(args, extra)
+  return errors.status_of(_sweep, args, extra)
 
 
 def _sweep(args: argparse.Namespace, extra: list[str]) -> int:
