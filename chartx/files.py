@@ -5,6 +5,7 @@ and TensorBoard events (Orbax and tensorboardX open URLs themselves) goes throug
 
 import os
 
+from chartx import errors
 from chartx.errors import UserError
 
 
@@ -60,7 +61,7 @@ def read_text(path: str) -> str | None:
 
 
 def write_bytes(path: str, data: bytes) -> None:
-  """Writes the whole file, creating its directory; raises UserError if it cannot."""
+  """Writes the whole file, creating its directory; raises errors.WriteFailed if it cannot."""
   try:
     if is_remote(path):
       with fsspec_module().open(path, "wb") as f:
@@ -70,7 +71,7 @@ def write_bytes(path: str, data: bytes) -> None:
     with open(path, "wb") as f:
       f.write(data)
   except OSError as e:
-    raise UserError(f"cannot write {path}: {e.strerror or e}") from e
+    raise errors.write_failed(path, e) from e
 
 
 def write_text(path: str, text: str) -> None:

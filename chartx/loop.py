@@ -14,8 +14,10 @@ from chartx.errors import UserError
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train.TrainState:
   """Trains config.train.num_steps steps, resuming from the newest checkpoint in workdir.
 
-  SIGTERM or SIGINT ends the loop after the current step with a checkpoint of it; a NaN or Inf
-  loss ends it with a UserError naming the step, and no checkpoint of that state.
+  SIGTERM or SIGINT ends the loop after the current step with a checkpoint of it (a second one
+  ends the process at once); a NaN or Inf loss ends it with a UserError naming the step, and no
+  checkpoint of that state; a write that fails (a full disk) ends it with an errors.WriteFailed
+  naming the file, the cause and the newest complete checkpoint.
   """
   ckpts = resume.Checkpoints(workdir, config)  # First: a bad workdir fails before anything slow.
   changes = run_config.resume_changes(config, workdir) if ckpts.manager.all_steps() else None
@@ -61,6 +63,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
       profiler.done(step, out)
       # Wait for the previous step only now that this one is queued: the device never idles.
       _finish(previous, reporter, ckpts)
+      ckpts.check()  # A failed save ends the run now, not at the next save.
       done = step + 1
       previous = (done, out)
       validation = None
@@ -77,12 +80,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
         with reporter.paused():
           ckpts.save(done, state, validation)
       if stop:
+        ckpts.wait()  # Bounded: a save that fails or hangs ends the run here, in one line.
         if jax.process_index() == 0:
           print(f"train: {stop_requested.received}: stopped after step {done}; "
                 f"{ckpts.newest()}", flush=True)
         break
     _finish(previous, reporter, ckpts)
     reporter.close()  # Inside: a signal now must not cut the writers' flush short.
+    ckpts.wait()
+    stop_requested.finished()  # From here a signal ends the process with status 0.
   return state
 
 

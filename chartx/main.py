@@ -3,8 +3,6 @@
 --mode=eval and --mode=sample may leave out --config: they use the config the run saved.
 """
 
-import sys
-
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -55,17 +53,15 @@ def run(argv) -> None:
     if jax.process_index() == 0:
       print(text, flush=True)
   else:
-    from chartx import loop
+    from chartx import loop, signals
+    signals.exit_quietly_when_finished()  # A SIGTERM after the loop has written all: status 0.
     loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 
 def main(argv) -> None:
   logging.set_verbosity(logging.WARNING)
-  try:
+  with errors.one_line_errors():
     run(argv)
-  except UserError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
 
 
 def _parse_flags(argv: list[str]) -> list[str]:

@@ -7,13 +7,14 @@ import itertools
 import json
 import math
 import os
+import threading
 import time
 from typing import Any, Iterator, Mapping
 
 import numpy as np
 import tensorboardX
 
-from chartx import files
+from chartx import errors, files
 from chartx.errors import UserError
 
 METRICS_FILE = "metrics.jsonl"
@@ -23,6 +24,26 @@ TIME_KEYS = ("wall_time", "elapsed")
 # as tensorboardX does with its event files on GCS.
 _REMOTE_FLUSH_SECS = 60.0
 _writer_ids = itertools.count()
+# tensorboardX's writer threads that died, and why: their exception, kept by _keep_tb_failures.
+_tb_failures: dict[threading.Thread, BaseException] = {}
+
+
+def _keep_tb_failures() -> None:
+  """Once per process: tensorboardX writes from a thread, and a failed write (a full disk) kills
+  that thread with a traceback on stderr while add_scalar goes on queueing (then blocks when the
+  queue is full). Its exception is kept instead, for MetricWriter.write to raise in one line."""
+  previous = threading.excepthook
+  if getattr(previous, "keeps_tb_failures", False):
+    return
+
+  def hook(args: Any) -> None:
+    if type(args.thread).__module__.startswith("tensorboardX") and not errors.debug():
+      _tb_failures[args.thread] = args.exc_value
+    else:
+      previous(args)
+
+  hook.keeps_tb_failures = True
+  threading.excepthook = hook
 
 
 def _read_tail(path: str, size: int) -> str | None:
@@ -86,16 +107,22 @@ class MetricWriter:
       self._lines = [json.dumps(r) + "\n" for r in _parse_lines(text)]
       self._last_flush = 0.0
     else:
-      os.makedirs(workdir, exist_ok=True)
-      self._jsonl = open(self._path, "a", encoding="utf-8")
-      if text and not text.endswith("\n"):
-        self._jsonl.write("\n")  # End a line cut short by a killed run before appending.
+      try:
+        os.makedirs(workdir, exist_ok=True)
+        self._jsonl = open(self._path, "a", encoding="utf-8")
+        if text and not text.endswith("\n"):
+          self._jsonl.write("\n")  # End a line cut short by a killed run before appending.
+      except OSError as e:
+        raise errors.write_failed(self._path, e) from e
     resumed = start_step is not None and any(r["step"] > start_step for r in tail)
     # tensorboardX names event files by the second they open: the suffix keeps two writers
     # opened within one second from overwriting each other's file.
-    self._tb = tensorboardX.SummaryWriter(logdir=workdir, flush_secs=30,
+    _keep_tb_failures()
+    # A queue long enough that the events of one record never block on a dead writer thread.
+    self._tb = tensorboardX.SummaryWriter(logdir=workdir, flush_secs=30, max_queue=1000,
                                           purge_step=start_step + 1 if resumed else None,
                                           filename_suffix=f".{os.getpid()}.{next(_writer_ids)}")
+    self._tb_events = self._tb.file_writer.event_writer  # tensorboardX's EventFileWriter.
     if resumed:
       self._append({"step": int(start_step), "event": "resume"})
 
@@ -103,6 +130,7 @@ class MetricWriter:
     if not self.enabled:
       return
     record = self._append({"step": int(step), **{k: _compact(v) for k, v in scalars.items()}})
+    self._check_tb()
     for key, value in record.items():
       if key not in ("step", *TIME_KEYS) and isinstance(value, (int, float)) and not isinstance(value, bool):
         self._tb.add_scalar(key, value, global_step=int(step), walltime=record["wall_time"])
@@ -117,13 +145,40 @@ class MetricWriter:
       if now - self._last_flush >= _REMOTE_FLUSH_SECS:
         self._flush_remote()
     else:
-      self._jsonl.write(line)
-      self._jsonl.flush()
+      try:
+        self._jsonl.write(line)
+        self._jsonl.flush()
+      except OSError as e:
+        self._abandon()
+        raise errors.write_failed(self._path, e) from e
     return record
 
   def _flush_remote(self) -> None:
     files.write_text(self._path, "".join(self._lines))
     self._last_flush = time.time()
+
+  def _check_tb(self) -> None:
+    """errors.WriteFailed if tensorboardX's writer thread died of a failed write."""
+    worker = self._tb_events._worker  # pylint: disable=protected-access  (no public way to ask)
+    failure = _tb_failures.get(worker)
+    if failure is not None or (worker is not None and not worker.is_alive()):
+      path = self._tb_path()
+      self._abandon()
+      raise errors.write_failed(path, failure or RuntimeError("the writer thread stopped"))
+
+  def _abandon(self) -> None:
+    """After a failed write: nothing more is written, and nothing fails again at exit (Python
+    flushes open files, tensorboardX closes its writers from atexit)."""
+    self.enabled = False
+    self._tb_events._closed = True  # pylint: disable=protected-access  (its close: a no-op)
+    if not self._remote:
+      try:
+        self._jsonl.close()
+      except OSError:
+        pass  # Its unwritten end: the line that failed.
+
+  def _tb_path(self) -> str:
+    return self._tb_events._ev_writer._file_name  # pylint: disable=protected-access
 
   def close(self) -> None:
     if not self.enabled:
@@ -131,8 +186,18 @@ class MetricWriter:
     if self._remote:
       self._flush_remote()
     else:
-      self._jsonl.close()
-    self._tb.close()
+      try:
+        self._jsonl.close()
+      except OSError as e:
+        self._abandon()
+        raise errors.write_failed(self._path, e) from e
+    self._check_tb()
+    try:
+      self._tb.close()
+    except OSError as e:
+      path = self._tb_path()
+      self._abandon()
+      raise errors.write_failed(path, e) from e
     self.enabled = False
 
 

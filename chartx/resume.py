@@ -1,6 +1,7 @@
 """The train loop's checkpoints: resume or initialize (fine-tuning, set-aside runs), then save on schedule."""
 
 import math
+import threading
 import time
 from typing import Any, Mapping
 
@@ -10,8 +11,11 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
-from chartx import checkpoint
+from chartx import checkpoint, errors
 from chartx.errors import UserError
+
+# How long the loop waits for a checkpoint to finish writing before it gives up on it (a stuck disk).
+SAVE_TIMEOUT_SECS = 120.0
 
 
 class Checkpoints:
@@ -24,6 +28,9 @@ class Checkpoints:
       set_aside_run(checkpoint.checked_directory(workdir))
     self.manager = checkpoint.make_manager(workdir, config)
     self._best = math.inf  # The lowest validation bpc among the checkpoints.
+    self._writing: int | None = None  # The step of a save that may still be in flight.
+    self._failed = False  # Whether a save failed (and was reported).
+    errors.quiet_library_errors()  # A failed save is reported by check(), in one line.
 
   def restore_or_init(self, state: Any) -> Any:
     """The newest readable checkpoint restored onto state's shardings; else state, with the
@@ -68,9 +75,50 @@ class Checkpoints:
             or (validation is not None and validation.get(checkpoint.BEST_METRIC, math.inf) < self._best))
 
   def save(self, step: int, state: Any, validation: Mapping[str, Any] | None = None) -> None:
+    self.wait()  # The previous save's failure, in our words, before Orbax waits for it.
     checkpoint.save(self.manager, step, state, validation, self._config)
+    self._writing = step
     if validation is not None:
       self._best = min(self._best, validation.get(checkpoint.BEST_METRIC, math.inf))
+
+  def check(self) -> None:
+    """Once a step: errors.WriteFailed as soon as an asynchronous save has failed."""
+    if self._writing is not None and not self.manager.is_saving_in_progress():
+      self.wait()
+
+  def wait(self, timeout: float = SAVE_TIMEOUT_SECS) -> None:
+    """Waits at most `timeout` seconds for the save in flight; errors.WriteFailed if it failed or
+    did not finish (a stuck write), naming the newest complete checkpoint."""
+    step, self._writing = self._writing, None
+    if step is None:
+      return
+    failure: list[BaseException] = []
+
+    def wait_for_orbax() -> None:
+      try:
+        self.manager.wait_until_finished()
+      except Exception as e:  # pylint: disable=broad-except  (TensorStore raises ValueError)
+        failure.append(e)
+
+    # In a thread (a daemon: it must not hold the process's exit), so that the wait has a bound.
+    waiter = threading.Thread(target=wait_for_orbax, name="chartx_save_wait", daemon=True)
+    waiter.start()
+    waiter.join(timeout)
+    path = self.manager.directory / str(step)
+    self._failed = waiter.is_alive() or bool(failure)
+    if waiter.is_alive():
+      raise errors.WriteFailed(f"{path} did not finish writing in {timeout:.0f} s: "
+                               f"{self.complete(besides=step)}", checkpoint_note=True)
+    if failure:
+      raise errors.WriteFailed(f"{errors.cause(failure[0])} writing {path}: "
+                               f"{self.complete(besides=step)}", checkpoint_note=True) from failure[0]
+
+  def complete(self, besides: int | None = None) -> str:
+    """Which checkpoint a run that stops now resumes from (not `besides`, one that failed)."""
+    steps = [s for s in self.manager.all_steps() if s != besides and s != self._writing]
+    if not steps:
+      return "there is no complete checkpoint yet"
+    return f"the last complete checkpoint is step {max(steps)}"
 
   def newest(self) -> str:
     return checkpoint.describe_newest(self.manager)
@@ -78,8 +126,17 @@ class Checkpoints:
   def __enter__(self) -> "Checkpoints":
     return self
 
-  def __exit__(self, *exc) -> None:
-    self.manager.close()  # Waits for a save in flight, even when the loop raised.
+  def __exit__(self, exc_type, exc, tb) -> None:
+    """Waits (bounded) for a save in flight, even when the loop raised; a failed write of the
+    metrics gets the newest complete checkpoint added to its message."""
+    try:
+      self.wait()  # A failed save's WriteFailed replaces the loop's exception: it says more.
+    finally:
+      if not self._failed:
+        self.manager.close()
+      # else Orbax's close would raise the reported failure again, or wait on a stuck write.
+    if isinstance(exc, errors.WriteFailed) and not exc.checkpoint_note:
+      raise errors.WriteFailed(f"{exc}: {self.complete()}", checkpoint_note=True) from exc
 
   def _remove_temporary(self) -> None:
     directory = self.manager.directory

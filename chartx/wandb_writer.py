@@ -14,7 +14,7 @@ from typing import Any, Mapping
 
 import ml_collections
 
-from chartx import files
+from chartx import errors, files
 from chartx.errors import UserError
 
 RUN_ID_FILE = "wandb_run_id"
@@ -49,7 +49,10 @@ class WandbWriter:
                            name=os.path.basename(workdir.rstrip("/")))
 
   def write(self, step: int, scalars: Mapping[str, Any]) -> None:
-    self._run.log(dict(scalars), step=int(step))
+    try:
+      self._run.log(dict(scalars), step=int(step))
+    except OSError as e:  # W&B writes its run files locally first, wherever it syncs them.
+      raise errors.write_failed(f"the W&B run in {self._run.dir}", e) from e
 
   def close(self) -> None:
     self._run.finish()

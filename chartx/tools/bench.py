@@ -321,7 +321,7 @@ def _define_flags() -> dict[str, flags.FlagHolder]:
 def main(argv: list[str], holders: dict[str, flags.FlagHolder]) -> None:
   logging.set_verbosity(logging.WARNING)
   malloc_tuned = malloc.keep_freed_memory()  # As python -m chartx.main does, before JAX allocates.
-  try:
+  with errors.one_line_errors():
     if len(argv) > 1:
       raise UserError(f"unexpected arguments: {' '.join(argv[1:])}")
     cpu_devices.split_cores(holders["config"].value, "train")  # As python -m chartx.main does.
@@ -333,9 +333,6 @@ def main(argv: list[str], holders: dict[str, flags.FlagHolder]) -> None:
     record["config"] = config_flags.get_config_filename(flags.FLAGS["config"])
     record["overrides"] = {k: _jsonable(v) for k, v in
                            config_flags.get_override_values(flags.FLAGS["config"]).items()}
-  except UserError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
   line = json.dumps(record)
   print(line, flush=True)
   if holders["out"].value:

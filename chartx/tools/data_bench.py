@@ -20,6 +20,7 @@ from absl import flags
 import ml_collections
 import numpy as np
 
+from chartx import errors
 from chartx.data import builders
 from chartx.data.corpus import load_corpus
 
@@ -68,7 +69,7 @@ def run(data_dir: str, size: int) -> dict[str, float]:
 
 def main(argv: list[str]) -> None:
   del argv
-  with tempfile.TemporaryDirectory() as tmp:
+  with errors.one_line_errors(), tempfile.TemporaryDirectory() as tmp:
     results = run(_DATA_DIR.value or tmp, _SIZE.value)
   print(f"enwik8 format, {_SIZE.value:,} bytes: " + ", ".join(
       f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v:,}" for k, v in results.items()))

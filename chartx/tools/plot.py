@@ -21,7 +21,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from chartx import files, metrics
+from chartx import errors, files, metrics
 from chartx.errors import UserError
 
 _TRAIN_SMOOTHING = 0.6  # As TensorBoard's default: an exponential moving average over log steps.
@@ -245,12 +245,12 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--out", help="PNG to write (default: curves.png beside the runs)")
   parser.add_argument("--title", help="title over the panels")
   args = parser.parse_args(argv)
-  try:
-    runs = find_runs(args.workdirs)
-    out = plot(runs, args.out or default_out(runs), args.title)
-  except UserError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 1
+  return errors.status_of(_plot, args)
+
+
+def _plot(args: argparse.Namespace) -> int:
+  runs = find_runs(args.workdirs)
+  out = plot(runs, args.out or default_out(runs), args.title)
   print(f"wrote {out} ({len(runs)} run{'s' if len(runs) > 1 else ''})")
   return 0
 

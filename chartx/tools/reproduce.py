@@ -41,7 +41,7 @@ from typing import Any, Sequence
 import ml_collections
 
 from chartx import config as config_lib
-from chartx import data, evaluate, files, inference, loop, progress, run_config, scoring
+from chartx import data, errors, evaluate, files, inference, loop, progress, run_config, scoring
 from chartx.errors import UserError
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -261,11 +261,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name, row in ROWS.items():
       print(f"{name}: {row.change}")
     return 0
-  try:
-    return _reproduce(args, extra)
-  except UserError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 1
+  return errors.status_of(_reproduce, args, extra)
 
 
 def _reproduce(args: argparse.Namespace, extra: Sequence[str]) -> int:

@@ -33,7 +33,7 @@ import sys
 import time
 from typing import Any, Sequence
 
-from chartx import files, metrics, progress, run_config
+from chartx import errors, files, metrics, progress, run_config
 from chartx.errors import UserError
 
 def parse_grid(spec: str) -> tuple[str, list[str]]:
@@ -194,11 +194,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   unknown = [a for a in extra if not a.startswith("--config.")]
   if unknown:
     parser.error(f"unrecognized arguments: {' '.join(unknown)} (runs take --config.KEY=VALUE)")
-  try:
-    return _sweep(args, extra)
-  except UserError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 1
+  return errors.status_of(_sweep, args, extra)
 
 
 def _sweep(args: argparse.Namespace, extra: list[str]) -> int:
