@@ -97,9 +97,11 @@ def target_devices(config: ml_collections.ConfigDict) -> list[Any]:
   from chartx import malloc  # pylint: disable=import-outside-toplevel
   if not malloc.tpu_chips():
     # No TPU here: libtpu, started for the topology, would look for this host's TPU slice (cloud
-    # metadata) and log errors that it found none; these say there is none to look for.
+    # metadata) and log errors that it found none; these say there is none to look for. Nor is
+    # there a chip to guard with libtpu's one-process lock (/tmp/libtpu_lockfile), which would
+    # refuse a second compiling process (tests, a sweep of configs) while one runs.
     for key, value in (("TPU_SKIP_MDS_QUERY", "1"), ("TPU_WORKER_HOSTNAMES", "localhost"),
-                       ("TPU_ACCELERATOR_TYPE", "v4-8")):
+                       ("TPU_ACCELERATOR_TYPE", "v4-8"), ("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")):
       os.environ.setdefault(key, value)
   kwargs = {}
   if name.split(":")[0] in _CHIP_CONFIG:
@@ -228,7 +230,9 @@ def largest_batch(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, ru
 
 
 def _gb(num_bytes: float | None) -> str:
-  return "?" if num_bytes is None else f"{num_bytes / 1e9:.2f} GB"
+  if num_bytes is None:
+    return "?"
+  return f"{num_bytes / 1e9:.2f} GB" if num_bytes >= 1e8 else f"{num_bytes / 1e6:.2f} MB"
 
 
 def _duration(seconds: float) -> str:
