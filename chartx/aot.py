@@ -59,6 +59,8 @@ CHIPS = (
     ("h100", Chip("H100", 80e9, 3.35e12)),
     ("h200", Chip("H200", 141e9, 4.8e12)),
 )
+# {name: (jitted step, the abstract arguments it is lowered with)}.
+Programs = dict[str, tuple[sharding.MeshJit, tuple[Any, ...]]]
 # VERSION:AxBxC, as jax.experimental.topologies takes it (v4:2x2x1 is a v4-8; docs/tpu.md).
 _TOPOLOGY = re.compile(r"^v\d+[a-z]*:\d+(x\d+){1,2}$")
 # v4 runs as JAX runs it on a v4 TPU VM: one device per chip (its two TensorCores as one).
@@ -120,7 +122,7 @@ def _abstract(shape: tuple[int, ...], dtype: Any, spec: Any) -> jax.ShapeDtypeSt
 
 def family_programs(config: ml_collections.ConfigDict, task: train.Task, mesh: jax.sharding.Mesh,
                     rules: sharding.Rules, state: train.TrainState,
-                    state_shardings: Any) -> dict[str, tuple[sharding.MeshJit, tuple[Any, ...]]]:
+                    state_shardings: Any) -> Programs:
   """{"train_step": (jitted, args), "eval_step": (jitted, args)}: the two steps a run of the
   family compiles, each with the abstract arguments (shapes, dtypes, shardings) it is lowered
   with. The family-specific part of this mode: Transformer-XL's train step also takes the
@@ -152,8 +154,8 @@ def family_programs(config: ml_collections.ConfigDict, task: train.Task, mesh: j
   return programs
 
 
-def _programs(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, rules: sharding.Rules,
-              platform: str) -> tuple[train.Task, Any, dict[str, tuple[sharding.MeshJit, tuple[Any, ...]]]]:
+def build_programs(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, rules: sharding.Rules,
+                   platform: str) -> tuple[train.Task, Any, Programs]:
   """(task, abstract state, family_programs) of config on mesh, resolved for platform."""
   task = train.make_task(config, data.check_config(config).size, platform)
   state, shardings, _ = sharding.sharded_init(
@@ -161,7 +163,8 @@ def _programs(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, rules:
   return task, state, family_programs(config, task, mesh, rules, state, shardings)
 
 
-def compile_program(jitted: sharding.MeshJit, args: tuple[Any, ...], chip_info: Chip | None) -> dict[str, Any]:
+def compile_program(jitted: sharding.MeshJit, args: tuple[Any, ...],
+                    chip_info: Chip | None) -> dict[str, Any]:
   """Compiles jitted for args; its per-device memory (bytes) and whether it fits chip_info's HBM.
   A program the compiler finds too large for the chip is reported, not raised: fits False."""
   start = time.perf_counter()
@@ -213,7 +216,7 @@ def largest_batch(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, ru
   def fits(multiple: int) -> bool:
     trial = config.copy_and_resolve_references()
     trial.train.batch_size = multiple * unit
-    jitted, args = _programs(trial, mesh, rules, platform)[2]["train_step"]
+    jitted, args = build_programs(trial, mesh, rules, platform)[2]["train_step"]
     result = compile_program(jitted, args, chip_info)
     print(f"compile: batch {multiple * unit}: peak {_gb(result.get('peak_bytes'))} per device, "
           f"{'fits' if result['fits'] else 'does not fit'}", flush=True)
@@ -241,12 +244,13 @@ def _duration(seconds: float) -> str:
   return f"{seconds / 3600:.1f} h" if seconds < 48 * 3600 else f"{seconds / 86400:.1f} days"
 
 
-def compile_config(config: ml_collections.ConfigDict, workdir: str, devices: list[Any]) -> dict[str, Any]:
+def compile_config(config: ml_collections.ConfigDict, workdir: str,
+                   devices: list[Any]) -> dict[str, Any]:
   """--mode=compile on `devices` (target_devices): compiles, prints, writes
   WORKDIR/compile_<topology>.json (or config.compile.output) and returns the result."""
   platform, chip_info = devices[0].platform, chip(devices[0])
   mesh, rules = sharding.make_mesh(config, devices), sharding.logical_rules(config)
-  task, state, programs = _programs(config, mesh, rules, platform)
+  task, state, programs = build_programs(config, mesh, rules, platform)
   cfg = task.model_cfg
   topology = config.compile.topology
   slices = f" x {config.compile.num_slices} slices" if config.compile.num_slices > 1 else ""

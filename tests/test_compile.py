@@ -49,7 +49,7 @@ def test_splash_lowers_with_mosaic_for_the_tpu(v5e_devices):
   config.data.seq_len = config.model.max_len = 128  # splash's blocks are 128.
   config.model.attention = "splash"
   mesh, rules = sharding.make_mesh(config, v5e_devices), sharding.logical_rules(config)
-  task, _, programs = aot._programs(config, mesh, rules, "tpu")  # pylint: disable=protected-access
+  task, _, programs = aot.build_programs(config, mesh, rules, "tpu")
   assert (task.model_cfg.attention, task.model_cfg.dtype) == ("splash", "bfloat16")
   jitted, args = programs["eval_step"]
   assert "tpu_custom_call" in jitted.lower(*args).compile().as_text()
@@ -60,7 +60,7 @@ def test_xl_compiles_with_resets_and_memory_and_the_largest_batch(v5e_devices, t
   config.model.family, config.model.mem_len = "xl", 16
   config.eval.seq_len, config.eval.mem_len = 16, 24
   mesh, rules = sharding.make_mesh(config, v5e_devices), sharding.logical_rules(config)
-  _, state, programs = aot._programs(config, mesh, rules, "tpu")  # pylint: disable=protected-access
+  _, state, programs = aot.build_programs(config, mesh, rules, "tpu")
   assert state.memory.h_LxBxMxD.shape == (2, 8, 16, 32)
   assert programs["train_step"][1][-1].shape == (8,)  # reset_B after the rng.
   assert programs["eval_step"][1][1].h_LxBxMxD.shape[2] == 24  # eval.mem_len's memory.
