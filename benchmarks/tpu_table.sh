@@ -17,15 +17,17 @@ done
 python - "$out" <<'PY'
 import glob, json, os, sys
 names = {"v4:2x2x1": "v4-8", "v5e:2x4": "v5e-8", "v5p:2x2x1": "v5p-8", "v5p:2x2x4": "v5p-32"}
-print("| config | slice | chips | per-chip peak, train step (GB) | fits | step >= (s) | MFU <= | steps | time >= |")
+print("| config | slice | params | per-chip peak: train / eval step | fits | step >= | MFU <= | steps | time >= |")
 print("|---|---|---|---|---|---|---|---|---|")
 for path in sorted(glob.glob(os.path.join(sys.argv[1], "*", "compile_*.json"))):
   r = json.load(open(path))
-  t, roof = r["train_step"], r["roofline"] or {}
-  days = roof.get("seconds_to_num_steps", float("nan")) / 86400
-  peak = t.get("peak_bytes")
+  train, evaluate, roof = r["train_step"], r["eval_step"], r["roofline"] or {}
+  peaks = " / ".join("-" if "peak_bytes" not in s else f"{s['peak_bytes'] / 1e9:.2f} GB" for s in (train, evaluate))
+  fits = "yes" if train["fits"] and evaluate["fits"] else "no"
+  step = f"{1e3 * roof['step_seconds']:.1f} ms" if roof else "-"
+  mfu = f"{100 * roof['mfu']:.0f}%" if roof else "-"
+  hours = f"{roof['seconds_to_num_steps'] / 3600:.1f} h" if roof else "-"
   print(f"| {os.path.basename(os.path.dirname(path))} | {names.get(r['topology'], r['topology'])} "
-        f"| {r['num_devices']} | {'-' if peak is None else f'{peak / 1e9:.2f}'} | {'yes' if t['fits'] else 'no'} "
-        f"| {roof.get('step_seconds', float('nan')):.3f} | {100 * roof.get('mfu', float('nan')):.0f}% "
-        f"| {roof.get('num_steps', 0):,} | {days:.1f} days |")
+        f"({r['num_devices']} chips) | {r['num_params'] / 1e6:.0f}M | {peaks} | {fits} | {step} | {mfu} "
+        f"| {roof.get('num_steps', 0):,} | {hours} |")
 PY
