@@ -9,7 +9,7 @@ DEMO_DIR ?= /tmp/chartx_quickstart
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test,tpu]'
 	touch $@
 
 # Trains the quickstart model (validation bpc printed as it falls), then samples from it.

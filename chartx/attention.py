@@ -53,7 +53,7 @@ def causal_attention(q_BxTxNxH: jax.Array, k_BxTxNxH: jax.Array, v_BxTxNxH: jax.
   (resolve()).
   """
   B, T, N, H = q_BxTxNxH.shape
-  impl = resolve(impl, jax.default_backend(), jnp.dtype(q_BxTxNxH.dtype).name, T)
+  impl = resolve(impl, sharding.platform(), jnp.dtype(q_BxTxNxH.dtype).name, T)
   if impl not in IMPLS:
     raise ValueError(f"attention impl must be one of {', '.join(IMPLS)}, auto; got {impl!r}")
   if impl == "cudnn":
@@ -71,9 +71,10 @@ def causal_attention(q_BxTxNxH: jax.Array, k_BxTxNxH: jax.Array, v_BxTxNxH: jax.
 def _splash_attention(q_BxNxTxH: jax.Array, k_BxNxTxH: jax.Array, v_BxNxTxH: jax.Array) -> jax.Array:
   """Splash attention, run per device on its rows and heads under the mesh in context (a Pallas
   kernel is opaque to XLA's partitioner, which would otherwise gather whole arrays to it)."""
+  interpret = sharding.platform() != "tpu"  # The target's: Mosaic compiles it for a TPU only.
+
   def local(q_BxNxTxH, k_BxNxTxH, v_BxNxTxH):
-    kernel = _splash_kernel(q_BxNxTxH.shape[1], q_BxNxTxH.shape[2],
-                            interpret=jax.default_backend() != "tpu")
+    kernel = _splash_kernel(q_BxNxTxH.shape[1], q_BxNxTxH.shape[2], interpret=interpret)
     return jax.vmap(kernel)(q_BxNxTxH, k_BxNxTxH, v_BxNxTxH)
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:

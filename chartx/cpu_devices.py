@@ -10,7 +10,9 @@ config.mesh.cpu_devices chooses the count: 0 (auto) takes the most devices, up t
 process may run on, that divide train.batch_size and eval.batch_size, and only with the default
 mesh.shape (-1, 1, 1) and in train and eval modes (sampling decodes one row: one device). A
 positive value is used as it is. Nothing changes where JAX has an accelerator, where JAX runs
-several processes, or where XLA_FLAGS or JAX_NUM_CPU_DEVICES already set the count.
+several processes, or where XLA_FLAGS or JAX_NUM_CPU_DEVICES already set the count. Where libtpu
+is installed on a host without a TPU (chartx[tpu]), JAX is told to use the CPU (JAX_PLATFORMS
+unset) rather than to try the TPU backend first.
 """
 
 import os
@@ -45,9 +47,15 @@ def split_cores(config: ml_collections.ConfigDict, mode: str, *, multi_process: 
   count set, or 0 where it left JAX's own (see the module docstring)."""
   already = ("xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", "")
              or "JAX_NUM_CPU_DEVICES" in os.environ)
-  if multi_process or already or not malloc.cpu_only():
+  if not malloc.cpu_only():
+    return 0
+  import jax  # pylint: disable=import-outside-toplevel
+  if not os.environ.get("JAX_PLATFORMS"):
+    # libtpu installed without a TPU (chartx[tpu], for --mode=compile, which loads it itself): JAX
+    # would start it as a backend, which logs errors before JAX falls back to the CPU.
+    jax.config.update("jax_platforms", "cpu")
+  if multi_process or already:
     return 0
   count = device_count(config, mode, usable_cores())
-  import jax  # pylint: disable=import-outside-toplevel
   jax.config.update("jax_num_cpu_devices", count)
   return count

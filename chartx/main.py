@@ -13,7 +13,9 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file with a get_config(). Optional for --mode=eval and sample: they "
     "use the config the run saved in WORKDIR/config.json.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "sample"], "What to do.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "sample", "compile"],
+                          "What to do. compile: compile the steps for config.compile.topology, a TPU "
+                          "slice that need not be here (docs/tpu.md).")
 # Several processes (GPU hosts): the three flags together start jax.distributed. Where JAX detects
 # a cluster (Cloud TPU, SLURM, Open MPI, Kubernetes) it starts by itself (chartx.distributed).
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None,
@@ -27,7 +29,8 @@ def run(argv) -> None:
   if len(argv) > 1:
     raise UserError(f"unexpected arguments: {' '.join(argv[1:])}")
   if _CONFIG.value is None:
-    raise UserError("--config is required for --mode=train (eval and sample use the run's saved config)")
+    raise UserError(f"--config is required for --mode={_MODE.value} (eval and sample use the run's "
+                    "saved config)")
   from chartx import malloc
   malloc.keep_freed_memory()  # Before JAX allocates anything (see chartx/malloc.py).
   # Imported late so --help and flag errors do not wait for JAX.
@@ -40,6 +43,12 @@ def run(argv) -> None:
   if jax.process_index() != 0:
     logging.set_verbosity(logging.ERROR)  # Process 0 alone logs, prints and writes metrics.
   from chartx import config, run_config
+  if _MODE.value == "compile":  # For a TPU slice's devices, which need not be here.
+    from chartx import aot
+    devices = aot.target_devices(_CONFIG.value)
+    config.check(_CONFIG.value, devices, devices[0].platform)
+    aot.compile_config(_CONFIG.value, _WORKDIR.value, devices)
+    return
   config.check(_CONFIG.value)  # Every key of every section, before anything slow.
   given = not run_config.is_saved(config_flags.get_config_filename(flags.FLAGS["config"]))
   if _MODE.value != "train" and given:  # A --config file: it must be the run's model and data.

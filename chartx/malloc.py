@@ -7,11 +7,13 @@ the step's time on a 2-core machine. With mmap off, one arena and a high trim th
 memory stays in the process and the next step reuses it; the process's resident memory stays at
 its peak. The settings must come before XLA's threads first allocate (set later, they did not
 take effect), and they are process-wide, so chartx applies them only when it runs as a program
-(python -m chartx.main, chartx.bench), only with glibc, only where JAX has no GPU or TPU plugin
-(or JAX_PLATFORMS=cpu), and not when GLIBC_TUNABLES already sets malloc tunables.
+(python -m chartx.main, chartx.bench), only with glibc, only where JAX has no GPU plugin and no TPU
+(or JAX_PLATFORMS=cpu), and not when GLIBC_TUNABLES already sets malloc tunables. libtpu installed
+on a host without a TPU chip (chartx[tpu], for --mode=compile) still counts as CPU-only.
 """
 
 import ctypes
+import glob
 import importlib.metadata
 import importlib.util
 import os
@@ -19,15 +21,35 @@ import sys
 
 # mallopt parameters, from glibc's malloc.h.
 _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
+# PCI ids of TPU chips (jax/_src/hardware_utils.py's list: v3, v4, v5p, v5e, v6e, TPU7x and one
+# unnamed); an unknown future chip counts as no TPU, which only costs these CPU settings there.
+_GOOGLE_VENDOR = "0x1ae0"
+_TPU_DEVICES = ("0x0027", "0x0056", "0x005e", "0x0062", "0x0063", "0x006f", "0x0076")
 
 
 def cpu_only() -> bool:
-  """Whether JAX will run on the CPU alone (no GPU or TPU plugin installed, or JAX_PLATFORMS=cpu)."""
+  """Whether JAX will run on the CPU alone (no GPU plugin installed, no TPU: JAX_PLATFORMS=cpu
+  says so too)."""
   platforms = os.environ.get("JAX_PLATFORMS", "")
   if platforms:
     return platforms.split(",") == ["cpu"]
   accelerators = list(importlib.metadata.entry_points(group="jax_plugins"))
-  return not accelerators and importlib.util.find_spec("libtpu") is None
+  return not accelerators and (importlib.util.find_spec("libtpu") is None or not tpu_chips())
+
+
+def tpu_chips() -> int:
+  """TPU chips on this host's PCI bus, found as JAX finds them before it starts libtpu: Google's
+  vendor id and a TPU's device id (other Google devices, such as the gVNIC network card of a
+  CPU-only cloud VM, are no TPU). libtpu alone, installed on a CPU host, is no TPU."""
+  count = 0
+  for vendor in glob.glob("/sys/bus/pci/devices/*/vendor"):
+    device = os.path.join(os.path.dirname(vendor), "device")
+    try:
+      with open(vendor, encoding="ascii") as v, open(device, encoding="ascii") as d:
+        count += v.read().strip() == _GOOGLE_VENDOR and d.read().strip() in _TPU_DEVICES
+    except OSError:
+      continue
+  return count
 
 
 def keep_freed_memory() -> bool:

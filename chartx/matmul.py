@@ -13,6 +13,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from chartx import sharding
+
 
 def matmul(x_RxI: jax.Array, w_IxO: jax.Array, out_dtype: jnp.dtype | None = None) -> jax.Array:
   """x_...xI @ w_IxO -> ..._xO, computed in x's dtype (w is cast to it), returned in out_dtype
@@ -20,7 +22,7 @@ def matmul(x_RxI: jax.Array, w_IxO: jax.Array, out_dtype: jnp.dtype | None = Non
   leading axes, any number."""
   w_IxO = w_IxO.astype(x_RxI.dtype)
   out_dtype = x_RxI.dtype if out_dtype is None else out_dtype
-  if jax.default_backend() != "cpu":
+  if sharding.platform() != "cpu":  # The target's (--mode=compile traces for a TPU on a CPU).
     return jnp.matmul(x_RxI, w_IxO, preferred_element_type=out_dtype)
   return _cpu_matmul(x_RxI, w_IxO, out_dtype)
 

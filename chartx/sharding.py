@@ -81,9 +81,11 @@ def logical_rules(config: ml_collections.ConfigDict) -> Rules:
   return tuple(rules)
 
 
-def check_config(config: ml_collections.ConfigDict) -> tuple[Mesh, Rules]:
-  """The mesh section's owner: (mesh, rules) from mesh.*, and train.batch_size splits over the mesh."""
-  mesh = make_mesh(config)
+def check_config(config: ml_collections.ConfigDict,
+                 devices: list[Any] | None = None) -> tuple[Mesh, Rules]:
+  """The mesh section's owner: (mesh, rules) from mesh.*, and train.batch_size splits over the
+  mesh (over `devices`, by default every device of every process: make_mesh)."""
+  mesh = make_mesh(config, devices)
   check_batch(config.train.batch_size, mesh, "config.train.batch_size")
   if config.train.grad_accum_steps > 1:  # Each micro-batch is split over the devices too.
     check_batch(config.train.batch_size // config.train.grad_accum_steps, mesh,
@@ -171,6 +173,13 @@ def process_slice(mesh: Mesh, batch_size: int) -> tuple[int, int]:
 def global_batch(local_BxS: np.ndarray, mesh: Mesh) -> jax.Array:
   """Assembles the global batch from this process's rows (its process_slice of the global batch)."""
   return jax.make_array_from_process_local_data(batch_sharding(mesh), local_BxS)
+
+
+def platform() -> str:
+  """The platform of the code being traced: that of the devices of the mesh in context (MeshJit's;
+  --mode=compile's are a TPU slice's on a CPU host), else JAX's default backend."""
+  device = jax.sharding.get_abstract_mesh().abstract_device
+  return jax.default_backend() if device is None else device.platform
 
 
 class MeshJit:

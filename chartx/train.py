@@ -65,8 +65,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
                     "are equal parts of the batch)")
 
 
-def make_task(config: ml_collections.ConfigDict, vocab_size: int) -> Task:
-  model_cfg = registry.model_config(config, vocab_size)
+def make_task(config: ml_collections.ConfigDict, vocab_size: int, platform: str | None = None) -> Task:
+  """platform: the one the task will run on (registry.model_config); default JAX's backend."""
+  model_cfg = registry.model_config(config, vocab_size, platform)
   return Task(model=registry.build(model_cfg, deterministic=False, all_layers=True),
               loss_cfg=losses.LossConfig.from_config(config),
               tx=optimizer_lib.make_optimizer(config),

@@ -159,6 +159,15 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval.step = -1  # Checkpoint step for --mode=eval/sample; -1 means the newest.
   config.eval.best = False  # --mode=eval/sample: the checkpoint with the lowest validation bpc instead.
 
+  config.compile = ml_collections.ConfigDict()
+  # --mode=compile (docs/tpu.md): compile the train and eval steps ahead of time for this TPU slice
+  # (pip install 'chartx[tpu]'; no TPU needed), as jax.experimental.topologies names it:
+  # VERSION:AxB or AxBxC in chips, e.g. "v4:2x2x1" (a v4-8), "v5e:2x4" (v5e-8), "v5p:4x4x4".
+  config.compile.topology = ""
+  config.compile.num_slices = 1  # Slices of that topology (multi-slice: the data axis spans them).
+  config.compile.max_batch = False  # Also search the largest global train.batch_size that fits (compiles ~log2 times more).
+  config.compile.output = ""  # The JSON result's path; "" is WORKDIR/compile_<topology>.json.
+
   config.sample = ml_collections.ConfigDict()
   config.sample.prompt = "The "  # Text the sample continues.
   config.sample.num_chars = 200  # Characters to generate.

@@ -14,6 +14,8 @@
 #   --install       first create that .venv on every host with chartx and jax[--jax-extra]
 #   --jax-extra     the JAX build to install; default cuda13 (cuda12 for older drivers)
 #   --dry-run       print the commands instead of running them (also DRY_RUN=1)
+# Before renting GPUs: --mode=compile (docs/tpu.md) compiles a config for a TPU slice on any machine;
+# for a GPU target it is not wired in yet (docs/tpu.md, "GPU targets").
 # Words after -- are passed to chartx.main. --config is relative to --remote-dir; --workdir
 # must be storage that every host sees (a shared filesystem or a gs:// bucket).
 

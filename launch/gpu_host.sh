@@ -10,6 +10,8 @@
 #   --jax-extra           the JAX build to install; default cuda13 (cuda12 for older drivers)
 #   --python              interpreter to run; default .venv/bin/python of this checkout
 #   --dry-run             print the commands instead of running them (also DRY_RUN=1)
+# Before renting GPUs: --mode=compile (docs/tpu.md) compiles a config for a TPU slice on any machine;
+# for a GPU target it is not wired in yet (docs/tpu.md, "GPU targets").
 # Words after -- are passed to chartx.main, e.g. -- --mode=eval --config.train.batch_size=32.
 
 set -euo pipefail

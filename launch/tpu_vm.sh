@@ -14,6 +14,9 @@
 #   --dry-run           print the commands instead of running them (also DRY_RUN=1)
 # Words after -- are passed to chartx.main, e.g. -- --mode=eval --config.train.num_steps=1000.
 # --config is a path inside the repository; --workdir is read by every worker, so a gs:// path.
+# Before renting the TPU, check here that the config compiles for it and fits its memory (no TPU
+# needed; pip install '.[tpu]'): python -m chartx.main --config=CONFIG --workdir=/tmp/c
+# --mode=compile --config.compile.topology=v4:2x2x1 (the --tpu-type's topology; docs/tpu.md).
 
 set -euo pipefail
 # shellcheck source-path=SCRIPTDIR

@@ -55,6 +55,23 @@ def test_split_cores_sets_the_count_before_jax_starts():
   assert _devices_after_split({}, mode="sample") == [1, 1]
 
 
+def test_libtpu_without_a_tpu_is_a_cpu_host():
+  """chartx[tpu] installed here (no TPU chip): the CPU is still split, and JAX is not left to try
+  libtpu as a backend, which logs errors before it falls back."""
+  from chartx import malloc  # pylint: disable=import-outside-toplevel
+  if malloc.tpu_chips():
+    pytest.skip("this host has a TPU")
+  code = ("from configs import tiny; from chartx import cpu_devices; import jax; "
+          "n = cpu_devices.split_cores(tiny.get_config(), 'train'); print(n, jax.default_backend())")
+  env = {k: v for k, v in os.environ.items()
+         if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES", "JAX_PLATFORMS")}
+  run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
+                       text=True, check=True)
+  expected = cpu_devices.device_count(tiny.get_config(), "train", cpu_devices.usable_cores())
+  assert run.stdout.split() == [str(expected), "cpu"]
+  assert "E0000" not in run.stderr
+
+
 def test_xla_flags_win():
   flags = {"XLA_FLAGS": "--xla_force_host_platform_device_count=3"}
   assert _devices_after_split(flags) == [0, 3]

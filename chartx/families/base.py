@@ -68,6 +68,16 @@ class Protocol:
     compiled once; model: the family's module as inference runs it."""
     raise NotImplementedError
 
+  def step_program(self, family: "Family", model: Any, mesh: jax.sharding.Mesh, rules: sharding.Rules,
+                   batch_size: int, params: Any) -> tuple[Callable[..., Any], tuple[Any, ...]]:
+    """(the jitted step the scorer runs, the abstract arguments it is lowered with), for
+    --mode=compile; params: the abstract parameters."""
+    raise NotImplementedError
+
+
+def _abstract(shape: tuple[int, ...], dtype: Any, spec: Any) -> jax.ShapeDtypeStruct:
+  return jax.ShapeDtypeStruct(shape, dtype, sharding=spec)
+
 
 @dataclasses.dataclass(frozen=True)
 class SlidingWindow(Protocol):
@@ -90,6 +100,12 @@ class SlidingWindow(Protocol):
       return scoring.evaluate_bits(score, params, ids_M, seq_len=self.seq_len, stride=stride or self.stride,
                                    batch_size=batch_size, mesh=mesh, progress=progress, desc=desc)
     return run
+
+  def step_program(self, family, model, mesh, rules, batch_size, params):
+    score = scoring.jit_score_fn(scoring.model_score_fn(model), mesh, rules)
+    batch = sharding.batch_sharding(mesh)
+    return score, (params, _abstract((batch_size, self.seq_len + 1), jnp.int32, batch),
+                   _abstract((batch_size,), jnp.int32, batch))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,6 +148,15 @@ class Recurrent(Protocol):
                                         seq_len=self.seq_len, batch_size=batch_size, mesh=mesh,
                                         progress=progress, desc=desc)
     return run
+
+  def step_program(self, family, model, mesh, rules, batch_size, params):
+    memory, memory_shardings, _ = sharding.sharded_init(
+        lambda _: family.init_memory(model.cfg, batch_size), mesh, rules)
+    score = scoring.jit_segment_score_fn(scoring.model_segment_score_fn(model), memory_shardings,
+                                         mesh, rules)
+    segment = _abstract((batch_size, self.seq_len), jnp.int32, sharding.batch_sharding(mesh))
+    mask = _abstract((batch_size, self.seq_len), jnp.bool_, sharding.batch_sharding(mesh))
+    return score, (params, memory, segment, segment, mask)
 
 
 @dataclasses.dataclass(frozen=True)

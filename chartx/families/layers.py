@@ -103,9 +103,12 @@ class ModelConfig:
                  * self.vocab_size)
 
   @classmethod
-  def from_config(cls, config: ml_collections.ConfigDict, vocab_size: int) -> "ModelConfig":
+  def from_config(cls, config: ml_collections.ConfigDict, vocab_size: int,
+                  platform: str | None = None) -> "ModelConfig":
     """Checks the model.* keys every family shares (UserError naming one), then builds; the family's
-    own keys and attention: chartx.families.registry.model_config, which calls this."""
+    own keys and attention: chartx.families.registry.model_config, which calls this.
+    platform: the one the model will run on ("cpu", "gpu", "tpu"), which resolves the "auto"
+    keys and the kernels' checks; default JAX's backend here (--mode=compile names a TPU's)."""
     m = config.model
     for key in ("num_layers", "d_model", "num_heads", "d_ff", "max_len"):
       if int(m[key]) < 1:
@@ -120,7 +123,7 @@ class ModelConfig:
                       f"got {m.remat!r}")
     if m.dtype not in (*_DTYPES, "auto"):
       raise UserError(f"config.model.dtype must be one of {', '.join(_DTYPES)}, auto; got {m.dtype!r}")
-    backend = jax.default_backend()
+    backend = platform or jax.default_backend()
     # Accelerators compute in bfloat16 (parameters and softmaxes stay float32); the CPU in float32.
     dtype = ("float32" if backend == "cpu" else "bfloat16") if m.dtype == "auto" else m.dtype
     if m.attention not in (*attention.IMPLS, "auto"):

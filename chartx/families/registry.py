@@ -35,12 +35,14 @@ def get(name: str) -> base.Family:
   return _FAMILIES[name]
 
 
-def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> ModelConfig:
+def model_config(config: ml_collections.ConfigDict, vocab_size: int,
+                 platform: str | None = None) -> ModelConfig:
   """The model section's owner: the family's own model.* keys, then those every family shares
-  (UserError naming a bad one), and the ModelConfig its modules read."""
+  (UserError naming a bad one), and the ModelConfig its modules read. platform: the one it will
+  run on (ModelConfig.from_config)."""
   family = get(config.model.family)
   family.check_config(config.model)
-  cfg = ModelConfig.from_config(config, vocab_size)
+  cfg = ModelConfig.from_config(config, vocab_size, platform)
   return dataclasses.replace(cfg, attention=family.attention(cfg.attention))
 
 
