@@ -160,23 +160,24 @@ def make_generate(tokens_to_logits: TokensToLogits, *, context: int, num_chars: 
   return jax.jit(generate)
 
 
-def make_recurrent_generate(read_char: ReadChar, *, num_chars: int,
+def make_recurrent_generate(decoder: base.Decoder, *, num_chars: int,
                             sampling: SamplingConfig) -> Callable[..., jax.Array]:
-  """A jitted generate(variables, memory, prompt_C, prompt_len, rng) -> ids_M of num_chars for a
-  model with a memory: the first prompt_len (>= 1) ids of prompt_C are read one by one, then each
-  drawn character, so each costs read_char's one position whatever came before. memory: an empty
-  memory of one row. Draws as make_generate does (one key split per character)."""
+  """A jitted generate(variables, prompt_C, prompt_len, rng) -> ids_M of num_chars for a model
+  with a memory (a recurrent decoder): the first prompt_len (>= 1) ids of prompt_C are read one
+  by one into an empty memory of one row, then each drawn character, so each costs one position
+  whatever came before. Draws as make_generate does (one key split per character)."""
+  read_one = read_char(decoder)
 
-  def generate(variables, memory, prompt_C, prompt_len, rng):
-    read = lambda i, carry: read_char(variables, prompt_C[i][None, None], carry[1])
-    carry = read(0, (None, memory))
+  def generate(variables, prompt_C, prompt_len, rng):
+    read = lambda i, carry: read_one(variables, prompt_C[i][None, None], carry[1])
+    carry = read(0, (None, decoder.init_state(variables, 1)))
     logits_1xV, memory = jax.lax.fori_loop(1, prompt_len, read, carry)
 
     def body(i, carry):
       logits_1xV, memory, rng, ids_M = carry
       rng, draw = jax.random.split(rng)
       next_1 = choose(logits_1xV, draw, sampling)
-      logits_1xV, memory = read_char(variables, next_1[None], memory)
+      logits_1xV, memory = read_one(variables, next_1[None], memory)
       return logits_1xV, memory, rng, ids_M.at[i].set(next_1[0])
 
     carry = (logits_1xV, memory, rng, jnp.zeros(num_chars, jnp.int32))
@@ -279,15 +280,13 @@ def model_generator(restored: inference.Restored, *, context: int, num_chars: in
   """
   decoder = restored.family.decoder(restored.model, context)
   if decoder.recurrent:
-    generate = sharding.MeshJit(make_recurrent_generate(read_char(decoder), num_chars=num_chars,
-                                                        sampling=sampling),
+    generate = sharding.MeshJit(make_recurrent_generate(decoder, num_chars=num_chars, sampling=sampling),
                                 restored.mesh, restored.rules)
 
     def run_recurrent(prompt_ids: np.ndarray, seed: int) -> np.ndarray:
       block = max(64, 1 << (len(prompt_ids) - 1).bit_length())  # A compilation per power of two.
       prompt_C, length = prompt_block(prompt_ids, block)
-      return np.asarray(generate({"params": restored.params}, decoder.init_state(1), prompt_C, length,
-                                 jax.random.key(seed)))
+      return np.asarray(generate({"params": restored.params}, prompt_C, length, jax.random.key(seed)))
     return run_recurrent
 
   generate = sharding.MeshJit(make_generate(decoder.step, context=context, num_chars=num_chars,
@@ -295,7 +294,8 @@ def model_generator(restored: inference.Restored, *, context: int, num_chars: in
 
   def run(prompt_ids: np.ndarray, seed: int) -> np.ndarray:
     prompt_C, length = prompt_block(prompt_ids, context)
-    return np.asarray(generate({"params": restored.params}, decoder.init_state(1), prompt_C, length,
+    variables = {"params": restored.params}
+    return np.asarray(generate(variables, decoder.init_state(variables, 1), prompt_C, length,
                                jax.random.key(seed)))
   return run
 
@@ -312,7 +312,8 @@ def model_beam_search(restored: inference.Restored, *, context: int, num_chars: 
 
   def run(prompt_ids: np.ndarray) -> tuple[np.ndarray, float]:
     prompt_C, length = prompt_block(prompt_ids, context)
-    ids_M, log_prob = search({"params": restored.params}, decoder.init_state(beam_size), prompt_C, length)
+    variables = {"params": restored.params}
+    ids_M, log_prob = search(variables, decoder.init_state(variables, beam_size), prompt_C, length)
     return np.asarray(ids_M), float(log_prob)
   return run
 

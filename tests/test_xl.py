@@ -218,6 +218,32 @@ def test_generation_one_character_at_a_time_equals_the_full_forward():
   np.testing.assert_allclose(jnp.concatenate(segments, 1), expected_1xTxV, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("scan_layers,same_length,clamp_len", [(True, True, 3), (False, False, 0),
+                                                              (True, False, 5)])
+def test_cached_keys_and_values_equal_the_recomputed_memory(scan_layers, same_length, clamp_len):
+  """Inference's Cache (keys, values and W_R R projected once; a ring of mem_len + T slots that
+  wraps many times here) gives the logits of training's Memory, which projects everything again
+  each step: 40 characters in segments of 4 and of 1, memory 11 (the parameters' config has 8)."""
+  cfg = _cfg(mem_len=11, same_length=same_length, clamp_len=clamp_len, scan_layers=scan_layers)
+  params = _params(_cfg())
+  if not scan_layers:
+    params = _unstack(params, cfg.num_layers)
+  model, logits = registry.build(cfg), _logits_fn(cfg)
+  tokens_BxT = _tokens((2, 40))
+  for T in (4, 1):
+    memory = xl.init_memory(cfg, 2)
+    cache = jax.jit(lambda p, T=T: model.apply({"params": p}, 2, T, method="init_cache"))(params)
+    assert cache.k_LxBxCxNxH.shape == (2, 2, 11 + T, 2, 16)
+    for start in range(0, 40, T):
+      want_BxTxV, memory = logits(params, tokens_BxT[:, start:start + T], memory)
+      got_BxTxV, cache = logits(params, tokens_BxT[:, start:start + T], cache)
+      np.testing.assert_allclose(got_BxTxV, want_BxTxV, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(cache.valid_B, memory.valid_B)
+    assert int(cache.start) == 40 % (11 + T)
+  with pytest.raises(ValueError, match="takes steps of 1 positions, got 4"):
+    logits(params, tokens_BxT[:, :4], cache)
+
+
 def test_invalid_memory_rows_are_not_seen():
   """A memory with valid_B = 0 (whatever it holds) gives the logits of no memory and of a model
   with mem_len 0; a row reset to 0 is independent of the others."""

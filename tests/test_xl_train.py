@@ -174,7 +174,8 @@ def test_protocol_fields_of_both_families(tiny_config):
 
 
 def test_recurrent_sampling_reads_each_character_once_and_runs_for_10000(tiny_config):
-  """Greedy generation equals a direct loop feeding one character at a time with the memory;
+  """Greedy generation (inference's Cache of projected keys and values) equals a direct loop
+  feeding one character at a time with training's Memory;
   10,000 characters run in one compiled loop (cost per character fixed by the memory)."""
   config = xl_config(tiny_config)
   task = train.make_task(config, 256)
@@ -182,10 +183,10 @@ def test_recurrent_sampling_reads_each_character_once_and_runs_for_10000(tiny_co
   net = registry.build(task.model_cfg)
   greedy = sample.SamplingConfig(temperature=0.0)
   prompt_C, length = sample.prompt_block(np.frombuffer(b"def main(", np.uint8), 64)
-  read = sample.read_char(registry.get(net.cfg.family).decoder(net, 0))
-  ids_M = np.asarray(sample.make_recurrent_generate(read, num_chars=40, sampling=greedy)(
-      {"params": params}, xl.init_memory(net.cfg, 1), prompt_C, length, jax.random.key(0)))
-  step = jax.jit(read)
+  decoder = registry.get(net.cfg.family).decoder(net, 0)
+  ids_M = np.asarray(sample.make_recurrent_generate(decoder, num_chars=40, sampling=greedy)(
+      {"params": params}, prompt_C, length, jax.random.key(0)))
+  step = jax.jit(sample.read_char(decoder))  # With training's Memory: every key projected again.
   memory, want = xl.init_memory(net.cfg, 1), []
   for token in b"def main(":
     logits_1xV, memory = step({"params": params}, jnp.asarray([[token]]), memory)
@@ -193,8 +194,8 @@ def test_recurrent_sampling_reads_each_character_once_and_runs_for_10000(tiny_co
     want.append(int(jnp.argmax(logits_1xV[0])))
     logits_1xV, memory = step({"params": params}, jnp.asarray([[want[-1]]]), memory)
   assert ids_M.tolist() == want  # Past the memory's 16 rows: nothing re-encoded, nothing lost.
-  long_M = sample.make_recurrent_generate(read, num_chars=10_000, sampling=sample.SamplingConfig(top_k=20))(
-      {"params": params}, xl.init_memory(net.cfg, 1), prompt_C, length, jax.random.key(1))
+  long_M = sample.make_recurrent_generate(decoder, num_chars=10_000, sampling=sample.SamplingConfig(top_k=20))(
+      {"params": params}, prompt_C, length, jax.random.key(1))
   assert long_M.shape == (10_000,) and 0 <= int(long_M.min()) and int(long_M.max()) < 256
 
 

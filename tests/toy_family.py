@@ -64,8 +64,8 @@ class ToyFamily(base.Family):
       del index  # It sees one character back, wherever it is.
       return module.apply(variables, tokens_BxT, prev_BxD, method="decode")
     return base.Decoder(step=step, recurrent=True,
-                        init_state=lambda batch_size: jnp.zeros((batch_size, module.cfg.d_model),
-                                                                module.cfg.compute_dtype))
+                        init_state=lambda _, batch_size: jnp.zeros((batch_size, module.cfg.d_model),
+                                                                   module.cfg.compute_dtype))
 
 
 registry.register(ToyFamily())

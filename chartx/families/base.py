@@ -7,7 +7,8 @@ config.model.family. A family is a Family subclass whose instance is registered 
 
   build          its Flax module; module(tokens_BxT) -> h (fixed), or (h, memory) with a memory.
   init_memory    the extra train state it carries from step to step (None: none), boxed with
-                 logical axis names; reset_memory empties the rows whose stream starts over.
+                 logical axis names; reset_memory empties the rows whose stream starts over;
+                 inference_memory: the memory its recurrent evaluation carries (default: the same).
   apply          one forward pass, memory in and out, as the loss runs it.
   train_batch    its batch stream: (windows_BxS, reset_B) of a step.
   protocol       its evaluation protocol, with the eval.* keys resolved.
@@ -136,22 +137,34 @@ class Recurrent(Protocol):
     return dataclasses.replace(cfg, mem_len=self.mem_len, clamp_len=self.clamp_len,
                                same_length=self.same_length)
 
+  def _memory(self, family: "Family", model: Any, mesh: jax.sharding.Mesh, rules: sharding.Rules,
+              batch_size: int, params: Any) -> tuple[Any, Any, Callable[[Any], Any]]:
+    """(abstract, shardings, create(params)) of family.inference_memory's empty memory for
+    segments of seq_len (params: concrete or abstract)."""
+    init = lambda p: family.inference_memory(model, p, batch_size, self.seq_len)
+    boxed = jax.eval_shape(init, params)
+    shardings = sharding.logical_shardings(boxed, mesh, rules)
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                            nn.unbox(boxed), shardings)
+    create = sharding.MeshJit(lambda p: nn.unbox(init(p)), mesh, rules, out_shardings=shardings)
+    return abstract, shardings, create
+
   def scorer(self, family, model, mesh, rules, batch_size):
-    _, memory_shardings, empty_memory = sharding.sharded_init(
-        lambda _: family.init_memory(model.cfg, batch_size), mesh, rules)
-    score = scoring.jit_segment_score_fn(scoring.model_segment_score_fn(model), memory_shardings,
-                                         mesh, rules)
+    compiled = {}  # The memory's shardings come from the parameters' shapes: made at the first call.
 
     def run(params, ids_M, *, progress=False, desc="eval", stride=None):
       del stride  # A segment is scored whole (chartx.load's score refuses a stride).
-      return scoring.evaluate_recurrent(score, params, empty_memory(jax.random.key(0)), ids_M,
+      if not compiled:
+        _, shardings, compiled["empty"] = self._memory(family, model, mesh, rules, batch_size, params)
+        compiled["score"] = scoring.jit_segment_score_fn(scoring.model_segment_score_fn(model), shardings,
+                                                         mesh, rules)
+      return scoring.evaluate_recurrent(compiled["score"], params, compiled["empty"](params), ids_M,
                                         seq_len=self.seq_len, batch_size=batch_size, mesh=mesh,
                                         progress=progress, desc=desc)
     return run
 
   def step_program(self, family, model, mesh, rules, batch_size, params):
-    memory, memory_shardings, _ = sharding.sharded_init(
-        lambda _: family.init_memory(model.cfg, batch_size), mesh, rules)
+    memory, memory_shardings, _ = self._memory(family, model, mesh, rules, batch_size, params)
     score = scoring.jit_segment_score_fn(scoring.model_segment_score_fn(model), memory_shardings,
                                          mesh, rules)
     segment = _abstract((batch_size, self.seq_len), jnp.int32, sharding.batch_sharding(mesh))
@@ -166,11 +179,12 @@ class Decoder:
   the text one character at a time and never fills (recurrent True).
 
   step(variables, tokens_BxT, state, index) -> (logits_BxTxV, state): tokens_BxT at positions
-  [index, index + T) (a memory ignores index); init_state(batch_size) -> an empty state;
+  [index, index + T) (a memory ignores index); init_state(variables, batch_size) -> an empty state
+  (made inside the jitted generation: it may depend on the parameters);
   reorder(state, parents_G) -> the state whose row g is row parents_G[g] (None: no beam search).
   """
   step: Callable[[Any, jax.Array, Any, jax.Array], tuple[jax.Array, Any]]
-  init_state: Callable[[int], Any]
+  init_state: Callable[[Any, int], Any]
   recurrent: bool
   reorder: Callable[[Any, jax.Array], Any] | None = None
 
@@ -199,6 +213,13 @@ class Family:
     nn.LogicallyPartitioned with logical axis names, one of them "batch" (sharding.sharded_init
     shards it); None: the family carries none."""
     return None
+
+  def inference_memory(self, module: nn.Module, params: Any, batch_size: int, seq_len: int) -> Any:
+    """The empty memory of batch_size rows that recurrent evaluation carries from segment to
+    segment of seq_len (boxed as init_memory's): by default the train state's memory; a family
+    may keep a faster form of it that needs no gradient (XL: projected keys and values)."""
+    del params, seq_len
+    return self.init_memory(module.cfg, batch_size)
 
   def reset_memory(self, memory: Any, reset_B: jax.Array) -> Any:
     """The memory with the rows where reset_B is true emptied (their stream starts over)."""

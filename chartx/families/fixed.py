@@ -199,7 +199,7 @@ class FixedFamily(base.Family):
 
     def reorder(cache, parents_G):  # init_cache's layout: LxBxCxNxH, the rows on axis 1.
       return jax.tree.map(lambda x: jnp.take(x, parents_G, axis=1), cache)
-    return base.Decoder(step=step, init_state=lambda batch_size: module.cfg.init_cache(batch_size, context),
+    return base.Decoder(step=step, init_state=lambda _, batch_size: module.cfg.init_cache(batch_size, context),
                         recurrent=False, reorder=reorder)
 
 

@@ -57,6 +57,7 @@ model.positions play no part.
 """
 
 import math
+from typing import Any
 
 import flax
 import flax.linen as nn
@@ -75,6 +76,21 @@ class Memory:
   """What a segment leaves to the next: every layer's input at the last M positions."""
   h_LxBxMxD: jax.Array  # Layer l's input at the last M positions, oldest first; the compute dtype.
   valid_B: jax.Array  # int32 per row: the last valid_B of the M rows hold real positions (0: empty).
+
+
+@flax.struct.dataclass
+class Cache:
+  """Inference's memory (evaluation and generation; training carries Memory, whose gradient
+  reaches W_k and W_v): every layer's keys and values already projected, so a step of T
+  positions projects only its own. A ring of C = M + T slots: a step writes its T positions over
+  the oldest T, then attends over all C slots, so nothing is copied or moved; `start` is the slot
+  its first position goes to. The relative keys W_R R of the C distances are projected once,
+  when the cache is made (XLTransformer.init_cache), for steps of exactly T positions."""
+  k_LxBxCxNxH: jax.Array
+  v_LxBxCxNxH: jax.Array
+  rk_LxCxNxH: jax.Array  # Every layer's W_R R of the distances C-1, ..., 0.
+  valid_B: jax.Array  # As Memory's: real positions among the M before the step.
+  start: jax.Array  # int32 scalar.
 
 
 def relative_encodings(num_keys: int, d_model: int, clamp_len: int = 0) -> jax.Array:
@@ -111,15 +127,20 @@ def attention_mask(seq_len: int, mem_rows: int, valid_B: jax.Array, window: int 
 
 def relative_attention(q_BxTxNxH: jax.Array, k_BxCxNxH: jax.Array, value_BxCxNxH: jax.Array,
                        rk_CxNxH: jax.Array, content_bias_NxH: jax.Array, position_bias_NxH: jax.Array,
-                       mask_Bx1xTxC: jax.Array, impl: str = "xla") -> jax.Array:
+                       mask_Bx1xTxC: jax.Array, impl: str = "xla",
+                       oldest: jax.Array | None = None) -> jax.Array:
   """softmax(((q + u) k^T + relative_shift((q + v) rk^T)) / sqrt(H), masked) value: BxTxNxH in
   q's dtype (rk_CxNxH: W_R R of the distances C-1..0; u, v: the content and position biases).
-  The softmax is computed in float32; impl: "xla" or "cudnn" (jax.nn.dot_product_attention's)."""
+  The keys are in order, oldest first, or, given `oldest`, a Cache's ring whose slot `oldest`
+  holds the oldest (the mask in the same order). The softmax is computed in float32; impl: "xla"
+  or "cudnn" (jax.nn.dot_product_attention's)."""
   dtype = q_BxTxNxH.dtype
   scale = 1 / math.sqrt(q_BxTxNxH.shape[-1])
   qv_BxTxNxH = q_BxTxNxH + position_bias_NxH.astype(dtype)
   position_BxNxTxC = relative_shift(jnp.einsum("btnh,cnh->bntc", qv_BxTxNxH, rk_CxNxH.astype(dtype),
                                                preferred_element_type=jnp.float32)) * scale
+  if oldest is not None:  # Key c in order is slot (oldest + c) mod C of the ring.
+    position_BxNxTxC = jnp.roll(position_BxNxTxC, oldest, axis=-1)
   if impl == "cudnn":  # cuDNN takes the bias in the inputs' 16-bit dtype.
     position_BxNxTxC = position_BxNxTxC.astype(dtype)
   return jax.nn.dot_product_attention(q_BxTxNxH + content_bias_NxH.astype(dtype), k_BxCxNxH, value_BxCxNxH,
@@ -141,32 +162,49 @@ class XLBlock(nn.Module):
   deterministic: bool
 
   @nn.compact
-  def __call__(self, x_BxTxD: jax.Array, mem_BxMxD: jax.Array, r_CxD: jax.Array,
-               content_bias_NxH: jax.Array, position_bias_NxH: jax.Array,
-               mask_Bx1xTxC: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(x_BxTxD, the layer's new memory: the last mem_len rows of [mem; x], before the norm)."""
+  def __call__(self, x_BxTxD: jax.Array, memory: jax.Array | tuple[jax.Array, ...], r_CxD: jax.Array | None,
+               content_bias_NxH: jax.Array, position_bias_NxH: jax.Array, mask_Bx1xTxC: jax.Array,
+               start: jax.Array | None = None) -> tuple[jax.Array, jax.Array | tuple[jax.Array, ...]]:
+    """(x_BxTxD, the layer's new memory). memory: the layer's Memory rows mem_BxMxD, whose keys
+    and values are projected here with x's (the new memory: the last mem_len rows of [mem; x],
+    before the norm); or, with start, its Cache ring (k_BxCxNxH, v_BxCxNxH, rk_CxNxH), x's keys
+    and values written at slots start, ..., start + T - 1 (mod C) (the new memory: the ring's new
+    (k, v)), r_CxD None and the mask in ring order."""
     cfg = self.cfg
     N, H, D = cfg.num_heads, cfg.head_dim, cfg.d_model
     B, T = x_BxTxD.shape[:2]
-    M = mem_BxMxD.shape[1]
-    C = M + T
-    mem_BxMxD = nn.with_logical_constraint(mem_BxMxD, ("batch", "length", "embed"))
-    cat_BxCxD = jnp.concatenate([mem_BxMxD.astype(x_BxTxD.dtype), x_BxTxD], axis=1)
     in_init = layers.head_in_init(cfg)
-    with jax.named_scope("layer_norm"):
-      h_BxCxD = layers.layer_norm(cfg, "attention_norm")(cat_BxCxD)
-    with jax.named_scope("projections"):
-      kernel = lambda name: self.param(name, in_init, (D, N, H)).reshape(D, N * H)
-      q_BxTxNxH = matmul(h_BxCxD[:, M:], kernel("query")).reshape(B, T, N, H)
-      k_BxCxNxH = matmul(h_BxCxD, kernel("key")).reshape(B, C, N, H)
-      value_BxCxNxH = matmul(h_BxCxD, kernel("value")).reshape(B, C, N, H)
-      rk_CxNxH = matmul(r_CxD.astype(x_BxTxD.dtype), kernel("position_key")).reshape(C, N, H)
+    kernel = lambda name: self.param(name, in_init, (D, N, H)).reshape(D, N * H)
+    project = lambda h_BxRxD, name: matmul(h_BxRxD, kernel(name)).reshape(B, -1, N, H)
+    if start is None:
+      M = memory.shape[1]
+      mem_BxMxD = nn.with_logical_constraint(memory, ("batch", "length", "embed"))
+      cat_BxCxD = jnp.concatenate([mem_BxMxD.astype(x_BxTxD.dtype), x_BxTxD], axis=1)
+      with jax.named_scope("layer_norm"):
+        h_BxCxD = layers.layer_norm(cfg, "attention_norm")(cat_BxCxD)
+      with jax.named_scope("projections"):
+        q_BxTxNxH = project(h_BxCxD[:, M:], "query")
+        k_BxCxNxH, value_BxCxNxH = project(h_BxCxD, "key"), project(h_BxCxD, "value")
+        rk_CxNxH = matmul(r_CxD.astype(x_BxTxD.dtype), kernel("position_key")).reshape(M + T, N, H)
+      oldest, new_memory = None, _last_rows(cat_BxCxD, cfg.mem_len)
+    else:
+      k_BxCxNxH, value_BxCxNxH, rk_CxNxH = memory
+      C = k_BxCxNxH.shape[1]
+      with jax.named_scope("layer_norm"):
+        h_BxTxD = layers.layer_norm(cfg, "attention_norm")(x_BxTxD)
+      with jax.named_scope("projections"):
+        q_BxTxNxH = project(h_BxTxD, "query")
+        slots_T = (start + jnp.arange(T)) % C
+        k_BxCxNxH = k_BxCxNxH.at[:, slots_T].set(project(h_BxTxD, "key"))
+        value_BxCxNxH = value_BxCxNxH.at[:, slots_T].set(project(h_BxTxD, "value"))
+      oldest, new_memory = (start + T) % C, (k_BxCxNxH, value_BxCxNxH)
     with jax.named_scope("attention"):
       a_BxTxNxH = relative_attention(q_BxTxNxH, k_BxCxNxH, value_BxCxNxH, rk_CxNxH, content_bias_NxH,
-                                     position_bias_NxH, mask_Bx1xTxC, impl=cfg.attention)
+                                     position_bias_NxH, mask_Bx1xTxC, impl=self.cfg.attention,
+                                     oldest=oldest)
     x_BxTxD = layers.attention_out_residual(self, x_BxTxD, a_BxTxNxH)
     x_BxTxD = layers.feed_forward_residual(cfg, self.deterministic, x_BxTxD)
-    return x_BxTxD, _last_rows(cat_BxCxD, cfg.mem_len)
+    return x_BxTxD, new_memory
 
 
 class _ScanBody(nn.Module):
@@ -177,11 +215,10 @@ class _ScanBody(nn.Module):
   keep_all_layers: bool
 
   @nn.compact
-  def __call__(self, x_BxTxD, mem_BxMxD, r_CxD, content_bias_NxH, position_bias_NxH, mask_Bx1xTxC):
+  def __call__(self, x_BxTxD, memory, *broadcast):
     block = layers.layer_cls(self.cfg, XLBlock)(self.cfg, self.deterministic, name="block")
-    x_BxTxD, new_mem_BxMxD = block(x_BxTxD, mem_BxMxD, r_CxD, content_bias_NxH, position_bias_NxH,
-                                   mask_Bx1xTxC)
-    return x_BxTxD, (new_mem_BxMxD, x_BxTxD if self.keep_all_layers else None)
+    x_BxTxD, new_memory = block(x_BxTxD, memory, *broadcast)
+    return x_BxTxD, (new_memory, x_BxTxD if self.keep_all_layers else None)
 
 
 def init_memory(cfg: layers.ModelConfig, batch_size: int) -> Memory:
@@ -206,52 +243,92 @@ class XLTransformer(nn.Module):
     self.position_bias = self.param("position_bias", bias_init, (cfg.num_heads, cfg.head_dim))
     self.dropout = nn.Dropout(cfg.dropout)
     if cfg.scan_layers:
-      # Each layer's memory scanned in; R, u, v and the mask the same for every layer.
-      stack = layers.scanned(_ScanBody, cfg, num_broadcast=4)
+      # Each layer's memory scanned in; R, u, v, the mask and a Cache's start the same for every layer.
+      stack = layers.scanned(_ScanBody, cfg, num_broadcast=5)
       self.layers = stack(cfg, self.deterministic, self.all_layers)
     else:
       self.layers = [layers.layer_cls(cfg, XLBlock)(cfg, self.deterministic)
                      for _ in range(cfg.num_layers)]
     self.classifiers = layers.head_params(self, cfg, self.embedding)
 
-  def __call__(self, tokens_BxT: jax.Array, memory: Memory | None = None) -> tuple[jax.Array, Memory]:
-    """(h_LxBxTxD if all_layers else h_BxTxD, before the heads' norm; the new memory: the last
-    mem_len positions of [memory; this segment] of every layer's input, valid_B = min(mem_len,
-    valid_B + T)). memory None: no memory (as an empty one; init_memory makes one)."""
+  def __call__(self, tokens_BxT: jax.Array,
+               memory: Memory | Cache | None = None) -> tuple[jax.Array, Memory | Cache]:
+    """(h_LxBxTxD if all_layers else h_BxTxD, before the heads' norm; the new memory). A Memory
+    (training's) becomes the last mem_len positions of [memory; this segment] of every layer's
+    input; a Cache (inference's) has this segment's keys and values written over its oldest;
+    valid_B = min(mem_len, valid_B + T). memory None: no memory (as an empty one)."""
     cfg = self.cfg
     B, T = tokens_BxT.shape
     if memory is None:
       memory = Memory(h_LxBxMxD=jnp.zeros((cfg.num_layers, B, 0, cfg.d_model), cfg.compute_dtype),
                       valid_B=jnp.zeros((B,), jnp.int32))
-    M = memory.h_LxBxMxD.shape[2]
     x_BxTxD = self.dropout(layers.embed(cfg, self.embedding, tokens_BxT), deterministic=self.deterministic)
     x_BxTxD = nn.with_logical_constraint(x_BxTxD, ("batch", "length", "embed"))
-    memory_axes = ("layers", "batch", "length", "embed")
-    mem_LxBxMxD = nn.with_logical_constraint(
-        jax.lax.stop_gradient(memory.h_LxBxMxD.astype(cfg.compute_dtype)), memory_axes)
-    r_CxD = self.dropout(relative_encodings(M + T, cfg.d_model, cfg.clamp_len),
-                         deterministic=self.deterministic)
-    mask_Bx1xTxC = attention_mask(T, M, memory.valid_B, cfg.mem_len if cfg.same_length else None)
+    window = cfg.mem_len if cfg.same_length else None
     biases = (self.content_bias, self.position_bias)
-    if cfg.scan_layers:
-      x_BxTxD, (new_LxBxMxD, h_LxBxTxD) = self.layers(x_BxTxD, mem_LxBxMxD, r_CxD, *biases, mask_Bx1xTxC)
+    if isinstance(memory, Cache):
+      C = memory.k_LxBxCxNxH.shape[2]
+      if C != cfg.mem_len + T:
+        raise ValueError(f"a Cache of {C} slots (mem_len {cfg.mem_len}) takes steps of {C - cfg.mem_len} "
+                         f"positions, got {T}")
+      oldest = (memory.start + T) % C  # The slot of the oldest key once this step's T are written.
+      mask_Bx1xTxC = jnp.roll(attention_mask(T, cfg.mem_len, memory.valid_B, window), oldest, axis=-1)
+      x_BxTxD, (k_LxBxCxNxH, v_LxBxCxNxH), h_LxBxTxD = self._layers(
+          x_BxTxD, (memory.k_LxBxCxNxH, memory.v_LxBxCxNxH, memory.rk_LxCxNxH),
+          (None, *biases, mask_Bx1xTxC, memory.start))
+      new_memory = memory.replace(k_LxBxCxNxH=k_LxBxCxNxH, v_LxBxCxNxH=v_LxBxCxNxH, start=oldest,
+                                  valid_B=jnp.minimum(cfg.mem_len, memory.valid_B + T))
     else:
-      outputs, new_mems = [], []
-      for layer, block in enumerate(self.layers):
-        x_BxTxD, new_BxMxD = block(x_BxTxD, mem_LxBxMxD[layer], r_CxD, *biases, mask_Bx1xTxC)
-        outputs.append(x_BxTxD)
-        new_mems.append(new_BxMxD)
-      new_LxBxMxD = jnp.stack(new_mems)
-      h_LxBxTxD = jnp.stack(outputs) if self.all_layers else None
-    new_LxBxMxD = nn.with_logical_constraint(jax.lax.stop_gradient(new_LxBxMxD), memory_axes)
-    new_memory = Memory(h_LxBxMxD=new_LxBxMxD, valid_B=jnp.minimum(cfg.mem_len, memory.valid_B + T))
+      M = memory.h_LxBxMxD.shape[2]
+      memory_axes = ("layers", "batch", "length", "embed")
+      mem_LxBxMxD = nn.with_logical_constraint(
+          jax.lax.stop_gradient(memory.h_LxBxMxD.astype(cfg.compute_dtype)), memory_axes)
+      r_CxD = self.dropout(relative_encodings(M + T, cfg.d_model, cfg.clamp_len),
+                           deterministic=self.deterministic)
+      mask_Bx1xTxC = attention_mask(T, M, memory.valid_B, window)
+      x_BxTxD, new_LxBxMxD, h_LxBxTxD = self._layers(x_BxTxD, mem_LxBxMxD,
+                                                     (r_CxD, *biases, mask_Bx1xTxC, None))
+      new_LxBxMxD = nn.with_logical_constraint(jax.lax.stop_gradient(new_LxBxMxD), memory_axes)
+      new_memory = Memory(h_LxBxMxD=new_LxBxMxD, valid_B=jnp.minimum(cfg.mem_len, memory.valid_B + T))
     return (h_LxBxTxD if self.all_layers else x_BxTxD), new_memory
+
+  def _layers(self, x_BxTxD: jax.Array, memory_L: Any, broadcast: tuple[Any, ...]) -> tuple[Any, Any, Any]:
+    """(x after every layer, every layer's new memory stacked, h_LxBxTxD or None): memory_L has
+    each layer's memory (XLBlock's) on a leading axis; broadcast: XLBlock's other arguments."""
+    if self.cfg.scan_layers:
+      x_BxTxD, (new_L, h_LxBxTxD) = self.layers(x_BxTxD, memory_L, *broadcast)
+      return x_BxTxD, new_L, h_LxBxTxD
+    outputs, news = [], []
+    for layer, block in enumerate(self.layers):
+      x_BxTxD, new = block(x_BxTxD, jax.tree.map(lambda a: a[layer], memory_L), *broadcast)
+      outputs.append(x_BxTxD)
+      news.append(new)
+    new_L = jax.tree.map(lambda *a: jnp.stack(a), *news)
+    return x_BxTxD, new_L, (jnp.stack(outputs) if self.all_layers else None)
+
+  def init_cache(self, batch_size: int, seq_len: int) -> Cache:
+    """An empty Cache of batch_size rows for steps of seq_len positions, with every layer's relative
+    keys W_R R projected once, for the mem_len + seq_len distances a step sees (clamp_len applied)."""
+    cfg = self.cfg
+    N, H, D, L = cfg.num_heads, cfg.head_dim, cfg.d_model, cfg.num_layers
+    C = cfg.mem_len + seq_len
+    params = nn.unbox(self.variables["params"])
+    if cfg.scan_layers:
+      w_LxDxNxH = params["layers"]["block"]["position_key"]
+    else:
+      w_LxDxNxH = jnp.stack([params[f"layers_{layer}"]["position_key"] for layer in range(L)])
+    r_CxD = relative_encodings(C, D, cfg.clamp_len).astype(cfg.compute_dtype)
+    rk_LxCxNxH = jax.vmap(lambda w_DxNxH: matmul(r_CxD, w_DxNxH.reshape(D, N * H)))(w_LxDxNxH)
+    zeros = jnp.zeros((L, batch_size, C, N, H), cfg.compute_dtype)
+    return Cache(k_LxBxCxNxH=zeros, v_LxBxCxNxH=zeros, rk_LxCxNxH=rk_LxCxNxH.reshape(L, C, N, H),
+                 valid_B=jnp.zeros((batch_size,), jnp.int32), start=jnp.zeros((), jnp.int32))
 
   def heads(self) -> layers.Heads:
     """Every layer's classifiers (for a loss); inference uses heads().layer(-1)."""
     return self.classifiers
 
-  def logits(self, tokens_BxT: jax.Array, memory: Memory | None = None) -> tuple[jax.Array, Memory]:
+  def logits(self, tokens_BxT: jax.Array,
+             memory: Memory | Cache | None = None) -> tuple[jax.Array, Memory | Cache]:
     """(the last layer's next-character logits_BxTxV, float32; the new memory). Generation is
     this with T = 1: its cost per character depends on mem_len, not on what came before."""
     h, new_memory = self(tokens_BxT, memory)
@@ -261,6 +338,9 @@ class XLTransformer(nn.Module):
 # The logical axes of each field of a Memory, which config.mesh.rules map to mesh axes as they do
 # the parameters': rows of the batch (streams) split over the batch axes.
 MEMORY_AXES = {"h_LxBxMxD": ("layers", "batch", "length", "embed"), "valid_B": ("batch",)}
+CACHE_AXES = {"k_LxBxCxNxH": ("layers", "batch", "length", "heads", "head_dim"),
+              "v_LxBxCxNxH": ("layers", "batch", "length", "heads", "head_dim"),
+              "rk_LxCxNxH": ("layers", "length", "heads", "head_dim"), "valid_B": ("batch",)}
 
 
 class XLFamily(base.Family):
@@ -295,6 +375,11 @@ class XLFamily(base.Family):
     memory = init_memory(cfg, batch_size)
     return memory.replace(**{name: nn.LogicallyPartitioned(getattr(memory, name), names)
                              for name, names in MEMORY_AXES.items()})
+
+  def inference_memory(self, module: XLTransformer, params: Any, batch_size: int, seq_len: int) -> Cache:
+    cache = module.apply({"params": params}, batch_size, seq_len, method="init_cache")
+    return cache.replace(**{name: nn.LogicallyPartitioned(getattr(cache, name), names)
+                            for name, names in CACHE_AXES.items()})
 
   def reset_memory(self, memory: Memory, reset_B: jax.Array) -> Memory:
     return memory.replace(valid_B=jnp.where(reset_B, 0, memory.valid_B))
@@ -340,8 +425,8 @@ class XLFamily(base.Family):
     def step(variables, tokens_BxT, memory, index):
       del index  # Positions are relative.
       return module.apply(variables, tokens_BxT, memory, method="logits")
-    return base.Decoder(step=step, init_state=lambda batch_size: init_memory(module.cfg, batch_size),
-                        recurrent=True)
+    init_state = lambda variables, batch_size: module.apply(variables, batch_size, 1, method="init_cache")
+    return base.Decoder(step=step, init_state=init_state, recurrent=True)
 
   def flops_per_char(self, cfg: layers.ModelConfig, seq_len: int, intermediate_layers: bool = True,
                      batch_size: int = 1) -> float:
