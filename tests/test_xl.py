@@ -233,7 +233,7 @@ def test_cached_keys_and_values_equal_the_recomputed_memory(scan_layers, same_le
   for T in (4, 1):
     memory = xl.init_memory(cfg, 2)
     cache = jax.jit(lambda p, T=T: model.apply({"params": p}, 2, T, method="init_cache"))(params)
-    assert cache.k_LxBxCxNxH.shape == (2, 2, 11 + T, 2, 16)
+    assert cache.k_LxBxNxCxH.shape == (2, 2, 2, 11 + T, 16)
     for start in range(0, 40, T):
       want_BxTxV, memory = logits(params, tokens_BxT[:, start:start + T], memory)
       got_BxTxV, cache = logits(params, tokens_BxT[:, start:start + T], cache)

@@ -137,7 +137,7 @@ class Recurrent(Protocol):
     return dataclasses.replace(cfg, mem_len=self.mem_len, clamp_len=self.clamp_len,
                                same_length=self.same_length)
 
-  def _memory(self, family: "Family", model: Any, mesh: jax.sharding.Mesh, rules: sharding.Rules,
+  def empty_memory(self, family: "Family", model: Any, mesh: jax.sharding.Mesh, rules: sharding.Rules,
               batch_size: int, params: Any) -> tuple[Any, Any, Callable[[Any], Any]]:
     """(abstract, shardings, create(params)) of family.inference_memory's empty memory for
     segments of seq_len (params: concrete or abstract)."""
@@ -155,7 +155,7 @@ class Recurrent(Protocol):
     def run(params, ids_M, *, progress=False, desc="eval", stride=None):
       del stride  # A segment is scored whole (chartx.load's score refuses a stride).
       if not compiled:
-        _, shardings, compiled["empty"] = self._memory(family, model, mesh, rules, batch_size, params)
+        _, shardings, compiled["empty"] = self.empty_memory(family, model, mesh, rules, batch_size, params)
         compiled["score"] = scoring.jit_segment_score_fn(scoring.model_segment_score_fn(model), shardings,
                                                          mesh, rules)
       return scoring.evaluate_recurrent(compiled["score"], params, compiled["empty"](params), ids_M,
@@ -164,7 +164,7 @@ class Recurrent(Protocol):
     return run
 
   def step_program(self, family, model, mesh, rules, batch_size, params):
-    memory, memory_shardings, _ = self._memory(family, model, mesh, rules, batch_size, params)
+    memory, memory_shardings, _ = self.empty_memory(family, model, mesh, rules, batch_size, params)
     score = scoring.jit_segment_score_fn(scoring.model_segment_score_fn(model), memory_shardings,
                                          mesh, rules)
     segment = _abstract((batch_size, self.seq_len), jnp.int32, sharding.batch_sharding(mesh))

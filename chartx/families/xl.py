@@ -86,9 +86,11 @@ class Cache:
   the oldest T, then attends over all C slots, so nothing is copied or moved; `start` is the slot
   its first position goes to. The relative keys W_R R of the C distances are projected once,
   when the cache is made (XLTransformer.init_cache), for steps of exactly T positions."""
-  k_LxBxCxNxH: jax.Array
-  v_LxBxCxNxH: jax.Array
-  rk_LxCxNxH: jax.Array  # Every layer's W_R R of the distances C-1, ..., 0.
+  # Heads before slots: with one query (generation), XLA:CPU's products over the C slots then
+  # read contiguous rows, several times faster than over CxNxH.
+  k_LxBxNxCxH: jax.Array
+  v_LxBxNxCxH: jax.Array
+  rk_LxNxCxH: jax.Array  # Every layer's W_R R of the distances C-1, ..., 0.
   valid_B: jax.Array  # As Memory's: real positions among the M before the step.
   start: jax.Array  # int32 scalar.
 
@@ -127,25 +129,42 @@ def attention_mask(seq_len: int, mem_rows: int, valid_B: jax.Array, window: int 
 
 def relative_attention(q_BxTxNxH: jax.Array, k_BxCxNxH: jax.Array, value_BxCxNxH: jax.Array,
                        rk_CxNxH: jax.Array, content_bias_NxH: jax.Array, position_bias_NxH: jax.Array,
-                       mask_Bx1xTxC: jax.Array, impl: str = "xla",
-                       oldest: jax.Array | None = None) -> jax.Array:
+                       mask_Bx1xTxC: jax.Array, impl: str = "xla") -> jax.Array:
   """softmax(((q + u) k^T + relative_shift((q + v) rk^T)) / sqrt(H), masked) value: BxTxNxH in
   q's dtype (rk_CxNxH: W_R R of the distances C-1..0; u, v: the content and position biases).
-  The keys are in order, oldest first, or, given `oldest`, a Cache's ring whose slot `oldest`
-  holds the oldest (the mask in the same order). The softmax is computed in float32; impl: "xla"
-  or "cudnn" (jax.nn.dot_product_attention's)."""
+  The softmax is computed in float32; impl: "xla" or "cudnn" (jax.nn.dot_product_attention's)."""
   dtype = q_BxTxNxH.dtype
   scale = 1 / math.sqrt(q_BxTxNxH.shape[-1])
   qv_BxTxNxH = q_BxTxNxH + position_bias_NxH.astype(dtype)
   position_BxNxTxC = relative_shift(jnp.einsum("btnh,cnh->bntc", qv_BxTxNxH, rk_CxNxH.astype(dtype),
                                                preferred_element_type=jnp.float32)) * scale
-  if oldest is not None:  # Key c in order is slot (oldest + c) mod C of the ring.
-    position_BxNxTxC = jnp.roll(position_BxNxTxC, oldest, axis=-1)
   if impl == "cudnn":  # cuDNN takes the bias in the inputs' 16-bit dtype.
     position_BxNxTxC = position_BxNxTxC.astype(dtype)
   return jax.nn.dot_product_attention(q_BxTxNxH + content_bias_NxH.astype(dtype), k_BxCxNxH, value_BxCxNxH,
                                       bias=position_BxNxTxC, mask=mask_Bx1xTxC, scale=scale,
                                       implementation=impl)
+
+
+def cached_attention(q_BxTxNxH: jax.Array, k_BxNxCxH: jax.Array, value_BxNxCxH: jax.Array,
+                     rk_NxCxH: jax.Array, content_bias_NxH: jax.Array, position_bias_NxH: jax.Array,
+                     mask_Bx1xTxC: jax.Array, oldest: jax.Array) -> jax.Array:
+  """relative_attention over a Cache's ring, whose slot `oldest` holds the oldest key (the mask
+  in ring order): the position scores are computed by distance as there, then rolled from key
+  order to ring order. Written out in the ring's heads-first layout rather than through
+  jax.nn.dot_product_attention, whose key layout made XLA:CPU transpose every layer's keys and
+  values each step (about 3x the time at one query)."""
+  dtype = q_BxTxNxH.dtype
+  scale = 1 / math.sqrt(q_BxTxNxH.shape[-1])
+  q_BxNxTxH = jnp.transpose(q_BxTxNxH, (0, 2, 1, 3))
+  bias = lambda b_NxH: b_NxH.astype(dtype)[None, :, None, :]
+  content_BxNxTxC = jnp.einsum("bnth,bnch->bntc", q_BxNxTxH + bias(content_bias_NxH), k_BxNxCxH,
+                               preferred_element_type=jnp.float32)
+  position_BxNxTxC = relative_shift(jnp.einsum("bnth,nch->bntc", q_BxNxTxH + bias(position_bias_NxH),
+                                               rk_NxCxH.astype(dtype), preferred_element_type=jnp.float32))
+  scores_BxNxTxC = (content_BxNxTxC + jnp.roll(position_BxNxTxC, oldest, axis=-1)) * scale
+  scores_BxNxTxC = jnp.where(mask_Bx1xTxC, scores_BxNxTxC, jnp.finfo(jnp.float32).min)
+  probs_BxNxTxC = jax.nn.softmax(scores_BxNxTxC, axis=-1).astype(dtype)
+  return jnp.einsum("bntc,bnch->btnh", probs_BxNxTxC, value_BxNxCxH)
 
 
 def _last_rows(x_BxCxD: jax.Array, rows: int) -> jax.Array:
@@ -167,7 +186,7 @@ class XLBlock(nn.Module):
                start: jax.Array | None = None) -> tuple[jax.Array, jax.Array | tuple[jax.Array, ...]]:
     """(x_BxTxD, the layer's new memory). memory: the layer's Memory rows mem_BxMxD, whose keys
     and values are projected here with x's (the new memory: the last mem_len rows of [mem; x],
-    before the norm); or, with start, its Cache ring (k_BxCxNxH, v_BxCxNxH, rk_CxNxH), x's keys
+    before the norm); or, with start, its Cache ring (k_BxNxCxH, v_BxNxCxH, rk_NxCxH), x's keys
     and values written at slots start, ..., start + T - 1 (mod C) (the new memory: the ring's new
     (k, v)), r_CxD None and the mask in ring order."""
     cfg = self.cfg
@@ -186,22 +205,25 @@ class XLBlock(nn.Module):
         q_BxTxNxH = project(h_BxCxD[:, M:], "query")
         k_BxCxNxH, value_BxCxNxH = project(h_BxCxD, "key"), project(h_BxCxD, "value")
         rk_CxNxH = matmul(r_CxD.astype(x_BxTxD.dtype), kernel("position_key")).reshape(M + T, N, H)
-      oldest, new_memory = None, _last_rows(cat_BxCxD, cfg.mem_len)
+      with jax.named_scope("attention"):
+        a_BxTxNxH = relative_attention(q_BxTxNxH, k_BxCxNxH, value_BxCxNxH, rk_CxNxH, content_bias_NxH,
+                                       position_bias_NxH, mask_Bx1xTxC, impl=cfg.attention)
+      new_memory = _last_rows(cat_BxCxD, cfg.mem_len)
     else:
-      k_BxCxNxH, value_BxCxNxH, rk_CxNxH = memory
-      C = k_BxCxNxH.shape[1]
+      k_BxNxCxH, value_BxNxCxH, rk_NxCxH = memory
+      C = k_BxNxCxH.shape[2]
       with jax.named_scope("layer_norm"):
         h_BxTxD = layers.layer_norm(cfg, "attention_norm")(x_BxTxD)
       with jax.named_scope("projections"):
         q_BxTxNxH = project(h_BxTxD, "query")
         slots_T = (start + jnp.arange(T)) % C
-        k_BxCxNxH = k_BxCxNxH.at[:, slots_T].set(project(h_BxTxD, "key"))
-        value_BxCxNxH = value_BxCxNxH.at[:, slots_T].set(project(h_BxTxD, "value"))
-      oldest, new_memory = (start + T) % C, (k_BxCxNxH, value_BxCxNxH)
-    with jax.named_scope("attention"):
-      a_BxTxNxH = relative_attention(q_BxTxNxH, k_BxCxNxH, value_BxCxNxH, rk_CxNxH, content_bias_NxH,
-                                     position_bias_NxH, mask_Bx1xTxC, impl=self.cfg.attention,
-                                     oldest=oldest)
+        heads_first = lambda a_BxTxNxH: jnp.transpose(a_BxTxNxH, (0, 2, 1, 3))
+        k_BxNxCxH = k_BxNxCxH.at[:, :, slots_T].set(heads_first(project(h_BxTxD, "key")))
+        value_BxNxCxH = value_BxNxCxH.at[:, :, slots_T].set(heads_first(project(h_BxTxD, "value")))
+      with jax.named_scope("attention"):
+        a_BxTxNxH = cached_attention(q_BxTxNxH, k_BxNxCxH, value_BxNxCxH, rk_NxCxH, content_bias_NxH,
+                                     position_bias_NxH, mask_Bx1xTxC, oldest=(start + T) % C)
+      new_memory = (k_BxNxCxH, value_BxNxCxH)
     x_BxTxD = layers.attention_out_residual(self, x_BxTxD, a_BxTxNxH)
     x_BxTxD = layers.feed_forward_residual(cfg, self.deterministic, x_BxTxD)
     return x_BxTxD, new_memory
@@ -267,16 +289,16 @@ class XLTransformer(nn.Module):
     window = cfg.mem_len if cfg.same_length else None
     biases = (self.content_bias, self.position_bias)
     if isinstance(memory, Cache):
-      C = memory.k_LxBxCxNxH.shape[2]
+      C = memory.k_LxBxNxCxH.shape[3]
       if C != cfg.mem_len + T:
         raise ValueError(f"a Cache of {C} slots (mem_len {cfg.mem_len}) takes steps of {C - cfg.mem_len} "
                          f"positions, got {T}")
       oldest = (memory.start + T) % C  # The slot of the oldest key once this step's T are written.
       mask_Bx1xTxC = jnp.roll(attention_mask(T, cfg.mem_len, memory.valid_B, window), oldest, axis=-1)
-      x_BxTxD, (k_LxBxCxNxH, v_LxBxCxNxH), h_LxBxTxD = self._layers(
-          x_BxTxD, (memory.k_LxBxCxNxH, memory.v_LxBxCxNxH, memory.rk_LxCxNxH),
+      x_BxTxD, (k_LxBxNxCxH, v_LxBxNxCxH), h_LxBxTxD = self._layers(
+          x_BxTxD, (memory.k_LxBxNxCxH, memory.v_LxBxNxCxH, memory.rk_LxNxCxH),
           (None, *biases, mask_Bx1xTxC, memory.start))
-      new_memory = memory.replace(k_LxBxCxNxH=k_LxBxCxNxH, v_LxBxCxNxH=v_LxBxCxNxH, start=oldest,
+      new_memory = memory.replace(k_LxBxNxCxH=k_LxBxNxCxH, v_LxBxNxCxH=v_LxBxNxCxH, start=oldest,
                                   valid_B=jnp.minimum(cfg.mem_len, memory.valid_B + T))
     else:
       M = memory.h_LxBxMxD.shape[2]
@@ -319,8 +341,9 @@ class XLTransformer(nn.Module):
       w_LxDxNxH = jnp.stack([params[f"layers_{layer}"]["position_key"] for layer in range(L)])
     r_CxD = relative_encodings(C, D, cfg.clamp_len).astype(cfg.compute_dtype)
     rk_LxCxNxH = jax.vmap(lambda w_DxNxH: matmul(r_CxD, w_DxNxH.reshape(D, N * H)))(w_LxDxNxH)
-    zeros = jnp.zeros((L, batch_size, C, N, H), cfg.compute_dtype)
-    return Cache(k_LxBxCxNxH=zeros, v_LxBxCxNxH=zeros, rk_LxCxNxH=rk_LxCxNxH.reshape(L, C, N, H),
+    rk_LxNxCxH = jnp.transpose(rk_LxCxNxH.reshape(L, C, N, H), (0, 2, 1, 3))
+    zeros = jnp.zeros((L, batch_size, N, C, H), cfg.compute_dtype)
+    return Cache(k_LxBxNxCxH=zeros, v_LxBxNxCxH=zeros, rk_LxNxCxH=rk_LxNxCxH,
                  valid_B=jnp.zeros((batch_size,), jnp.int32), start=jnp.zeros((), jnp.int32))
 
   def heads(self) -> layers.Heads:
@@ -338,9 +361,9 @@ class XLTransformer(nn.Module):
 # The logical axes of each field of a Memory, which config.mesh.rules map to mesh axes as they do
 # the parameters': rows of the batch (streams) split over the batch axes.
 MEMORY_AXES = {"h_LxBxMxD": ("layers", "batch", "length", "embed"), "valid_B": ("batch",)}
-CACHE_AXES = {"k_LxBxCxNxH": ("layers", "batch", "length", "heads", "head_dim"),
-              "v_LxBxCxNxH": ("layers", "batch", "length", "heads", "head_dim"),
-              "rk_LxCxNxH": ("layers", "length", "heads", "head_dim"), "valid_B": ("batch",)}
+CACHE_AXES = {"k_LxBxNxCxH": ("layers", "batch", "heads", "length", "head_dim"),
+              "v_LxBxNxCxH": ("layers", "batch", "heads", "length", "head_dim"),
+              "rk_LxNxCxH": ("layers", "heads", "length", "head_dim"), "valid_B": ("batch",)}
 
 
 class XLFamily(base.Family):
