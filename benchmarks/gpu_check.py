@@ -1,23 +1,27 @@
-"""The GPU check: T12 and T64 in bfloat16 on one accelerator, every number in one JSON file.
+"""The GPU check: T12, T64 and Transformer-XL 12L in bfloat16 on one accelerator, every number in one JSON file.
 
     python -m benchmarks.gpu_check --out=DIR/gpu_check.json            # one H100/H200: under 8 minutes
     python -m benchmarks.gpu_check --out=/tmp/gpu_check.json --tiny    # any CPU: about a minute
     bash benchmarks/gpu_check.sh                                       # the lent GPU machine (see there)
 
-For each model (configs/enwik8_12l.py as T12, configs/enwik8_64l.py as T64, with model.dtype
-bfloat16 and dropout as configured) it measures, each in a section of its own:
+For each model (configs/enwik8_12l.py as T12, configs/enwik8_64l.py as T64, configs/enwik8_xl_12l.py
+as XL12, with model.dtype bfloat16 and dropout as configured) it measures, each in a section of
+its own:
   train/<model>/<attention>  for each --attention choice (model.attention): the train step of
                              chartx.tools.bench.benchmark (all auxiliary losses), so compile time,
                              median step time over --steps after --warmup, chars/s, MFU against the
-                             chip's datasheet bf16 peak (chartx.flops.peak_flops) and peak device memory;
-  infer/<model>              evaluation chars/s at stride 1 (the paper's protocol) and at stride
-                             seq_len, over --eval_windows windows in batches of --eval_batch_size,
-                             and KV-cache sampling chars/s over --sample_chars (benchmarks.eval_sample's
-                             functions), with model.attention "auto" (cuDNN on a GPU in bf16);
-                             infer/T12 also Transformer-XL 12L's recurrent evaluation at the same
-                             attention length, seq_len, and its sampling with the memory
-                             (xl_recurrent_eval: benchmarks.xl_eval's xl_rate, segments of 128, a
-                             memory of seq_len - 1, same_length).
+                             chip's datasheet bf16 peak (chartx.flops.peak_flops) and peak device memory
+                             (XL12 with cudnn: cuDNN's kernel with XL's relative positions as its bias);
+  infer/<model>              T12, T64: evaluation chars/s at stride 1 (the paper's protocol) and at
+                             stride seq_len, over --eval_windows windows in batches of
+                             --eval_batch_size, and KV-cache sampling chars/s over --sample_chars
+                             (benchmarks.eval_sample's functions), with model.attention "auto" (cuDNN
+                             on a GPU in bf16);
+                             XL12: at each of the XL paper's attention lengths (XL_LENGTHS), its
+                             recurrent evaluation with the cached memory (projected keys and
+                             values) and its sampling with it (xl_<length>: benchmarks.xl_eval's
+                             xl_rate, segments of 128, a memory of length - 1, same_length, batches
+                             of --eval_batch_size streams).
 Parameters are random and the text is random bytes: nothing is downloaded.
 
 Every section runs in a child process of its own (python -m benchmarks.gpu_check --section=...),
@@ -57,9 +61,10 @@ import time
 import traceback
 from typing import Any, Callable
 
-MODELS = {"T12": "configs.enwik8_12l", "T64": "configs.enwik8_64l"}
+MODELS = {"T12": "configs.enwik8_12l", "T64": "configs.enwik8_64l", "XL12": "configs.enwik8_xl_12l"}
+XL_LENGTHS = (800, 1800, 2800, 3800)  # The XL paper's attention lengths (--tiny: 32, 64).
 ATTENTIONS = ("xla", "cudnn", "auto")
-# The MFU targets for one H100/H200 in bfloat16 (docs/results.md, "Not measured yet").
+# The MFU targets for one H100/H200 in bfloat16 (docs/results.md, "Not measured yet"); XL12 has none.
 MFU_TARGETS = {"T12": 0.40, "T64": 0.45}
 TINY = {"model.num_layers": 2, "model.d_model": 64, "model.num_heads": 4, "model.d_ff": 256,
         "model.max_len": 64, "data.seq_len": 64, "train.batch_size": 4}
@@ -84,7 +89,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
   p.add_argument("--tiny", action="store_true", help="Tiny dims, float32 off a GPU: a CPU smoke run.")
   p.add_argument("--budget_s", type=float, default=420.0,
                  help="Seconds after which no section starts and a running one is stopped.")
-  p.add_argument("--models", default="T12,T64", help=f"Comma-separated, of {', '.join(MODELS)}.")
+  p.add_argument("--models", default="T12,T64,XL12", help=f"Comma-separated, of {', '.join(MODELS)}.")
   p.add_argument("--attention", default="xla,cudnn",
                  help=f"Comma-separated model.attention choices for the train step, of "
                       f"{', '.join(ATTENTIONS)}.")
@@ -186,6 +191,9 @@ def infer_section(model: str, args: argparse.Namespace) -> dict[str, Any]:
   config, overrides = model_config(model, args, jax.default_backend(), "auto")
   seq_len = config.data.seq_len
   record: dict[str, Any] = {"overrides": overrides}
+  if config.model.family == "xl":
+    record["result"] = xl_infer(config, args)
+    return record
   net, variables = eval_sample.random_model(config)
   result = {"backend": jax.default_backend(), "device_kind": jax.devices()[0].device_kind,
             "num_devices": jax.device_count(), "params": layers.count_params(variables),
@@ -196,16 +204,30 @@ def infer_section(model: str, args: argparse.Namespace) -> dict[str, Any]:
         config, net, variables, stride=stride, windows=args.eval_windows, batch_size=args.eval_batch_size))
   measure(result, "sample_cached_chars_per_sec",
           lambda: eval_sample.cached_sample_rate(net, variables, seq_len, args.sample_chars))
-  if model == "T12":  # Transformer-XL 12L's recurrent eval at the same attention length as stride 1's.
-    from benchmarks import xl_eval  # pylint: disable=import-outside-toplevel
-    xl_args = argparse.Namespace(tiny=args.tiny, segment=8 if args.tiny else 128,
-                                 batch_size=args.eval_batch_size, min_seconds=0.0 if args.tiny else 5.0,
-                                 sample_chars=args.sample_chars)
-    mesh, rules = sharding.make_mesh(config), sharding.logical_rules(config)
-    measure(result, "xl_recurrent_eval", lambda: xl_eval.xl_rate(seq_len, xl_args, mesh, rules))
   result["peak_memory_bytes"], result["peak_memory_source"] = bench.peak_memory()
   record["result"] = result
   return record
+
+
+def xl_infer(config: Any, args: argparse.Namespace) -> dict[str, Any]:
+  """Transformer-XL's recurrent evaluation and sampling with the cached memory, at each attention
+  length (benchmarks.xl_eval.xl_rate, which builds configs/enwik8_xl_12l.py's model itself)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from benchmarks import xl_eval  # pylint: disable=import-outside-toplevel
+  from chartx import sharding  # pylint: disable=import-outside-toplevel
+  from chartx.tools import bench  # pylint: disable=import-outside-toplevel
+  xl_args = argparse.Namespace(tiny=args.tiny, segment=8 if args.tiny else 128,
+                               batch_size=args.eval_batch_size, min_seconds=0.0 if args.tiny else 2.0,
+                               sample_chars=args.sample_chars)
+  mesh, rules = sharding.make_mesh(config), sharding.logical_rules(config)
+  lengths = (32, 64) if args.tiny else XL_LENGTHS
+  result = {"backend": jax.default_backend(), "device_kind": jax.devices()[0].device_kind,
+            "num_devices": jax.device_count(), "lengths": list(lengths), "segment": xl_args.segment,
+            "streams": xl_args.batch_size, "sample_chars": args.sample_chars}
+  for length in lengths:
+    measure(result, f"xl_{length}", lambda length=length: xl_eval.xl_rate(length, xl_args, mesh, rules))
+  result["peak_memory_bytes"], result["peak_memory_source"] = bench.peak_memory()
+  return result
 
 
 def run_section(args: argparse.Namespace) -> None:
@@ -328,8 +350,9 @@ def targets(sections: dict[str, Any], models: list[str]) -> dict[str, Any]:
     mfus = [s["result"]["mfu"] for name, s in sections.items()
             if name.startswith(f"train/{model}/") and s["status"] == "ok" and s["result"].get("mfu")]
     best = max(mfus, default=None)
-    out[model] = {"mfu_target": MFU_TARGETS[model], "mfu_best": best,
-                  "met": None if best is None else best >= MFU_TARGETS[model]}
+    if model in MFU_TARGETS:
+      out[model] = {"mfu_target": MFU_TARGETS[model], "mfu_best": best,
+                    "met": None if best is None else best >= MFU_TARGETS[model]}
   return out
 
 
@@ -369,14 +392,18 @@ def summary_line(section: str, entry: dict[str, Any]) -> str:
             f"MFU {'-' if mfu is None else format(100 * mfu, '.1f') + '%'}, "
             f"peak {_num(result.get('peak_memory_bytes', 0) / 2**30, '.2f')} GiB")
   parts, seq_len = [], result.get("seq_len")
+  if "lengths" in result:  # Transformer-XL's, at each attention length.
+    for length in result["lengths"]:
+      rec = result.get(f"xl_{length}", {})
+      parts.append(f"at {length}: error" if "error" in rec else
+                   f"at {length}: eval {_num(rec.get('xl_chars_per_sec'), ',.0f')}, "
+                   f"sample {_num(rec.get('xl_sample_chars_per_sec'), ',.0f')} chars/s")
+    return f"{section:<16} " + ", ".join(parts)
   for key, label in (("eval_stride_1_chars_per_sec", "eval stride 1"),
                      (f"eval_stride_{seq_len}_chars_per_sec", f"eval stride {seq_len}"),
                      ("sample_cached_chars_per_sec", "sample")):
     value = result.get(key)
     parts.append(f"{label} " + (f"{value:,.0f} chars/s" if isinstance(value, float) else "error"))
-  if "xl_recurrent_eval" in result:
-    value = result["xl_recurrent_eval"].get("xl_chars_per_sec")
-    parts.append("XL recurrent eval " + (f"{value:,.0f} chars/s" if isinstance(value, float) else "error"))
   return f"{section:<16} " + ", ".join(parts)
 
 

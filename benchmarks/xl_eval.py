@@ -1,6 +1,6 @@
 """Evaluation speed at equal attention length: Transformer-XL's recurrent protocol against the
-fixed-context model's stride-1 sliding window (the XL paper reports 363x at 800 and
-1,874x at 3,800 on its hardware).
+fixed-context model's stride-1 sliding window (the XL paper reports 363x at 800, 773x at 1,800,
+1,409x at 2,800 and 1,874x at 3,800 on its hardware).
 
     python -m benchmarks.xl_eval                   # 12 layers, d_model 512: T12 against XL 12L
     python -m benchmarks.xl_eval --tiny            # 2 layers, d_model 32: seconds (tests/test_xl.py)
@@ -13,11 +13,12 @@ For each attention length A (--lengths), both models see A characters for every 
   xl     configs/enwik8_xl_12l.py's model (12 layers, d_model 512, relative positions) scoring
          segments of --segment characters with a memory of A - 1 and same_length, so every
          character sees itself and the A - 1 before it, as chartx.evaluate's recurrent protocol
-         does, --batch_size streams per call.
+         does (its memory an xl.Cache: keys and values projected once), --batch_size streams per call.
 Parameters are random and the text is random bytes (speed does not depend on them); the cost of a
 call depends on its shapes only, so the memory is not filled first. With --sample_chars, each
 model also samples that many characters per call with chartx.sample: the fixed model with its
-KV cache from a prompt of A characters, XL with a memory of A - 1. Each measurement compiles
+KV cache from a prompt of A characters, XL with a memory (xl.Cache) of A - 1, made afresh in
+each call (its relative keys projected once per call). Each measurement compiles
 with an untimed call, then repeats the call until --min_seconds have passed (at least once) and
 reports characters per second over the timed calls. Prints a JSON line per length and, at the
 end, a markdown table with the machine and the 1-minute load averages before and after.

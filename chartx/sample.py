@@ -18,10 +18,10 @@ trained on; a longer prompt is cut to its last seq_len characters. The whole loo
 characters is one jitted lax.fori_loop; the prompt enters as a fixed-size padded block, so
 prompts of any length share one compilation.
 
-Transformer-XL needs no cache of its own and never re-encodes: its positions are relative, and
-its memory (the last eval.mem_len positions of every layer) carries the text so far. The prompt
-is read one character at a time, then each drawn character is, so every character costs one
-position with the memory, however long the text (make_recurrent_generate). Its prompt is padded
+Transformer-XL never re-encodes: its positions are relative, and its memory (the keys and
+values of the last eval.mem_len positions of every layer, projected once: xl.Cache) carries the
+text so far. The prompt is read one character at a time, then each drawn character is, so every
+character costs one position with the memory, however long the text (make_recurrent_generate). Its prompt is padded
 to the next power of two (at least 64), so prompts of similar lengths share a compilation.
 
 --mode=sample prints the prompt and its continuation on stdout (timing on stderr).

@@ -28,15 +28,17 @@ def test_tiny_check_fills_every_section_and_records_the_failed_ones(tmp_path):
                         timeout=600, check=False)
   assert done.returncode == 0, done.stderr
   report = json.loads(out.read_text())
-  names = ["train/T12/xla", "train/T12/cudnn", "train/T64/xla", "train/T64/cudnn", "infer/T12", "infer/T64"]
+  names = ["train/T12/xla", "train/T12/cudnn", "train/T64/xla", "train/T64/cudnn", "train/XL12/xla",
+           "train/XL12/cudnn", "infer/T12", "infer/T64", "infer/XL12"]
   assert list(report["sections"]) == names
-  assert report["errors"] == ["train/T12/cudnn", "train/T64/cudnn"] and report["skipped"] == []
+  assert report["errors"] == ["train/T12/cudnn", "train/T64/cudnn", "train/XL12/cudnn"]
+  assert report["skipped"] == []
   assert report["backend"] == "cpu" and report["num_devices"] == 1
   assert report["versions"]["jax"] == jax.__version__ and report["versions"]["ml-collections"]
   assert report["tiny"] and "--tiny" in report["command"] and report["finished"]
   assert report["targets"] == {"T12": {"mfu_target": 0.40, "mfu_best": None, "met": None},
                                 "T64": {"mfu_target": 0.45, "mfu_best": None, "met": None}}
-  for name in ("train/T12/xla", "train/T64/xla"):
+  for name in ("train/T12/xla", "train/T64/xla", "train/XL12/xla"):
     section = report["sections"][name]
     assert section["status"] == "ok", section
     result = section["result"]
@@ -45,7 +47,7 @@ def test_tiny_check_fills_every_section_and_records_the_failed_ones(tmp_path):
     assert result["mfu"] is None  # No datasheet peak for a CPU.
     assert result["num_layers"] == 2 and result["dtype"] == "float32" and result["attention"] == "xla"
   assert report["sections"]["train/T64/xla"]["result"]["remat"] == "dots"  # T64's own setting kept.
-  for name in ("train/T12/cudnn", "train/T64/cudnn"):
+  for name in ("train/T12/cudnn", "train/T64/cudnn", "train/XL12/cudnn"):
     section = report["sections"][name]
     assert section["status"] == "error" and "cudnn" in section["result"]["error"]
   for name in ("infer/T12", "infer/T64"):
@@ -54,9 +56,13 @@ def test_tiny_check_fills_every_section_and_records_the_failed_ones(tmp_path):
     for key in ("eval_stride_1_chars_per_sec", "eval_stride_64_chars_per_sec",
                 "sample_cached_chars_per_sec", "peak_memory_bytes"):
       assert section["result"][key] > 0, (name, key)
-  xl = report["sections"]["infer/T12"]["result"]["xl_recurrent_eval"]
-  assert xl["xl_chars_per_sec"] > 0 and xl["xl_mem_len"] == 63  # Attention length 64, as stride 1's.
-  assert xl["xl_sample_chars_per_sec"] > 0
+  xl = report["sections"]["infer/XL12"]
+  assert xl["status"] == "ok", xl
+  assert xl["result"]["lengths"] == [32, 64] and xl["result"]["peak_memory_bytes"] > 0
+  for length in (32, 64):  # With the cached memory: a memory of length - 1, same_length.
+    rec = xl["result"][f"xl_{length}"]
+    assert rec["xl_chars_per_sec"] > 0 and rec["xl_sample_chars_per_sec"] > 0, rec
+    assert rec["xl_mem_len"] == length - 1
   lines = done.stdout.splitlines()
   assert [line.split()[0] for line in lines[:-1]] == names
   assert lines[-1].startswith("gpu_check: ") and str(out) in lines[-1]
