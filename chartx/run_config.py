@@ -27,8 +27,7 @@ _DEFAULTS_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__
                               "default.py")
 # What a checkpoint is: its parameters' shapes and the text it learned. Resuming cannot change them.
 FIXED_ON_RESUME = ("model.family", "model.num_layers", "model.d_model", "model.num_heads", "model.d_ff",
-                   "model.max_len", "model.positions", "model.tie_embeddings",
-                   "model.scan_layers", "loss.multiple_targets", "data.name")
+                   "model.tie_embeddings", "model.scan_layers", "loss.multiple_targets", "data.name")
 # A family's checkpoints may fix more (chartx.families.base.Family.fixed_on_resume).
 # model.* keys that say how the model is computed, not what it is: inference may use others
 # (bfloat16 or cuDNN attention on a GPU for a model trained elsewhere; dropout is off anyway).

@@ -29,7 +29,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.d_model = 512  # Width of the residual stream.
   config.model.num_heads = 8  # Attention heads; d_model must divide by it.
   config.model.d_ff = 2048  # Hidden width of the feed-forward block.
-  config.model.max_len = 512  # Rows of each positional table; data.seq_len must not exceed it.
+  # Rows of the fixed family's positional tables; data.seq_len must not exceed it (rope and XL: unused).
+  config.model.max_len = 512
   config.model.dropout = 0.55  # Residual and embedding dropout (as reimplementations report).
   # Positions: "per_layer" (a learned table added to every layer's input, the paper) | "input" (one
   # learned table added to the embeddings) | "sinusoid" (Vaswani et al.'s fixed timing signal at the input)

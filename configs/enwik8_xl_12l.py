@@ -32,7 +32,6 @@ def get_config():
   config.model.d_model = 512
   config.model.num_heads = 8  # Heads of 64.
   config.model.d_ff = 2048
-  config.model.max_len = 512  # No positional table in XL; only bounds data.seq_len.
   config.model.dropout = 0.1
   config.model.tie_embeddings = True
   config.model.mem_len = 512

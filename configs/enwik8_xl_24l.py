@@ -33,7 +33,6 @@ def get_config():
   config.model.d_model = 1024
   config.model.num_heads = 8  # Heads of 128.
   config.model.d_ff = 3072
-  config.model.max_len = 768  # No positional table in XL; only bounds data.seq_len.
   config.model.dropout = 0.15
   config.model.tie_embeddings = True
   config.model.remat = "dots"  # 24 layers of 1024 over 768 + 768 keys: activations need it.

@@ -4,10 +4,14 @@ import os
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
 import pytest
 
 from chartx import config as config_lib
 from chartx.errors import UserError
+from chartx.families import registry
+from configs import tiny
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -21,7 +25,9 @@ def test_the_default_configs_pass(tiny_config):
     ("seed", -1, "config.seed must be >= 0"),
     ("train.eval_every", -1, "config.train.eval_every must be >= 0"),
     ("train.keep_checkpoints", -1, "config.train.keep_checkpoints must be >= 0"),
-    ("data.seq_len", 0, r"config.data.seq_len=0 must be in \[1, config.model.max_len=32\]"),
+    ("data.seq_len", 0, "config.data.seq_len must be >= 1, got 0"),
+    ("data.seq_len", 33, r"config.data.seq_len=33 must be <= config.model.max_len=32, the rows of the "
+                         r"positional table \(model.positions=per_layer\)"),
     ("loss.aux_target_weight", -0.5, "config.loss.aux_target_weight must be >= 0"),
     ("optimizer.learning_rate", -1.0, "config.optimizer.learning_rate must be > 0"),
     ("optimizer.learning_rate", float("nan"), "config.optimizer.learning_rate must be > 0"),
@@ -46,6 +52,22 @@ def test_each_bad_value_is_named_by_its_sections_owner(tiny_config, key, value, 
     config_lib.check(tiny_config)
 
 
+def test_only_a_positional_table_bounds_seq_len(tiny_config):
+  """model.max_len bounds the fixed family's windows where they read a positional table; rotary
+  positions and Transformer-XL (no absolute positions) take windows and segments longer than it."""
+  for family, positions in (("fixed", "rope"), ("xl", "per_layer")):
+    config = tiny.get_config()
+    config.model.update(family=family, positions=positions, mem_len=16 if family == "xl" else 0)
+    config.data.seq_len = 3 * config.model.max_len
+    config_lib.check(config)
+  tiny_config.model.positions = "rope"
+  tiny_config.data.seq_len = 48
+  net = registry.build(registry.model_config(tiny_config, 64))
+  tokens_1xT = jnp.zeros((1, 48), jnp.int32)
+  params = net.init(jax.random.key(0), tokens_1xT)
+  assert net.apply(params, tokens_1xT).shape == (1, 48, 32)
+
+
 def _run_main(*overrides):
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
   return subprocess.run([sys.executable, "-m", "chartx.main", "--config=configs/tiny.py",
@@ -62,6 +84,8 @@ def _run_main(*overrides):
     # what fails, so it was checked before any data was read (or the workdir created).
     (["--config.train.eval_every=0", "--config.eval.stride=33", "--config.data.path=/nonexistent.txt"],
      "error: config.eval.stride=33 must be in [0, data.seq_len=32] (0: data.seq_len)"),
+    (["--config.data.seq_len=64"], "error: config.data.seq_len=64 must be <= config.model.max_len=32, "
+                                   "the rows of the positional table (model.positions=per_layer)"),
 ])
 def test_cli_start_up_errors_are_one_line_of_english(overrides, line):
   result = _run_main(*overrides)

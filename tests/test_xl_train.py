@@ -21,7 +21,7 @@ from chartx import config as config_lib
 from chartx import data, evaluate, inference, run_config, sample, scoring, sharding, train
 from chartx.families import base, fixed, layers, registry, xl
 from chartx.errors import UserError
-from configs import enwik8_xl_12l, enwik8_xl_24l, text8_xl_12l, text8_xl_24l
+from configs import enwik8_xl_12l, enwik8_xl_24l, text8_xl_12l, text8_xl_24l, tiny
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -259,6 +259,36 @@ def test_a_resumed_run_cannot_change_family_memory_or_streams(tiny_config, tmp_p
     config[section][name] = value
     with pytest.raises(UserError, match=f"{key} .* a resumed run cannot change what its checkpoints hold"):
       run_config.resume_changes(config, str(tmp_path))
+
+
+def test_max_len_is_fixed_on_resume_for_the_fixed_family_only(tiny_config, tmp_path):
+  """model.max_len is the rows of the fixed family's positional tables, which XL has none of."""
+  for family, refused in (("fixed", True), ("xl", False)):
+    saved = xl_config(tiny.get_config()) if family == "xl" else tiny.get_config()
+    run_config.save(saved, str(tmp_path / family))
+    config = run_config.get_config(str(tmp_path / family))
+    config.model.max_len = 64
+    if refused:
+      with pytest.raises(UserError, match="model.max_len .* a resumed run cannot change"):
+        run_config.resume_changes(config, str(tmp_path / family))
+    else:
+      assert "model.max_len" in run_config.resume_changes(config, str(tmp_path / family))
+
+
+def test_xl_trains_and_evaluates_on_segments_longer_than_max_len(tiny_config, tmp_path):
+  """No absolute positions, so no bound: segments of 48 in training and 40 in evaluation with
+  model.max_len 32 (the fixed family refuses data.seq_len 33: tests/test_config.py)."""
+  config = xl_config(tiny_config)
+  config.data.seq_len, config.eval.seq_len = 48, 40
+  assert config.model.max_len == 32
+  config.train.update(num_steps=2, log_every=1, eval_every=2, checkpoint_every=2)
+  config.eval.max_chars = 1024
+  from chartx import loop  # pylint: disable=import-outside-toplevel
+  assert int(loop.train_and_evaluate(config, str(tmp_path)).step) == 2
+  result = evaluate.evaluate_checkpoint(config, str(tmp_path))
+  # 8 streams of 128 targets: segments of 40 with a memory of 16.
+  assert (result["seq_len"], result["mem_len"], result["attention_length"]) == (40, 16, 56)
+  assert result["num_chars"] == 1023 and 0 < result["bpc"] < 9
 
 
 def test_too_short_a_split_for_the_streams_is_named_before_training(tiny_config, tmp_path):

@@ -52,7 +52,8 @@ class OneLayer(nn.Module):
 class ToyFamily(base.Family):
   name = "toy"
 
-  def check_config(self, m):
+  def check_config(self, config):
+    m = config.model
     if m.num_layers != 1:
       raise UserError(f"config.model.num_layers={m.num_layers}: config.model.family=toy has one layer")
 

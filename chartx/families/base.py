@@ -13,7 +13,8 @@ config.model.family. A family is a Family subclass whose instance is registered 
   train_batch    its batch stream: (windows_BxS, reset_B) of a step.
   protocol       its evaluation protocol, with the eval.* keys resolved.
   decoder        its decoding state and step (the fixed model's KV cache, XL's memory).
-  check_config   its model.* keys; fixed_on_resume: the config keys its checkpoints fix.
+  check_config   its model.* keys, and data.seq_len where its modules bound it; fixed_on_resume:
+                 the config keys its checkpoints fix.
   flops_per_char its training FLOPs per character.
 """
 
@@ -198,8 +199,9 @@ class Family:
   # Whether sample.beam_size > 1 may run (the decoder reorders its state).
   beam_search = False
 
-  def check_config(self, m: ml_collections.ConfigDict) -> None:
-    """Its own model.* keys, against the rest of model.* (UserError naming a bad one)."""
+  def check_config(self, config: ml_collections.ConfigDict) -> None:
+    """Its own model.* keys, against the rest of the run config (UserError naming a bad one):
+    data.seq_len, where its modules take windows or segments of at most some length."""
 
   def attention(self, impl: str) -> str:
     """The attention implementation it runs, of the one config.model.attention resolved to."""

@@ -183,12 +183,19 @@ class FixedFamily(base.Family):
   training stream (base.Family's defaults), sliding-window evaluation, a KV cache for decoding."""
   name = "fixed"
   beam_search = True
+  # The positional tables' shapes (model.max_len rows) and which tables there are.
+  fixed_on_resume = ("model.max_len", "model.positions")
 
-  def check_config(self, m: ml_collections.ConfigDict) -> None:
+  def check_config(self, config: ml_collections.ConfigDict) -> None:
+    m = config.model
     for key, off in (("mem_len", 0), ("clamp_len", 0), ("same_length", False)):
       if m[key] != off:
         raise UserError(f"config.model.{key}={m[key]} is for config.model.family=xl only "
                         f"(the fixed family has no memory)")
+    # A window of data.seq_len takes rows [0, data.seq_len) of the positional table (rope has none).
+    if m.positions != "rope" and config.data.seq_len > m.max_len:
+      raise UserError(f"config.data.seq_len={config.data.seq_len} must be <= config.model.max_len="
+                      f"{m.max_len}, the rows of the positional table (model.positions={m.positions})")
 
   def build(self, cfg: ModelConfig, deterministic: bool = True, all_layers: bool = False) -> Transformer:
     return Transformer(cfg, deterministic=deterministic, all_layers=all_layers)

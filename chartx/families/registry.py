@@ -41,7 +41,7 @@ def model_config(config: ml_collections.ConfigDict, vocab_size: int,
   (UserError naming a bad one), and the ModelConfig its modules read. platform: the one it will
   run on (ModelConfig.from_config)."""
   family = get(config.model.family)
-  family.check_config(config.model)
+  family.check_config(config)
   cfg = ModelConfig.from_config(config, vocab_size, platform)
   return dataclasses.replace(cfg, attention=family.attention(cfg.attention))
 

@@ -382,7 +382,9 @@ class XLFamily(base.Family):
   # Its checkpoints also hold the memory: mem_len rows per layer for each of train.batch_size streams.
   fixed_on_resume = ("model.mem_len", "train.batch_size")
 
-  def check_config(self, m: ml_collections.ConfigDict) -> None:
+  def check_config(self, config: ml_collections.ConfigDict) -> None:
+    # No absolute positions: data.seq_len and eval.seq_len have no bound here (model.max_len is unused).
+    m = config.model
     for key in ("mem_len", "clamp_len"):
       if m[key] < 0:
         raise UserError(f"config.model.{key} must be >= 0, got {m[key]}")

@@ -13,6 +13,15 @@ protocol (split, stride, context, characters); OUT/reproduce.md has the table, O
 every result, OUT/curves.png the training curves (chartx.plot; their validation points are the
 config's cheaper strided eval.stride, not the table's protocol).
 
+The xl row is the second family against the first: Transformer-XL (the same depth and width, a
+memory of 64) trained for as long as the full row, not for as many steps. Before anything trains,
+a step of each is timed back to back on this machine (chartx.tools.bench; OUT/step_times.json
+keeps the two times, so that a rerun or another seed trains the same steps), and xl trains
+steps x (full's step time / xl's). It is scored on the same characters by its own protocol: the
+text read as one stream in segments of data.seq_len, each with the memory that the text before it
+left (model.mem_len), so that every scored character sees at least min(mem_len, seq_len) + 1 and
+at most mem_len + seq_len characters; the summary states both protocols.
+
   --rows=A,B      the rows to run, in the table's order (default: all; --list prints them).
   --seeds=0,1     seeds; every row trains once per seed (default 0).
   --steps=N       training steps of every run (default: the config's train.num_steps).
@@ -41,8 +50,10 @@ from typing import Any, Sequence
 import ml_collections
 
 from chartx import config as config_lib
-from chartx import data, errors, evaluate, files, inference, loop, progress, run_config, scoring
+from chartx import data, errors, evaluate, files, inference, loop, progress, run_config
 from chartx.errors import UserError
+from chartx.families import registry
+from chartx.families.base import Recurrent
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -51,9 +62,12 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__
 class Row:
   change: str  # What differs from the full recipe, for the table.
   overrides: dict[str, Any]
-  # The model families (model.family) the row can run on; None: any. A row about learned
-  # absolute positions means nothing for a family with relative positions.
+  # The model families (model.family of the config it changes) the row can run on; None: any. A
+  # row about learned absolute positions means nothing for a family with relative positions.
   families: tuple[str, ...] | None = None
+  # A row whose training time this one gets instead of its steps: the steps scaled by the two
+  # rows' step times, timed back to back before training (step_times); None: the same steps.
+  time_of: str | None = None
 
 
 ROWS: dict[str, Row] = {
@@ -71,8 +85,13 @@ ROWS: dict[str, Row] = {
                               {"model.positions": "sinusoid"}, families=("fixed",)),
     "mean_layer_losses": Row("layer losses averaged over the active layers, not summed",
                              {"loss.layer_reduction": "mean"}),
+    # eval.stride is the sliding window's; XL's validation points are recurrent.
+    "xl": Row("Transformer-XL (relative positions, a memory of 64) for full's training time",
+              {"model.family": "xl", "model.mem_len": 64, "eval.stride": 0}, families=("fixed",),
+              time_of="full"),
 }
 PROTOCOL_FILE = "reproduce.json"
+STEP_TIMES_FILE = "step_times.json"
 
 
 def parse_override(spec: str) -> tuple[str, Any]:
@@ -129,15 +148,13 @@ def run_configs(base: ml_collections.ConfigDict, rows: Sequence[str], seeds: Seq
   for seed in seeds:
     for name in rows:
       row = ROWS[name]
+      if row.families is not None and base.model.family not in row.families:
+        raise UserError(f"row {name} cannot run on model.family={base.model.family} "
+                        f"(it runs on {', '.join(row.families)})")
       config = ml_collections.ConfigDict(base.to_dict())
       apply(config, row.overrides, f"row {name}")
       config.seed = seed
-      # Four validation points for the curves; one checkpoint, at the end, for the protocol.
-      config.train.update(num_steps=steps, eval_every=max(1, steps // 4), checkpoint_every=steps,
-                          keep_checkpoints=1)
-      if row.families is not None and config.model.family not in row.families:
-        raise UserError(f"row {name} cannot run on model.family={config.model.family} "
-                        f"(it runs on {', '.join(row.families)})")
+      set_steps(config, steps)
       try:
         config_lib.check(config)
       except UserError as e:
@@ -146,38 +163,105 @@ def run_configs(base: ml_collections.ConfigDict, rows: Sequence[str], seeds: Seq
   return runs
 
 
+def set_steps(config: ml_collections.ConfigDict, steps: int) -> None:
+  """Four validation points for the curves; one checkpoint, at the end, for the protocol."""
+  config.train.update(num_steps=steps, eval_every=max(1, steps // 4), checkpoint_every=steps,
+                      keep_checkpoints=1)
+
+
+def measure_step_time(config: ml_collections.ConfigDict, steps: int) -> float:
+  """Median seconds of one training step of config on this machine (chartx.tools.bench: the
+  compiled train step on random windows, after one warm-up step)."""
+  from chartx.tools import bench  # pylint: disable=import-outside-toplevel
+  return bench.benchmark(config, steps=steps, warmup=1)["step_time_s"]
+
+
+def step_times(out: str, base: ml_collections.ConfigDict, names: Sequence[str], steps: int,
+               timed_steps: int) -> dict[str, dict[str, Any]]:
+  """{row: its budget} for each row of `names` that trains for another row's time: that row, its
+  steps, both rows' seconds per step, and trained_steps = steps x (its step time / this row's).
+  The two are timed back to back the first time (timed_steps each) and kept in
+  OUT/step_times.json, so that a rerun, a resumed run or another seed trains the same steps."""
+  path = os.path.join(out, STEP_TIMES_FILE)
+  seconds: dict[str, float] = {}
+  if os.path.exists(path):
+    with open(path, encoding="utf-8") as f:
+      seconds = json.load(f)["seconds_per_step"]
+  budgets = {}
+  for name in names:
+    ref = ROWS[name].time_of
+    if ref is None:
+      continue
+    if name not in seconds or ref not in seconds:
+      configs = run_configs(base, [ref, name], [base.seed], steps)
+      for timed in (ref, name):
+        print(f"reproduce: timing {timed_steps} training steps of {timed}", file=sys.stderr, flush=True)
+        seconds[timed] = measure_step_time(configs[timed, base.seed], timed_steps)
+      files.write_text(path, json.dumps({"seconds_per_step": seconds, "timed_steps": timed_steps,
+                                         "load_average": os.getloadavg()}, indent=2) + "\n")
+    budgets[name] = {"row": ref, "steps": steps, "seconds_per_step": {ref: seconds[ref], name: seconds[name]},
+                     "trained_steps": max(1, round(steps * seconds[ref] / seconds[name]))}
+  return budgets
+
+
 def run_dir(out: str, name: str, seed: int) -> str:
   return os.path.join(out, name, f"seed{seed}")
 
 
 def score(config: ml_collections.ConfigDict, workdir: str, eval_chars: int, stride: int) -> dict[str, Any]:
   """The protocol: the last checkpoint's last-layer next-character bpc on the first eval_chars
-  characters of the validation split, by windows of data.seq_len = T sliding by `stride`, counting
-  only the characters with at least T - stride + 1 characters before them. scoring.evaluate_bits
-  also scores the first window's targets with the 1..T characters they have; a row trained on the
-  last position alone (no multiple positions) never learned to predict from those, so they are
-  taken out: they are exactly what evaluating the first T + 1 characters alone scores."""
+  characters of the validation split, by its family's protocol, the first window (or segment)
+  of T = data.seq_len targets taken out.
+
+  Sliding windows (the fixed family): windows of T sliding by `stride`, so that every counted
+  character has at least T - stride + 1 characters before it. scoring.evaluate_bits also scores
+  the first window's targets with the 1..T characters they have; a row trained on the last
+  position alone (no multiple positions) never learned to predict from those, so they are taken
+  out: they are exactly what evaluating the first T + 1 characters alone scores.
+  Recurrent (Transformer-XL): the text as one stream in segments of T, each with the memory that
+  the text before it left; the first segment (no memory) is taken out the same way, so the same
+  characters count, each seeing at least min(mem_len, T) + 1 characters."""
+  proto = registry.get(config.model.family).protocol(config)
   corpus = data.load_corpus(config.data)
   ids_M = data.eval_stream(corpus, "validation")[:eval_chars]
-  seq_len = config.data.seq_len
+  seq_len = proto.seq_len
   if len(ids_M) <= seq_len + 1:
     raise UserError(f"--eval_chars={eval_chars} must exceed data.seq_len + 1 = {seq_len + 1}")
   restored = inference.restore(config, workdir, corpus.vocab.size)
-  score_fn = scoring.jit_score_fn(scoring.model_score_fn(restored.model), restored.mesh, restored.rules)
-  kwargs = dict(seq_len=seq_len, stride=stride, batch_size=config.eval.batch_size, mesh=restored.mesh)
+  recurrent = isinstance(proto, Recurrent)
+  # One stream: every segment after the first has the memory of all the text before it.
+  evaluator = evaluate.Evaluator(restored.model, proto, restored.mesh, restored.rules,
+                                 1 if recurrent else config.eval.batch_size)
   start = time.time()
-  bits, count = scoring.evaluate_bits(score_fn, restored.params, ids_M, **kwargs)
-  short_bits, short_count = scoring.evaluate_bits(score_fn, restored.params, ids_M[:seq_len + 1], **kwargs)
-  return {"step": restored.step, "bpc": (bits - short_bits) / (count - short_count),
-          "protocol": {"split": "validation", "stride": stride, "context": seq_len,
-                       "min_context": seq_len - stride + 1, "max_chars": eval_chars,
-                       "num_chars": count - short_count, "layer": "last", "target": "next character"},
+  bits, count = evaluator(restored.params, ids_M, stride=stride)
+  short_bits, short_count = evaluator(restored.params, ids_M[:seq_len + 1], stride=stride)
+  counted = {"max_chars": eval_chars, "num_chars": count - short_count, "layer": "last",
+             "target": "next character"}
+  if recurrent:
+    fields = proto.describe(len(ids_M), 1)
+    # The second segment's memory holds min(mem_len, T) positions: its first character sees those and itself.
+    protocol = {"split": "validation", "protocol": fields["protocol"],
+                **{key: fields[key] for key in ("seq_len", "mem_len", "clamp_len", "same_length", "streams")},
+                "context": fields["attention_length"], "min_context": min(proto.mem_len, seq_len) + 1,
+                **counted}
+  else:
+    protocol = {"split": "validation", "stride": stride, "context": seq_len,
+                "min_context": seq_len - stride + 1, **counted}
+  return {"step": restored.step, "bpc": (bits - short_bits) / (count - short_count), "protocol": protocol,
           "eval_seconds": round(time.time() - start, 1)}
 
 
+def how(protocol: dict[str, Any]) -> str:
+  """A protocol in a few words, for a run's line."""
+  if protocol.get("protocol") == "recurrent":
+    return f"recurrent: segments of {protocol['seq_len']}, memory {protocol['mem_len']}"
+  return f"stride {protocol['stride']}, context {protocol['context']}"
+
+
 def train_and_score(name: str, seed: int, config: ml_collections.ConfigDict, workdir: str,
-                    eval_chars: int, eval_stride: int) -> dict[str, Any]:
-  """Trains one run, scores its last checkpoint with the protocol, writes its reproduce.json."""
+                    eval_chars: int, eval_stride: int, budget: dict[str, Any] | None = None) -> dict[str, Any]:
+  """Trains one run, scores its last checkpoint with the protocol, writes its reproduce.json.
+  budget: the training time it was given (step_times), for the record."""
   start = time.time()
   state = loop.train_and_evaluate(config, workdir)
   train_seconds = time.time() - start
@@ -187,10 +271,11 @@ def train_and_score(name: str, seed: int, config: ml_collections.ConfigDict, wor
   record = {"row": name, "change": ROWS[name].change, "overrides": ROWS[name].overrides, "seed": seed,
             "steps": result["step"], "bpc": result["bpc"], "protocol": result["protocol"],
             "train_seconds": round(train_seconds, 1), "eval_seconds": result["eval_seconds"]}
+  if budget is not None:
+    record["time_of"] = budget
   files.write_text(os.path.join(workdir, PROTOCOL_FILE), json.dumps(record, indent=2) + "\n")
   print(f"{name} seed {seed}: step {result['step']}: bpc {result['bpc']:.4f} over "
-        f"{result['protocol']['num_chars']:,} validation characters (stride {eval_stride}, context "
-        f"{config.data.seq_len})", flush=True)
+        f"{result['protocol']['num_chars']:,} validation characters ({how(result['protocol'])})", flush=True)
   return record
 
 
@@ -226,18 +311,42 @@ def table(records: Sequence[dict[str, Any]]) -> str:
   return "\n".join(lines)
 
 
-def protocol_line(records: Sequence[dict[str, Any]]) -> str:
-  """The one protocol of the records (UserError if they differ), as a sentence."""
-  protocols = {json.dumps(r["protocol"], sort_keys=True) for r in records}
-  steps = {r["steps"] for r in records}
-  if len(protocols) > 1 or len(steps) > 1:
-    raise UserError("the runs in this --out were trained or scored differently (steps "
-                    f"{sorted(steps)}; {len(protocols)} protocols): use a new --out")
-  p = records[0]["protocol"]
-  return (f"{records[0]['steps']:,} steps per run; bpc of the last layer's next-character prediction on "
-          f"{p['num_chars']:,} characters of the {p['split']} split (those of its first {p['max_chars']:,} "
-          f"with a full context), stride {p['stride']}, context {p['context']}: every scored character "
-          f"sees at least {p['min_context']} before it")
+def protocol_lines(records: Sequence[dict[str, Any]]) -> str:
+  """How the records were trained and scored, as sentences: one for the rows trained for the same
+  steps, one for each row trained for another's time (UserError where runs that should agree differ)."""
+  groups: dict[str | None, list[dict[str, Any]]] = {}
+  for record in records:
+    groups.setdefault(None if ROWS[record["row"]].time_of is None else record["row"], []).append(record)
+  lines = []
+  for name, group in groups.items():
+    protocols = {json.dumps(r["protocol"], sort_keys=True) for r in group}
+    steps = {r["steps"] for r in group}
+    if len(protocols) > 1 or len(steps) > 1:
+      runs = "runs" if name is None else f"runs of row {name}"
+      raise UserError(f"the {runs} in this --out were trained or scored differently (steps "
+                      f"{sorted(steps)}; {len(protocols)} protocols): use a new --out")
+    p = group[0]["protocol"]
+    if name is None:
+      lines.append(f"{group[0]['steps']:,} steps per run; bpc of the last layer's next-character prediction "
+                   f"on {p['num_chars']:,} characters of the {p['split']} split (those of its first "
+                   f"{p['max_chars']:,} with a full context), stride {p['stride']}, context {p['context']}: "
+                   f"every scored character sees at least {p['min_context']} before it.")
+      continue
+    budget = group[0]["time_of"]
+    ref, seconds = budget["row"], budget["seconds_per_step"]
+    line = (f"Row {name}: trained for the time of {ref}'s {budget['steps']:,} steps, {group[0]['steps']:,} "
+            f"steps ({seconds[name]:.3f} s a step against {seconds[ref]:.3f} s, timed back to back before "
+            f"training); bpc of the last layer's next-character prediction on {p['num_chars']:,} "
+            f"characters of the {p['split']} split")
+    if p.get("protocol") == "recurrent":
+      line += (f" (its first {p['max_chars']:,} but the first segment), read recurrently as one stream in "
+               f"segments of {p['seq_len']} with a memory of {p['mem_len']} (clamp_len {p['clamp_len']}, "
+               f"same_length {p['same_length']}): every scored character sees {p['min_context']} to "
+               f"{p['context']} characters before it.")
+    else:
+      line += f", stride {p['stride']}, context {p['context']}."
+    lines.append(line)
+  return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -284,6 +393,12 @@ def _reproduce(args: argparse.Namespace, extra: Sequence[str]) -> int:
     raise UserError(f"--eval_stride={args.eval_stride} must be in [1, data.seq_len={base.data.seq_len}]")
   runs = run_configs(base, rows, seeds, steps)  # Every row checked before anything trains.
   start, load_start = time.time(), os.getloadavg()
+  unfinished = [name for name in rows if any(
+      not os.path.exists(os.path.join(run_dir(args.out, name, seed), PROTOCOL_FILE)) for seed in seeds)]
+  budgets = step_times(args.out, base, unfinished, steps, timed_steps=3 if args.tiny else 10)
+  for (name, _), config in runs.items():
+    if name in budgets:
+      set_steps(config, budgets[name]["trained_steps"])
   print(f"reproduce: {len(runs)} runs ({len(rows)} rows x {len(seeds)} seeds) of {steps} steps "
         f"into {args.out}", file=sys.stderr, flush=True)
   for i, ((name, seed), config) in enumerate(runs.items(), 1):
@@ -292,11 +407,11 @@ def _reproduce(args: argparse.Namespace, extra: Sequence[str]) -> int:
       print(f"[{i}/{len(runs)}] {name} seed {seed}: done before", file=sys.stderr, flush=True)
       continue
     print(f"[{i}/{len(runs)}] {name} seed {seed}", file=sys.stderr, flush=True)
-    record = train_and_score(name, seed, config, workdir, eval_chars, args.eval_stride)
+    record = train_and_score(name, seed, config, workdir, eval_chars, args.eval_stride, budgets.get(name))
     print(f"[{i}/{len(runs)}] {name} seed {seed}: bpc {record['bpc']:.4f} (trained in "
           f"{progress.format_duration(record['train_seconds'])})", file=sys.stderr, flush=True)
   records = collect(args.out)
-  text = f"{protocol_line(records)}.\n\n{table(records)}\n"
+  text = f"{protocol_lines(records)}\n\n{table(records)}\n"
   files.write_text(os.path.join(args.out, "reproduce.md"), text)
   summary = {"command": " ".join(["python -m chartx.reproduce", *(argv_of(args, extra))]),
              "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.processor() or platform.platform()}",
