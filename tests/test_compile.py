@@ -63,8 +63,8 @@ def test_xl_compiles_with_resets_and_memory_and_the_largest_batch(v5e_devices, t
   _, state, programs = aot.build_programs(config, mesh, rules, "tpu")
   assert state.memory.h_LxBxMxD.shape == (2, 8, 16, 32)
   assert programs["train_step"][1][-1].shape == (8,)  # reset_B after the rng.
-  # Evaluation's memory: the projected keys and values of eval.mem_len + eval.seq_len ring slots.
-  assert programs["eval_step"][1][1].k_LxBxNxCxH.shape[3] == 24 + 16
+  # Evaluation's memory: the projected keys and values of eval.mem_len positions.
+  assert programs["eval_step"][1][1].k_LxBxNxMxH.shape[3] == 24
   result = aot.compile_config(config, str(tmp_path), v5e_devices)
   assert result["family"] == "xl" and result["train_step"]["fits"] and result["eval_step"]["fits"]
   assert result["train_step"]["alias_bytes"] > 0  # The state (its memory too) is donated.

@@ -233,13 +233,13 @@ def test_cached_keys_and_values_equal_the_recomputed_memory(scan_layers, same_le
   for T in (4, 1):
     memory = xl.init_memory(cfg, 2)
     cache = jax.jit(lambda p, T=T: model.apply({"params": p}, 2, T, method="init_cache"))(params)
-    assert cache.k_LxBxNxCxH.shape == (2, 2, 2, 11 + T, 16)
+    assert cache.k_LxBxNxMxH.shape == (2, 2, 2, 11, 16) and cache.rk_LxNxCxH.shape[2] == 11 + T
     for start in range(0, 40, T):
       want_BxTxV, memory = logits(params, tokens_BxT[:, start:start + T], memory)
       got_BxTxV, cache = logits(params, tokens_BxT[:, start:start + T], cache)
       np.testing.assert_allclose(got_BxTxV, want_BxTxV, rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(cache.valid_B, memory.valid_B)
-    assert int(cache.start) == 40 % (11 + T)
+    assert int(cache.start) == 40 % 11
   with pytest.raises(ValueError, match="takes steps of 1 positions, got 4"):
     logits(params, tokens_BxT[:, :4], cache)
 

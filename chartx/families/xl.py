@@ -90,16 +90,17 @@ class Memory:
 @flax.struct.dataclass
 class Cache:
   """Inference's memory (evaluation and generation; training carries Memory, whose gradient
-  reaches W_k and W_v): every layer's keys and values already projected, so a step of T
-  positions projects only its own. A ring of C = M + T slots: a step writes its T positions over
-  the oldest T, then attends over all C slots, so nothing is copied or moved; `start` is the slot
-  its first position goes to. The relative keys W_R R of the C distances are projected once,
-  when the cache is made (XLTransformer.init_cache), for steps of exactly T positions."""
-  # Heads before slots: with one query (generation), XLA:CPU's products over the C slots then
-  # read contiguous rows, several times faster than over CxNxH.
-  k_LxBxNxCxH: jax.Array
-  v_LxBxNxCxH: jax.Array
-  rk_LxNxCxH: jax.Array  # Every layer's W_R R of the distances C-1, ..., 0.
+  reaches W_k and W_v): every layer's keys and values of the last M positions already projected,
+  in a ring of M slots, so a step of T positions projects only its own. A step attends over the
+  ring and its own T keys, then writes them over the ring's oldest in place (nothing else is
+  copied or moved); `start` is the slot of the oldest. The relative keys W_R R of the M + T
+  distances a step sees are projected once, when the cache is made (XLTransformer.init_cache),
+  for steps of exactly T positions."""
+  # Heads before slots: with one query (generation), XLA:CPU's products over the slots then read
+  # contiguous rows, several times faster than over MxNxH.
+  k_LxBxNxMxH: jax.Array
+  v_LxBxNxMxH: jax.Array
+  rk_LxNxCxH: jax.Array  # Every layer's W_R R of the distances C-1, ..., 0 (C = M + T).
   valid_B: jax.Array  # As Memory's: real positions among the M before the step.
   start: jax.Array  # int32 scalar.
 
@@ -154,26 +155,42 @@ def relative_attention(q_BxTxNxH: jax.Array, k_BxCxNxH: jax.Array, value_BxCxNxH
                                       implementation=impl)
 
 
-def cached_attention(q_BxTxNxH: jax.Array, k_BxNxCxH: jax.Array, value_BxNxCxH: jax.Array,
+def cached_attention(q_BxTxNxH: jax.Array, ring: tuple[jax.Array, jax.Array], new: tuple[jax.Array, jax.Array],
                      rk_NxCxH: jax.Array, content_bias_NxH: jax.Array, position_bias_NxH: jax.Array,
-                     mask_Bx1xTxC: jax.Array, oldest: jax.Array) -> jax.Array:
-  """relative_attention over a Cache's ring, whose slot `oldest` holds the oldest key (the mask
-  in ring order): the position scores are computed by distance as there, then rolled from key
-  order to ring order. Written out in the ring's heads-first layout rather than through
+                     mask_Bx1xTxC: jax.Array, start: jax.Array) -> jax.Array:
+  """relative_attention over a Cache's ring (k, v)_BxNxMxH, whose slot `start` holds the oldest
+  key, and the step's own new (k, v)_BxNxTxH: keys in the order [ring slots; new], the mask too.
+  The position scores are computed by distance as there, then the memory's rolled from key order
+  to ring order. Written out in the ring's heads-first layout rather than through
   jax.nn.dot_product_attention, whose key layout made XLA:CPU transpose every layer's keys and
   values each step (about 3x the time at one query)."""
+  (k_BxNxMxH, value_BxNxMxH), (k_BxNxTxH, value_BxNxTxH) = ring, new
+  M = k_BxNxMxH.shape[2]
   dtype = q_BxTxNxH.dtype
   scale = 1 / math.sqrt(q_BxTxNxH.shape[-1])
   q_BxNxTxH = jnp.transpose(q_BxTxNxH, (0, 2, 1, 3))
   bias = lambda b_NxH: b_NxH.astype(dtype)[None, :, None, :]
-  content_BxNxTxC = jnp.einsum("bnth,bnch->bntc", q_BxNxTxH + bias(content_bias_NxH), k_BxNxCxH,
-                               preferred_element_type=jnp.float32)
+  qu_BxNxTxH = q_BxNxTxH + bias(content_bias_NxH)
+  scores = lambda q, k: jnp.einsum("bnth,bnch->bntc", q, k, preferred_element_type=jnp.float32)
+  content_BxNxTxC = jnp.concatenate([scores(qu_BxNxTxH, k_BxNxMxH), scores(qu_BxNxTxH, k_BxNxTxH)], axis=-1)
   position_BxNxTxC = relative_shift(jnp.einsum("bnth,nch->bntc", q_BxNxTxH + bias(position_bias_NxH),
                                                rk_NxCxH.astype(dtype), preferred_element_type=jnp.float32))
-  scores_BxNxTxC = (content_BxNxTxC + jnp.roll(position_BxNxTxC, oldest, axis=-1)) * scale
-  scores_BxNxTxC = jnp.where(mask_Bx1xTxC, scores_BxNxTxC, jnp.finfo(jnp.float32).min)
+  position_BxNxTxC = jnp.concatenate([jnp.roll(position_BxNxTxC[..., :M], start, axis=-1),
+                                      position_BxNxTxC[..., M:]], axis=-1)
+  scores_BxNxTxC = jnp.where(mask_Bx1xTxC, (content_BxNxTxC + position_BxNxTxC) * scale,
+                             jnp.finfo(jnp.float32).min)
   probs_BxNxTxC = jax.nn.softmax(scores_BxNxTxC, axis=-1).astype(dtype)
-  return jnp.einsum("bntc,bnch->btnh", probs_BxNxTxC, value_BxNxCxH)
+  weigh = lambda p, v: jnp.einsum("bntc,bnch->btnh", p, v)
+  return weigh(probs_BxNxTxC[..., :M], value_BxNxMxH) + weigh(probs_BxNxTxC[..., M:], value_BxNxTxH)
+
+
+def ring_write(ring_LxBxNxMxH: jax.Array, new_LxBxNxTxH: jax.Array, start: jax.Array) -> jax.Array:
+  """The ring with every layer's T new keys (or values) written over its oldest T, slots start,
+  ..., start + T - 1 (mod M); T >= M: the last M of them, the oldest at slot 0."""
+  M, T = ring_LxBxNxMxH.shape[3], new_LxBxNxTxH.shape[3]
+  if T >= M:
+    return new_LxBxNxTxH[:, :, :, T - M:]
+  return ring_LxBxNxMxH.at[:, :, :, (start + jnp.arange(T)) % M].set(new_LxBxNxTxH)
 
 
 def _last_rows(x_BxCxD: jax.Array, rows: int) -> jax.Array:
@@ -195,9 +212,9 @@ class XLBlock(nn.Module):
                start: jax.Array | None = None) -> tuple[jax.Array, jax.Array | tuple[jax.Array, ...]]:
     """(x_BxTxD, the layer's new memory). memory: the layer's Memory rows mem_BxMxD, whose keys
     and values are projected here with x's (the new memory: the last mem_len rows of [mem; x],
-    before the norm); or, with start, its Cache ring (k_BxNxCxH, v_BxNxCxH, rk_NxCxH), x's keys
-    and values written at slots start, ..., start + T - 1 (mod C) (the new memory: the ring's new
-    (k, v)), r_CxD None and the mask in ring order."""
+    before the norm); or, with start, its Cache ring (k_BxNxMxH, v_BxNxMxH, rk_NxCxH) (the new
+    memory: x's keys and values (k, v)_BxNxTxH, for ring_write), r_CxD None and the mask in
+    [ring; x] order."""
     cfg = self.cfg
     N, H, D = cfg.num_heads, cfg.head_dim, cfg.d_model
     B, T = x_BxTxD.shape[:2]
@@ -219,20 +236,16 @@ class XLBlock(nn.Module):
                                        position_bias_NxH, mask_Bx1xTxC, impl=cfg.attention)
       new_memory = _last_rows(cat_BxCxD, cfg.mem_len)
     else:
-      k_BxNxCxH, value_BxNxCxH, rk_NxCxH = memory
-      C = k_BxNxCxH.shape[2]
+      *ring, rk_NxCxH = memory
       with jax.named_scope("layer_norm"):
         h_BxTxD = layers.layer_norm(cfg, "attention_norm")(x_BxTxD)
       with jax.named_scope("projections"):
         q_BxTxNxH = project(h_BxTxD, "query")
-        slots_T = (start + jnp.arange(T)) % C
         heads_first = lambda a_BxTxNxH: jnp.transpose(a_BxTxNxH, (0, 2, 1, 3))
-        k_BxNxCxH = k_BxNxCxH.at[:, :, slots_T].set(heads_first(project(h_BxTxD, "key")))
-        value_BxNxCxH = value_BxNxCxH.at[:, :, slots_T].set(heads_first(project(h_BxTxD, "value")))
+        new_memory = (heads_first(project(h_BxTxD, "key")), heads_first(project(h_BxTxD, "value")))
       with jax.named_scope("attention"):
-        a_BxTxNxH = cached_attention(q_BxTxNxH, k_BxNxCxH, value_BxNxCxH, rk_NxCxH, content_bias_NxH,
-                                     position_bias_NxH, mask_Bx1xTxC, oldest=(start + T) % C)
-      new_memory = (k_BxNxCxH, value_BxNxCxH)
+        a_BxTxNxH = cached_attention(q_BxTxNxH, ring, new_memory, rk_NxCxH, content_bias_NxH,
+                                     position_bias_NxH, mask_Bx1xTxC, start)
     x_BxTxD = layers.attention_out_residual(self, x_BxTxD, a_BxTxNxH)
     x_BxTxD = layers.feed_forward_residual(cfg, self.deterministic, x_BxTxD)
     return x_BxTxD, new_memory
@@ -248,6 +261,10 @@ class _ScanBody(nn.Module):
   @nn.compact
   def __call__(self, x_BxTxD, memory, *broadcast):
     block = layers.layer_cls(self.cfg, XLBlock)(self.cfg, self.deterministic, name="block")
+    *broadcast, rings = broadcast
+    if rings is not None:  # A Cache: memory is (layer, rk_NxCxH); the layer's rings read in place.
+      layer, rk_NxCxH = memory
+      memory = (*(ring_LxBxNxMxH[layer] for ring_LxBxNxMxH in rings), rk_NxCxH)
     x_BxTxD, new_memory = block(x_BxTxD, memory, *broadcast)
     return x_BxTxD, (new_memory, x_BxTxD if self.keep_all_layers else None)
 
@@ -274,8 +291,9 @@ class XLTransformer(nn.Module):
     self.position_bias = self.param("position_bias", bias_init, (cfg.num_heads, cfg.head_dim))
     self.dropout = nn.Dropout(cfg.dropout)
     if cfg.scan_layers:
-      # Each layer's memory scanned in; R, u, v, the mask and a Cache's start the same for every layer.
-      stack = layers.scanned(_ScanBody, cfg, num_broadcast=5)
+      # Each layer's memory scanned in; R, u, v, the mask and a Cache's start and rings the same for
+      # every layer.
+      stack = layers.scanned(_ScanBody, cfg, num_broadcast=6)
       self.layers = stack(cfg, self.deterministic, self.all_layers)
     else:
       self.layers = [layers.layer_cls(cfg, XLBlock)(cfg, self.deterministic)
@@ -298,17 +316,23 @@ class XLTransformer(nn.Module):
     window = cfg.mem_len if cfg.same_length else None
     biases = (self.content_bias, self.position_bias)
     if isinstance(memory, Cache):
-      C = memory.k_LxBxNxCxH.shape[3]
-      if C != cfg.mem_len + T:
-        raise ValueError(f"a Cache of {C} slots (mem_len {cfg.mem_len}) takes steps of {C - cfg.mem_len} "
-                         f"positions, got {T}")
-      oldest = (memory.start + T) % C  # The slot of the oldest key once this step's T are written.
-      mask_Bx1xTxC = jnp.roll(attention_mask(T, cfg.mem_len, memory.valid_B, window), oldest, axis=-1)
-      x_BxTxD, (k_LxBxNxCxH, v_LxBxNxCxH), h_LxBxTxD = self._layers(
-          x_BxTxD, (memory.k_LxBxNxCxH, memory.v_LxBxNxCxH, memory.rk_LxNxCxH),
-          (None, *biases, mask_Bx1xTxC, memory.start))
-      new_memory = memory.replace(k_LxBxNxCxH=k_LxBxNxCxH, v_LxBxNxCxH=v_LxBxNxCxH, start=oldest,
-                                  valid_B=jnp.minimum(cfg.mem_len, memory.valid_B + T))
+      M, C = cfg.mem_len, memory.rk_LxNxCxH.shape[2]
+      if C != M + T:
+        raise ValueError(f"a Cache for {C} distances (mem_len {M}) takes steps of {C - M} positions, got {T}")
+      # Keys in the order [ring slots; the step's own]: the memory's part rolled to ring order.
+      mask_Bx1xTxC = attention_mask(T, M, memory.valid_B, window)
+      mask_Bx1xTxC = jnp.concatenate([jnp.roll(mask_Bx1xTxC[..., :M], memory.start, axis=-1),
+                                      mask_Bx1xTxC[..., M:]], axis=-1)
+      # The rings are read in place by every layer and written once, after the last: scanned in
+      # and out, or written inside the layers' loop, XLA would copy them every layer.
+      rings = (memory.k_LxBxNxMxH, memory.v_LxBxNxMxH)
+      x_BxTxD, (k_LxBxNxTxH, v_LxBxNxTxH), h_LxBxTxD = self._layers(
+          x_BxTxD, (jnp.arange(cfg.num_layers), memory.rk_LxNxCxH),
+          (None, *biases, mask_Bx1xTxC, memory.start, rings))
+      new_memory = memory.replace(k_LxBxNxMxH=ring_write(rings[0], k_LxBxNxTxH, memory.start),
+                                  v_LxBxNxMxH=ring_write(rings[1], v_LxBxNxTxH, memory.start),
+                                  start=(memory.start + T) % M if 0 < T < M else jnp.zeros((), jnp.int32),
+                                  valid_B=jnp.minimum(M, memory.valid_B + T))
     else:
       M = memory.h_LxBxMxD.shape[2]
       memory_axes = ("layers", "batch", "length", "embed")
@@ -318,17 +342,21 @@ class XLTransformer(nn.Module):
                            deterministic=self.deterministic)
       mask_Bx1xTxC = attention_mask(T, M, memory.valid_B, window)
       x_BxTxD, new_LxBxMxD, h_LxBxTxD = self._layers(x_BxTxD, mem_LxBxMxD,
-                                                     (r_CxD, *biases, mask_Bx1xTxC, None))
+                                                     (r_CxD, *biases, mask_Bx1xTxC, None, None))
       new_LxBxMxD = nn.with_logical_constraint(jax.lax.stop_gradient(new_LxBxMxD), memory_axes)
       new_memory = Memory(h_LxBxMxD=new_LxBxMxD, valid_B=jnp.minimum(cfg.mem_len, memory.valid_B + T))
     return (h_LxBxTxD if self.all_layers else x_BxTxD), new_memory
 
   def _layers(self, x_BxTxD: jax.Array, memory_L: Any, broadcast: tuple[Any, ...]) -> tuple[Any, Any, Any]:
     """(x after every layer, every layer's new memory stacked, h_LxBxTxD or None): memory_L has
-    each layer's memory (XLBlock's) on a leading axis; broadcast: XLBlock's other arguments."""
+    each layer's memory (XLBlock's) on a leading axis, or for a Cache (the layer indices, its
+    rk_LxNxCxH); broadcast: XLBlock's other arguments, then a Cache's rings (None: none)."""
     if self.cfg.scan_layers:
       x_BxTxD, (new_L, h_LxBxTxD) = self.layers(x_BxTxD, memory_L, *broadcast)
       return x_BxTxD, new_L, h_LxBxTxD
+    *broadcast, rings = broadcast
+    if rings is not None:  # A Cache: memory_L is (layer indices, rk_LxNxCxH), as _ScanBody's.
+      memory_L = (*rings, memory_L[1])
     outputs, news = [], []
     for layer, block in enumerate(self.layers):
       x_BxTxD, new = block(x_BxTxD, jax.tree.map(lambda a: a[layer], memory_L), *broadcast)
@@ -351,8 +379,8 @@ class XLTransformer(nn.Module):
     r_CxD = relative_encodings(C, D, cfg.clamp_len).astype(cfg.compute_dtype)
     rk_LxCxNxH = jax.vmap(lambda w_DxNxH: matmul(r_CxD, w_DxNxH.reshape(D, N * H)))(w_LxDxNxH)
     rk_LxNxCxH = jnp.transpose(rk_LxCxNxH.reshape(L, C, N, H), (0, 2, 1, 3))
-    zeros = jnp.zeros((L, batch_size, N, C, H), cfg.compute_dtype)
-    return Cache(k_LxBxNxCxH=zeros, v_LxBxNxCxH=zeros, rk_LxNxCxH=rk_LxNxCxH,
+    zeros = jnp.zeros((L, batch_size, N, cfg.mem_len, H), cfg.compute_dtype)
+    return Cache(k_LxBxNxMxH=zeros, v_LxBxNxMxH=zeros, rk_LxNxCxH=rk_LxNxCxH,
                  valid_B=jnp.zeros((batch_size,), jnp.int32), start=jnp.zeros((), jnp.int32))
 
   def heads(self) -> layers.Heads:
@@ -370,8 +398,8 @@ class XLTransformer(nn.Module):
 # The logical axes of each field of a Memory, which config.mesh.rules map to mesh axes as they do
 # the parameters': rows of the batch (streams) split over the batch axes.
 MEMORY_AXES = {"h_LxBxMxD": ("layers", "batch", "length", "embed"), "valid_B": ("batch",)}
-CACHE_AXES = {"k_LxBxNxCxH": ("layers", "batch", "heads", "length", "head_dim"),
-              "v_LxBxNxCxH": ("layers", "batch", "heads", "length", "head_dim"),
+CACHE_AXES = {"k_LxBxNxMxH": ("layers", "batch", "heads", "length", "head_dim"),
+              "v_LxBxNxMxH": ("layers", "batch", "heads", "length", "head_dim"),
               "rk_LxNxCxH": ("layers", "heads", "length", "head_dim"), "valid_B": ("batch",)}
 
 
