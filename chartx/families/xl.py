@@ -54,9 +54,10 @@ wants even T and C when training; splash has no bias, and ModelConfig.from_confi
 Inference's memory (Cache). Training must project the memory's keys and values again every
 segment: its gradient reaches W_k and W_v through them. Evaluation and generation need no
 gradient, so their memory (XLTransformer.init_cache, XLFamily.inference_memory) keeps every
-layer's keys and values already projected, in a ring of mem_len + T slots that each step of T
-positions writes over its oldest T (nothing is copied or moved), and the relative keys W_R R of
-the mem_len + T distances projected once, when the cache is made. A segment then projects only
+layer's keys and values already projected, in a ring of mem_len slots: a step of T positions
+attends over the ring and its own T keys, then writes them over the ring's oldest T (nothing is
+copied or moved); the relative keys W_R R of the mem_len + T distances are projected once, when
+the cache is made. A segment then projects only
 its own T positions, and a generated character one: its cost is the attention over the memory,
 not its projection (tests/test_xl.py checks it against training's Memory).
 
