@@ -10,7 +10,7 @@ save is being written (an Orbax *.orbax-checkpoint-tmp directory exists), by SIG
 (which must end the run with status 0 after saving its step), and started again. The last start
 runs to the end. The victim's final train state (parameters, optimizer state, XL's memory) must
 equal the uninterrupted run's byte for byte. Prints one JSON line per family; exit 1 on a mismatch.
-tests/test_failures.py runs a few cycles of it.
+tests/test_soak.py runs 2 cycles of 30 steps.
 """
 
 import argparse

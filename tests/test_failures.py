@@ -220,13 +220,3 @@ def test_a_second_signal_ends_the_process_at_once(sig):
   assert proc.stdout == "stop requested: True\n"
   name = signal.Signals(sig).name
   assert proc.stderr.strip().splitlines()[-1] == f"error: a second {name}: stopping at once, without saving"
-
-
-@pytest.mark.parametrize("family", ["fixed", "xl"])
-def test_a_soak_of_kills_and_sigterms_at_random_points_resumes_bitwise(tmp_path, family):
-  """benchmarks/soak.py, 2 stops from a fixed seed (its 10-stop run is the benchmark): each a
-  SIGKILL or a SIGTERM (which must exit 0), at a random step or during a save."""
-  from benchmarks import soak  # pylint: disable=import-outside-toplevel
-  record = soak.soak(str(tmp_path), family, cycles=2, seed=0)
-  assert len(record["stops"]) == 2
-  assert record["bitwise_equal"], record
