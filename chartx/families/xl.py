@@ -57,9 +57,9 @@ gradient, so their memory (XLTransformer.init_cache, XLFamily.inference_memory) 
 layer's keys and values already projected, in a ring of mem_len slots: a step of T positions
 attends over the ring and its own T keys, then writes them over the ring's oldest T (nothing is
 copied or moved); the relative keys W_R R of the mem_len + T distances are projected once, when
-the cache is made. A segment then projects only
-its own T positions, and a generated character one: its cost is the attention over the memory,
-not its projection (tests/test_xl.py checks it against training's Memory).
+the cache is made. A segment then projects only its own T positions, and a generated character
+one: its cost is the attention over the memory, not its projection (tests/test_xl.py checks it
+against training's Memory).
 
 Dropout, where the public code has it: on the embedded input, on the relative encodings R, and on
 each residual branch (as in the fixed family). No absolute positions, so model.max_len and
