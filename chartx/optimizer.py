@@ -1,5 +1,8 @@
 """Optax optimizers and learning-rate schedules from the config."""
 
+from typing import Any
+
+import jax
 import ml_collections
 import optax
 
@@ -43,6 +46,21 @@ def learning_rate_schedule(opt: ml_collections.ConfigDict, num_steps: int) -> op
   return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), decay], [warmup])
 
 
+# Parameters named so are vectors or lookup tables, which adamw's weight decay leaves alone:
+# LayerNorm scales and biases, the heads' norms and biases, XL's u and v, the input embedding and
+# positional tables. Every other parameter is a projection matrix and is decayed (nanoGPT's and
+# MaxText's rule); the families name their parameters to fit it.
+_NOT_DECAYED_SUFFIXES = ("bias", "scale", "embedding")
+
+
+def decayed(params: Any) -> Any:
+  """A tree like params (boxed or not) of bools: True for the matrices weight decay applies to."""
+  def is_matrix(path, _):
+    name = [key.key for key in path if isinstance(key, jax.tree_util.DictKey)][-1]
+    return not name.endswith(_NOT_DECAYED_SUFFIXES)
+  return jax.tree_util.tree_map_with_path(is_matrix, params)
+
+
 def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
   check_config(config)
   opt = config.optimizer
@@ -50,7 +68,8 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
   if opt.name == "momentum":
     core = optax.sgd(schedule, momentum=opt.momentum, nesterov=opt.nesterov)
   else:
-    core = optax.adamw(schedule, b1=opt.momentum, b2=opt.b2, weight_decay=opt.weight_decay)
+    core = optax.adamw(schedule, b1=opt.momentum, b2=opt.b2, weight_decay=opt.weight_decay,
+                       mask=decayed)
   if opt.grad_clip:
     return optax.chain(optax.clip_by_global_norm(opt.grad_clip), core)
   return core

@@ -81,7 +81,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.optimizer.schedule = "constant"  # "constant" | "rsqrt" (inverse square root) | "cosine".
   config.optimizer.warmup_steps = 0  # Linear warm-up from 0 before the schedule.
   config.optimizer.grad_clip = 0.0  # Clip the global gradient norm to this; 0 turns clipping off.
-  config.optimizer.weight_decay = 0.0  # Decoupled weight decay (adamw only).
+  config.optimizer.weight_decay = 0.0  # Decoupled weight decay of the matrices (adamw only).
 
   config.train = ml_collections.ConfigDict()
   config.train.batch_size = 16  # Global batch of windows per step (the paper: 16).
