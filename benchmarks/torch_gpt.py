@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from chartx.data import text_files
-from chartx.evaluate import window_starts
+from chartx.scoring import window_starts
 
 
 class Block(nn.Module):
