@@ -11,11 +11,32 @@ import threading
 import time
 from typing import Any, Iterator, Mapping
 
+import sys
+
 import numpy as np
-import tensorboardX
 
 from chartx import errors, files
 from chartx.errors import UserError
+
+
+def _import_tensorboardx():
+  """tensorboardX, imported without PyTorch: its writer imports torch when it is installed (for
+  isinstance checks chartx never needs), which cost 220 MB of resident memory and 2 s of start-up
+  in every run where chartx[bench] had installed torch (docs/results.md, "Peak memory of a
+  training run"). torch is hidden only while tensorboardX imports, and only if nothing has
+  imported it yet; a later `import torch` works as usual."""
+  if "torch" in sys.modules:
+    import tensorboardX  # pylint: disable=import-outside-toplevel
+    return tensorboardX
+  sys.modules["torch"] = None  # `import torch` raises ImportError.
+  try:
+    import tensorboardX  # pylint: disable=import-outside-toplevel
+  finally:
+    del sys.modules["torch"]
+  return tensorboardX
+
+
+tensorboardX = _import_tensorboardx()
 
 METRICS_FILE = "metrics.jsonl"
 # Written with every record; not TensorBoard scalars (TensorBoard keeps its own wall time).
