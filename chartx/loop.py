@@ -1,12 +1,14 @@
 """The training loop: restore or initialize, then step, validate, checkpoint and report until done."""
 
 import functools
+from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
 
-from chartx import data, evaluate, inference, profiling, report, resume, run_config, sharding, signals, train
+from chartx import (data, evaluate, inference, malloc, profiling, report, resume, run_config, sharding,
+                    signals, train)
 from chartx.families import layers
 from chartx.errors import UserError
 
@@ -34,6 +36,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
 
   rng = jax.random.key(config.seed)
   init_rng, dropout_rng = jax.random.split(rng)
+  dropout_rng = jax.device_put(dropout_rng, sharding.replicated(mesh))  # The compiled step's sharding.
   _, shardings, create_state = sharding.sharded_init(
       functools.partial(train.init_state, task, seq_len=seq_len), mesh, rules)
   state = ckpts.restore_or_init(create_state(init_rng))
@@ -58,8 +61,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
         # memory is in the state (reset_B: the rows whose stream starts over).
         local_BxS, local_B = family.train_batch(corpus.train, config, step, num_targets=num_targets,
                                                 process_index=slice_index, process_count=slice_count)
-        state, out = step_fn(state, sharding.global_batch(local_BxS, mesh), dropout_rng,
-                             sharding.global_batch(local_B, mesh))
+        args = (state, sharding.global_batch(local_BxS, mesh), dropout_rng, sharding.global_batch(local_B, mesh))
+        if step == start_step:
+          step_fn = _compile_steps(step_fn, args)
+        state, out = step_fn(*args)
       profiler.done(step, out)
       # Wait for the previous step only now that this one is queued: the device never idles.
       _finish(previous, reporter, ckpts)
@@ -90,6 +95,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
     ckpts.wait()
     stop_requested.finished()  # From here a signal ends the process with status 0.
   return state
+
+
+def _compile_steps(step_fn: sharding.MeshJit, args: tuple[Any, ...]) -> Any:
+  """The train step compiled for args (the first step's) before it runs, then the compiler's freed
+  scratch memory returned to the kernel (malloc.release_freed_memory): compiled by the step's
+  first call instead, it stayed resident beside the step's own scratch memory."""
+  compiled = step_fn.lower(*args).compile()
+  malloc.release_freed_memory()
+  return compiled
 
 
 def _finish(previous: tuple[int, dict[str, jax.Array]] | None, reporter: report.Reporter,

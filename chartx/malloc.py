@@ -10,6 +10,12 @@ take effect), and they are process-wide, so chartx applies them only when it run
 (python -m chartx.main, chartx.bench), only with glibc, only where JAX has no GPU plugin and no TPU
 (or JAX_PLATFORMS=cpu), and not when GLIBC_TUNABLES already sets malloc tunables. libtpu installed
 on a host without a TPU chip (chartx[tpu], for --mode=compile) still counts as CPU-only.
+
+The price is that memory freed once stays resident too: the compilers' scratch memory, freed
+when a compilation ends, would count in the process's peak beside every step's. The training
+loop compiles its steps before the first one runs and then calls release_freed_memory(), which
+returns the pages of every free block to the kernel once (malloc_trim): about 180 MB less peak
+resident memory for configs/small.py (docs/results.md, "Peak memory of a training run").
 """
 
 import ctypes
@@ -25,6 +31,7 @@ _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
 # unnamed); an unknown future chip counts as no TPU, which only costs these CPU settings there.
 _GOOGLE_VENDOR = "0x1ae0"
 _TPU_DEVICES = ("0x0027", "0x0056", "0x005e", "0x0062", "0x0063", "0x006f", "0x0076")
+_applied = False  # Whether keep_freed_memory() applied the settings in this process.
 
 
 def cpu_only() -> bool:
@@ -63,5 +70,18 @@ def keep_freed_memory() -> bool:
     mallopt = libc.mallopt
   except (OSError, AttributeError):  # Not glibc (musl has no mallopt).
     return False
-  return all(mallopt(param, value) == 1 for param, value in
-             ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2**31 - 1)))
+  global _applied
+  _applied = all(mallopt(param, value) == 1 for param, value in
+                 ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2**31 - 1)))
+  return _applied
+
+
+def release_freed_memory() -> bool:
+  """Where keep_freed_memory() applied its settings: returns the whole free pages of the heap to
+  the kernel (glibc's malloc_trim(0)); the next allocations that reuse them fault them in again,
+  once. Returns whether it did; elsewhere freed memory is not held, and it does nothing."""
+  if not _applied:
+    return False
+  ctypes.CDLL("libc.so.6").malloc_trim(0)
+  return True
+

@@ -79,3 +79,21 @@ def test_empty_text_file_is_named(tmp_path, tiny_config):
   tiny_config.data.path = str(empty)
   with pytest.raises(UserError, match="empty.txt"):
     loop.train_and_evaluate(tiny_config, str(tmp_path / "run"))
+
+
+def test_loop_compiles_the_step_then_releases_freed_memory_once_per_run(tmp_path, tiny_config, monkeypatch):
+  """The loop compiles its train step before the first step runs and then returns the compiler's
+  freed memory (malloc.release_freed_memory): once, before any step is done, and again once in a
+  resumed run, whose restored state the compiled step takes as it is."""
+  from chartx import malloc  # pylint: disable=import-outside-toplevel
+  workdir = tmp_path / "run"
+  calls = []
+  monkeypatch.setattr(malloc, "release_freed_memory",
+                      lambda: calls.append(os.path.exists(workdir / "metrics.jsonl")
+                                           and os.path.getsize(workdir / "metrics.jsonl")))
+  tiny_config.train.update(num_steps=3, log_every=1, eval_every=3, checkpoint_every=3)
+  state = loop.train_and_evaluate(tiny_config, str(workdir))
+  assert int(state.step) == 3 and calls == [0]  # metrics.jsonl had no record yet.
+  tiny_config.train.num_steps = 5
+  state = loop.train_and_evaluate(tiny_config, str(workdir))
+  assert int(state.step) == 5 and len(calls) == 2 and calls[1] > 0
