@@ -51,6 +51,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
                                  config.eval.batch_size)
 
   reporter = report.Reporter(config, task, workdir, start_step, layers.count_params(state.params))
+  growth = None  # malloc.GrowthWatch of the step's scratch memory, once the step is compiled.
   previous = None  # (step, out) of the newest step not yet finished.
   # The jitted step and score bind the mesh and rules themselves (sharding.MeshJit).
   with (signals.StopSignal(ckpts.manager) as stop_requested, ckpts,
@@ -64,10 +65,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
         args = (state, sharding.global_batch(local_BxS, mesh), dropout_rng, sharding.global_batch(local_B, mesh))
         if step == start_step:
           step_fn = _compile_steps(step_fn, args)
+          growth = malloc.GrowthWatch(_scratch_bytes(step_fn))
         state, out = step_fn(*args)
       profiler.done(step, out)
       # Wait for the previous step only now that this one is queued: the device never idles.
       _finish(previous, reporter, ckpts)
+      growth.check()
       ckpts.check()  # A failed save ends the run now, not at the next save.
       done = step + 1
       previous = (done, out)
@@ -104,6 +107,12 @@ def _compile_steps(step_fn: sharding.MeshJit, args: tuple[Any, ...]) -> Any:
   compiled = step_fn.lower(*args).compile()
   malloc.release_freed_memory()
   return compiled
+
+
+def _scratch_bytes(compiled: Any) -> int:
+  """The compiled step's scratch (temp) memory per device, 0 where the backend does not say."""
+  stats = compiled.memory_analysis()
+  return 0 if stats is None else int(stats.temp_size_in_bytes)
 
 
 def _finish(previous: tuple[int, dict[str, jax.Array]] | None, reporter: report.Reporter,

@@ -11,11 +11,12 @@ take effect), and they are process-wide, so chartx applies them only when it run
 (or JAX_PLATFORMS=cpu), and not when GLIBC_TUNABLES already sets malloc tunables. libtpu installed
 on a host without a TPU chip (chartx[tpu], for --mode=compile) still counts as CPU-only.
 
-The price is that memory freed once stays resident too: the compilers' scratch memory, freed
-when a compilation ends, would count in the process's peak beside every step's. The training
-loop compiles its steps before the first one runs and then calls release_freed_memory(), which
-returns the pages of every free block to the kernel once (malloc_trim): about 180 MB less peak
-resident memory for configs/small.py (docs/results.md, "Peak memory of a training run").
+The price is that freed memory stays resident too, however little of it is used again. Two
+cases matter in training, and the loop handles both: the compilers' scratch memory, freed when
+a compilation ends (the loop compiles the step before its first run and then calls
+release_freed_memory, glibc's malloc_trim), and the holes that a step's scratch block leaves
+when it moves to the top of the heap (GrowthWatch). docs/results.md, "Peak memory of a training
+run against PyTorch's loop", has the figures.
 """
 
 import ctypes
@@ -85,3 +86,48 @@ def release_freed_memory() -> bool:
   ctypes.CDLL("libc.so.6").malloc_trim(0)
   return True
 
+
+
+class _MallInfo2(ctypes.Structure):
+  _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd",
+                                                    "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def heap_bytes() -> int | None:
+  """The bytes the heap has taken from the kernel (glibc's mallinfo2().arena; glibc >= 2.33),
+  resident or not; None where unknown."""
+  try:
+    mallinfo2 = ctypes.CDLL("libc.so.6").mallinfo2
+  except (OSError, AttributeError):
+    return None
+  mallinfo2.restype = _MallInfo2
+  return mallinfo2().arena
+
+
+class GrowthWatch:
+  """Releases the heap's freed memory (release_freed_memory) each time the heap has grown by half
+  a block or more since the last check(): the training loop's block is a step's scratch memory.
+
+  Under the settings above XLA:CPU's scratch block, freed at the end of each step, is allocated
+  again by the next step in the hole it left, unless other allocations between the steps took a
+  few bytes of that hole first: the step then takes a new block at the top of the heap, and the
+  hole, touched and free, stayed resident beside it. That happened in the first steps of a run
+  and after evaluations, 1 to 4 times in 10 steps of configs/small.py (0.94 GB each). Released
+  when it happens, a stranded hole counts in the peak once, not once per new block; the next
+  step faults its scratch pages in afresh, once.
+  """
+
+  def __init__(self, block_bytes: int):
+    self._threshold = block_bytes // 2
+    self._last = None
+
+  def check(self) -> bool:
+    """Call between steps; the first call sets the baseline. Returns whether it released."""
+    if not _applied or not self._threshold:
+      return False
+    now = heap_bytes()
+    if now is None:
+      return False
+    grown = self._last is not None and now - self._last >= self._threshold
+    self._last = now
+    return grown and release_freed_memory()

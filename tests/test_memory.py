@@ -53,3 +53,29 @@ def test_metrics_writer_does_not_import_torch_but_torch_still_imports():
       """)
   assert (before, after) == ("False", "True")
 
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc settings")
+def test_growth_watch_releases_freed_memory_once_the_heap_has_grown_by_half_a_block():
+  out = _run("""
+      from chartx import malloc
+      if not malloc.keep_freed_memory() or malloc.heap_bytes() is None:
+        print("skip"); raise SystemExit
+      def rss_mb():
+        with open("/proc/self/status") as f:
+          return next(int(l.split()[1]) for l in f if l.startswith("VmRSS")) // 1024
+      watch = malloc.GrowthWatch(200 << 20)  # A 200 MB block: it acts on growth of 100 MB or more.
+      print(watch.check())  # The baseline.
+      small = [b"x" * (1 << 20) for _ in range(50)]  # 50 MB: below the threshold.
+      print(watch.check())
+      stranded = [b"x" * (1 << 20) for _ in range(150)]
+      kept = b"x" * 1000  # Allocated after them: their memory cannot go back as the heap's top.
+      del stranded
+      before = rss_mb()
+      print(watch.check(), before - rss_mb(), watch.check())
+      """)
+  if out == ["skip"]:
+    pytest.skip("chartx.malloc's settings or mallinfo2 are not available here")
+  first, small, grown, released_mb, again = out
+  assert (first, small, grown, again) == ("False", "False", "True", "False")
+  assert int(released_mb) > 100  # The 150 MB freed (and held by the settings) went back.
