@@ -62,9 +62,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
         # memory is in the state (reset_B: the rows whose stream starts over).
         local_BxS, local_B = family.train_batch(corpus.train, config, step, num_targets=num_targets,
                                                 process_index=slice_index, process_count=slice_count)
-        args = (state, sharding.global_batch(local_BxS, mesh), dropout_rng, sharding.global_batch(local_B, mesh))
+        args = (state, sharding.global_batch(local_BxS, mesh), dropout_rng,
+                sharding.global_batch(local_B, mesh))
         if step == start_step:
-          step_fn = _compile_steps(step_fn, args)
+          step_fn = _compile_step(step_fn, args)
           growth = malloc.GrowthWatch(_scratch_bytes(step_fn))
         state, out = step_fn(*args)
       profiler.done(step, out)
@@ -100,7 +101,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
   return state
 
 
-def _compile_steps(step_fn: sharding.MeshJit, args: tuple[Any, ...]) -> Any:
+def _compile_step(step_fn: sharding.MeshJit, args: tuple[Any, ...]) -> Any:
   """The train step compiled for args (the first step's) before it runs, then the compiler's freed
   scratch memory returned to the kernel (malloc.release_freed_memory): compiled by the step's
   first call instead, it stayed resident beside the step's own scratch memory."""
