@@ -87,7 +87,6 @@ def release_freed_memory() -> bool:
   return True
 
 
-
 def heap_end() -> int | None:
   """Where the heap ends (the program break, sbrk(0)): under the settings above it grows only
   when glibc takes more memory from the kernel, resident or not. O(1), unlike mallinfo2(), which

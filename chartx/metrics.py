@@ -7,11 +7,10 @@ import itertools
 import json
 import math
 import os
+import sys
 import threading
 import time
 from typing import Any, Iterator, Mapping
-
-import sys
 
 import numpy as np
 
