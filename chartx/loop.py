@@ -36,7 +36,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
 
   rng = jax.random.key(config.seed)
   init_rng, dropout_rng = jax.random.split(rng)
-  dropout_rng = jax.device_put(dropout_rng, sharding.replicated(mesh))  # The compiled step's sharding.
+  dropout_rng = sharding.replicate_key(dropout_rng, mesh)
   _, shardings, create_state = sharding.sharded_init(
       functools.partial(train.init_state, task, seq_len=seq_len), mesh, rules)
   state = ckpts.restore_or_init(create_state(init_rng))

@@ -114,6 +114,14 @@ def replicated(mesh: Mesh | AbstractMesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
 
 
+def replicate_key(key: jax.Array, mesh: Mesh) -> jax.Array:
+  """A PRNG key, equal in every process, as one global array replicated over the mesh: the
+  sharding a compiled step's key argument has (device_put cannot place it on another process's
+  devices)."""
+  data = jax.make_array_from_process_local_data(replicated(mesh), np.asarray(jax.random.key_data(key)))
+  return jax.random.wrap_key_data(data, impl=jax.random.key_impl(key))
+
+
 def logical_shardings(abstract_boxed: Any, mesh: Mesh | AbstractMesh, rules: Rules) -> Any:
   """NamedShardings for a tree whose nn.Partitioned leaves carry logical axis names; the rest replicate.
 
