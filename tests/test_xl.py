@@ -3,6 +3,9 @@ direct computation, causality through gradients, generation with a memory, confi
 
 import dataclasses
 import math
+import os
+import subprocess
+import sys
 
 import flax
 import jax
@@ -13,6 +16,8 @@ import pytest
 from chartx import losses
 from chartx.families import fixed, layers, registry, xl
 from chartx.errors import UserError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 _CFG = layers.ModelConfig(vocab_size=64, num_layers=2, d_model=32, num_heads=2, d_ff=64,
                              num_targets=2, family="xl", mem_len=8, dtype="float32", attention="xla")
@@ -355,3 +360,38 @@ def test_flops_per_char_counts_xl_from_the_models_shapes():
   same = dataclasses.replace(cfg, same_length=True)
   assert xl.FAMILY.flops_per_char(same, T, False, B) - xl.FAMILY.flops_per_char(cfg, T, False, B) == pytest.approx(
       18 * d * n * (1 - T / 2))
+
+
+_SHARDED_ROWS = """
+import jax, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from chartx import sharding
+from chartx.families import xl
+B, T, N, H, M = 4, 6, 2, 8, 9
+rng = np.random.default_rng(0)
+f = lambda *shape: rng.standard_normal(shape).astype(np.float32)
+q, ring, new, rest = f(B, T, N, H), (f(B, N, M, H), f(B, N, M, H)), (f(B, N, T, H), f(B, N, T, H)), (f(N, M + T, H), f(N, H), f(N, H))
+mask, start = xl.attention_mask(T, M, np.array([M, 3, 0, M], np.int32), None), np.int32(5)
+attend = jax.jit(xl.cached_attention)
+whole = attend(q, ring, new, *rest, mask, start)
+mesh = Mesh(np.array(jax.devices()).reshape(2, 1, 1), ("data", "fsdp", "tensor"))
+rows = NamedSharding(mesh, PartitionSpec(sharding.BATCH_AXES))
+put = lambda a: jax.device_put(a, rows)
+args = (put(q), tuple(map(put, ring)), tuple(map(put, new)), *rest, put(mask), start)
+with jax.set_mesh(mesh):
+  split = attend(*args)
+  hlo = attend.lower(*args).compile().as_text()
+np.testing.assert_allclose(split, whole, rtol=1e-6, atol=1e-6)
+print(split.sharding.spec == rows.spec, "all-gather" in hlo)
+"""
+
+
+def test_cached_attention_loops_over_each_devices_own_rows():
+  """On two CPU devices with the rows split between them, the segment's attention one (row,
+  head) at a time gives the one-device result, sharded as its input, and no device gathers the
+  other's rows (the keys and values of every row)."""
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+  proc = subprocess.run([sys.executable, "-c", _SHARDED_ROWS], cwd=ROOT, env=env, capture_output=True,
+                        text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert proc.stdout.split() == ["True", "False"], proc.stdout

@@ -74,8 +74,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+from jax.sharding import PartitionSpec
 
-from chartx import data
+from chartx import data, sharding
 from chartx.errors import UserError
 from chartx.families import base, layers
 from chartx.matmul import matmul
@@ -161,28 +162,71 @@ def cached_attention(q_BxTxNxH: jax.Array, ring: tuple[jax.Array, jax.Array], ne
                      mask_Bx1xTxC: jax.Array, start: jax.Array) -> jax.Array:
   """relative_attention over a Cache's ring (k, v)_BxNxMxH, whose slot `start` holds the oldest
   key, and the step's own new (k, v)_BxNxTxH: keys in the order [ring slots; new], the mask too.
-  The position scores are computed by distance as there, then the memory's rolled from key order
-  to ring order. Written out in the ring's heads-first layout rather than through
-  jax.nn.dot_product_attention, whose key layout made XLA:CPU transpose every layer's keys and
-  values each step (about 3x the time at one query)."""
+  Written out in the ring's heads-first layout rather than through jax.nn.dot_product_attention,
+  whose key layout made XLA:CPU transpose every layer's keys and values each step (about 3x the
+  time at one query).
+
+  On the CPU, a segment (T > 1) is attended one (row, head) at a time: XLA:CPU writes each
+  elementwise pass (shift, roll, mask, softmax) of the B x N x T x C scores out to memory, and
+  one head's T x C fits in the caches where all of them (tens of MB at C = 3,927) do not: about
+  a third of the time at C = 3,927 (docs/results.md). Elsewhere, and for one query, all at once."""
   (k_BxNxMxH, value_BxNxMxH), (k_BxNxTxH, value_BxNxTxH) = ring, new
-  M = k_BxNxMxH.shape[2]
-  dtype = q_BxTxNxH.dtype
-  scale = 1 / math.sqrt(q_BxTxNxH.shape[-1])
+  T = q_BxTxNxH.shape[1]
   q_BxNxTxH = jnp.transpose(q_BxTxNxH, (0, 2, 1, 3))
-  bias = lambda b_NxH: b_NxH.astype(dtype)[None, :, None, :]
-  qu_BxNxTxH = q_BxNxTxH + bias(content_bias_NxH)
-  scores = lambda q, k: jnp.einsum("bnth,bnch->bntc", q, k, preferred_element_type=jnp.float32)
-  content_BxNxTxC = jnp.concatenate([scores(qu_BxNxTxH, k_BxNxMxH), scores(qu_BxNxTxH, k_BxNxTxH)], axis=-1)
-  position_BxNxTxC = relative_shift(jnp.einsum("bnth,nch->bntc", q_BxNxTxH + bias(position_bias_NxH),
-                                               rk_NxCxH.astype(dtype), preferred_element_type=jnp.float32))
-  position_BxNxTxC = jnp.concatenate([jnp.roll(position_BxNxTxC[..., :M], start, axis=-1),
-                                      position_BxNxTxC[..., M:]], axis=-1)
-  scores_BxNxTxC = jnp.where(mask_Bx1xTxC, (content_BxNxTxC + position_BxNxTxC) * scale,
-                             jnp.finfo(jnp.float32).min)
-  probs_BxNxTxC = jax.nn.softmax(scores_BxNxTxC, axis=-1).astype(dtype)
-  weigh = lambda p, v: jnp.einsum("bntc,bnch->btnh", p, v)
-  return weigh(probs_BxNxTxC[..., :M], value_BxNxMxH) + weigh(probs_BxNxTxC[..., M:], value_BxNxTxH)
+  by_row_head = (q_BxNxTxH, k_BxNxMxH, value_BxNxMxH, k_BxNxTxH, value_BxNxTxH)
+  by_head = (rk_NxCxH, content_bias_NxH, position_bias_NxH)
+  mask_BxTxC = mask_Bx1xTxC[:, 0]
+  if T > 1 and sharding.platform() == "cpu":
+    attend = _one_head_at_a_time
+    mesh = jax.sharding.get_abstract_mesh()
+    if not mesh.empty and math.prod(mesh.shape[a] for a in sharding.BATCH_AXES) > 1:
+      # Each device loops over its own rows (a loop over the sharded rows would gather them all).
+      rows, whole = PartitionSpec(sharding.BATCH_AXES), PartitionSpec()
+      attend = jax.shard_map(attend, in_specs=(rows,) * 5 + (whole,) * 3 + (rows, whole), out_specs=rows)
+    out_BxNxTxH = attend(*by_row_head, *by_head, mask_BxTxC, start)
+  else:
+    heads = jax.vmap(_head_attention, in_axes=(0,) * 8 + (None, None))
+    rows = jax.vmap(heads, in_axes=(0,) * 5 + (None,) * 3 + (0, None))
+    out_BxNxTxH = rows(*by_row_head, *by_head, mask_BxTxC, start)
+  return jnp.transpose(out_BxNxTxH, (0, 2, 1, 3))
+
+
+def _one_head_at_a_time(q_BxNxTxH: jax.Array, k_BxNxMxH: jax.Array, value_BxNxMxH: jax.Array,
+                        new_k_BxNxTxH: jax.Array, new_value_BxNxTxH: jax.Array, rk_NxCxH: jax.Array,
+                        content_bias_NxH: jax.Array, position_bias_NxH: jax.Array, mask_BxTxC: jax.Array,
+                        start: jax.Array) -> jax.Array:
+  """_head_attention of every row and head in turn (lax.map): out_BxNxTxH."""
+  B, N, T, H = q_BxNxTxH.shape
+  flat = lambda a_BxNx_: a_BxNx_.reshape(B * N, *a_BxNx_.shape[2:])
+  def one(index_and_slices):
+    index, *slices = index_and_slices
+    by_head = (a[index % N] for a in (rk_NxCxH, content_bias_NxH, position_bias_NxH))
+    return _head_attention(*slices, *by_head, mask_BxTxC[index // N], start)
+  by_row_head = (q_BxNxTxH, k_BxNxMxH, value_BxNxMxH, new_k_BxNxTxH, new_value_BxNxTxH)
+  return jax.lax.map(one, (jnp.arange(B * N), *map(flat, by_row_head))).reshape(B, N, T, H)
+
+
+def _head_attention(q_TxH: jax.Array, k_MxH: jax.Array, value_MxH: jax.Array, new_k_TxH: jax.Array,
+                    new_value_TxH: jax.Array, rk_CxH: jax.Array, content_bias_H: jax.Array,
+                    position_bias_H: jax.Array, mask_TxC: jax.Array, start: jax.Array) -> jax.Array:
+  """cached_attention of one row and head: out_TxH. The position scores are computed by distance
+  as in relative_attention, then the memory's rolled from key order to ring order. The memory's
+  keys and the step's own are scored apart (no concatenated copy), and the softmax's sum divides
+  the weighted values (T x H), not the probabilities (T x C)."""
+  M = k_MxH.shape[0]
+  dtype = q_TxH.dtype
+  scale = 1 / math.sqrt(q_TxH.shape[-1])
+  scores = lambda q, k: jnp.einsum("th,ch->tc", q, k, preferred_element_type=jnp.float32)
+  qu_TxH = (q_TxH + content_bias_H.astype(dtype)) * scale
+  position_TxC = relative_shift(scores((q_TxH + position_bias_H.astype(dtype)) * scale, rk_CxH.astype(dtype)))
+  masked = lambda scores, mask: jnp.where(mask, scores, -jnp.inf)  # Every query sees itself.
+  memory_TxM = masked(scores(qu_TxH, k_MxH) + jnp.roll(position_TxC[:, :M], start, axis=-1), mask_TxC[:, :M])
+  own_TxT = masked(scores(qu_TxH, new_k_TxH) + position_TxC[:, M:], mask_TxC[:, M:])
+  max_Tx1 = jnp.maximum(memory_TxM.max(-1, keepdims=True), own_TxT.max(-1, keepdims=True))
+  memory_TxM, own_TxT = jnp.exp(memory_TxM - max_Tx1), jnp.exp(own_TxT - max_Tx1)
+  weigh = lambda p, v: jnp.einsum("tc,ch->th", p.astype(dtype), v, preferred_element_type=jnp.float32)
+  out_TxH = weigh(memory_TxM, value_MxH) + weigh(own_TxT, new_value_TxH)
+  return (out_TxH / (memory_TxM.sum(-1, keepdims=True) + own_TxT.sum(-1, keepdims=True))).astype(dtype)
 
 
 def ring_write(ring_LxBxNxMxH: jax.Array, new_LxBxNxTxH: jax.Array, start: jax.Array) -> jax.Array:
