@@ -157,11 +157,12 @@ def relative_attention(q_BxTxNxH: jax.Array, k_BxCxNxH: jax.Array, value_BxCxNxH
                                       implementation=impl)
 
 
-def cached_attention(q_BxTxNxH: jax.Array, ring: tuple[jax.Array, jax.Array], new: tuple[jax.Array, jax.Array],
-                     rk_NxCxH: jax.Array, content_bias_NxH: jax.Array, position_bias_NxH: jax.Array,
-                     mask_Bx1xTxC: jax.Array, start: jax.Array) -> jax.Array:
-  """relative_attention over a Cache's ring (k, v)_BxNxMxH, whose slot `start` holds the oldest
-  key, and the step's own new (k, v)_BxNxTxH: keys in the order [ring slots; new], the mask too.
+def cached_attention(q_BxTxNxH: jax.Array, rings: tuple[jax.Array, jax.Array], layer: jax.Array,
+                     new: tuple[jax.Array, jax.Array], rk_NxCxH: jax.Array, content_bias_NxH: jax.Array,
+                     position_bias_NxH: jax.Array, mask_Bx1xTxC: jax.Array, start: jax.Array) -> jax.Array:
+  """relative_attention over layer `layer` of a Cache's rings (k, v)_LxBxNxMxH, whose slot `start`
+  holds the oldest key, and the step's own new (k, v)_BxNxTxH: keys in the order [ring slots;
+  new], the mask too. The rings come whole, not the layer's slice: a slice would be copied.
   Written out in the ring's heads-first layout rather than through jax.nn.dot_product_attention,
   whose key layout made XLA:CPU transpose every layer's keys and values each step (about 3x the
   time at one query).
@@ -170,10 +171,8 @@ def cached_attention(q_BxTxNxH: jax.Array, ring: tuple[jax.Array, jax.Array], ne
   elementwise pass (shift, roll, mask, softmax) of the B x N x T x C scores out to memory, and
   one head's T x C fits in the caches where all of them (tens of MB at C = 3,927) do not: about
   a third of the time at C = 3,927 (docs/results.md). Elsewhere, and for one query, all at once."""
-  (k_BxNxMxH, value_BxNxMxH), (k_BxNxTxH, value_BxNxTxH) = ring, new
   T = q_BxTxNxH.shape[1]
   q_BxNxTxH = jnp.transpose(q_BxTxNxH, (0, 2, 1, 3))
-  by_row_head = (q_BxNxTxH, k_BxNxMxH, value_BxNxMxH, k_BxNxTxH, value_BxNxTxH)
   by_head = (rk_NxCxH, content_bias_NxH, position_bias_NxH)
   mask_BxTxC = mask_Bx1xTxC[:, 0]
   if T > 1 and sharding.platform() == "cpu":
@@ -181,29 +180,33 @@ def cached_attention(q_BxTxNxH: jax.Array, ring: tuple[jax.Array, jax.Array], ne
     mesh = jax.sharding.get_abstract_mesh()
     if not mesh.empty and math.prod(mesh.shape[a] for a in sharding.BATCH_AXES) > 1:
       # Each device loops over its own rows (a loop over the sharded rows would gather them all).
-      rows, whole = PartitionSpec(sharding.BATCH_AXES), PartitionSpec()
-      attend = jax.shard_map(attend, in_specs=(rows,) * 5 + (whole,) * 3 + (rows, whole), out_specs=rows)
-    out_BxNxTxH = attend(*by_row_head, *by_head, mask_BxTxC, start)
+      rows, ring_rows, whole = (PartitionSpec(sharding.BATCH_AXES), PartitionSpec(None, sharding.BATCH_AXES),
+                                PartitionSpec())
+      attend = jax.shard_map(attend, in_specs=(rows, (ring_rows, ring_rows), whole, (rows, rows)) + (whole,) * 3
+                             + (rows, whole), out_specs=rows)
+    out_BxNxTxH = attend(q_BxNxTxH, rings, layer, new, *by_head, mask_BxTxC, start)
   else:
     heads = jax.vmap(_head_attention, in_axes=(0,) * 8 + (None, None))
     rows = jax.vmap(heads, in_axes=(0,) * 5 + (None,) * 3 + (0, None))
-    out_BxNxTxH = rows(*by_row_head, *by_head, mask_BxTxC, start)
+    out_BxNxTxH = rows(q_BxNxTxH, *(ring_LxBxNxMxH[layer] for ring_LxBxNxMxH in rings), *new, *by_head,
+                       mask_BxTxC, start)
   return jnp.transpose(out_BxNxTxH, (0, 2, 1, 3))
 
 
-def _one_head_at_a_time(q_BxNxTxH: jax.Array, k_BxNxMxH: jax.Array, value_BxNxMxH: jax.Array,
-                        new_k_BxNxTxH: jax.Array, new_value_BxNxTxH: jax.Array, rk_NxCxH: jax.Array,
-                        content_bias_NxH: jax.Array, position_bias_NxH: jax.Array, mask_BxTxC: jax.Array,
-                        start: jax.Array) -> jax.Array:
-  """_head_attention of every row and head in turn (lax.map): out_BxNxTxH."""
+def _one_head_at_a_time(q_BxNxTxH: jax.Array, rings: tuple[jax.Array, jax.Array], layer: jax.Array,
+                        new: tuple[jax.Array, jax.Array], rk_NxCxH: jax.Array, content_bias_NxH: jax.Array,
+                        position_bias_NxH: jax.Array, mask_BxTxC: jax.Array, start: jax.Array) -> jax.Array:
+  """_head_attention of every row and head in turn (lax.map): out_BxNxTxH. Each turn slices its
+  own keys and values out of the whole rings."""
   B, N, T, H = q_BxNxTxH.shape
   flat = lambda a_BxNx_: a_BxNx_.reshape(B * N, *a_BxNx_.shape[2:])
   def one(index_and_slices):
     index, *slices = index_and_slices
-    by_head = (a[index % N] for a in (rk_NxCxH, content_bias_NxH, position_bias_NxH))
-    return _head_attention(*slices, *by_head, mask_BxTxC[index // N], start)
-  by_row_head = (q_BxNxTxH, k_BxNxMxH, value_BxNxMxH, new_k_BxNxTxH, new_value_BxNxTxH)
-  return jax.lax.map(one, (jnp.arange(B * N), *map(flat, by_row_head))).reshape(B, N, T, H)
+    row, head = index // N, index % N
+    ring = (ring_LxBxNxMxH[layer, row, head] for ring_LxBxNxMxH in rings)
+    by_head = (a[head] for a in (rk_NxCxH, content_bias_NxH, position_bias_NxH))
+    return _head_attention(slices[0], *ring, *slices[1:], *by_head, mask_BxTxC[row], start)
+  return jax.lax.map(one, (jnp.arange(B * N), *map(flat, (q_BxNxTxH, *new)))).reshape(B, N, T, H)
 
 
 def _head_attention(q_TxH: jax.Array, k_MxH: jax.Array, value_MxH: jax.Array, new_k_TxH: jax.Array,
@@ -257,7 +260,8 @@ class XLBlock(nn.Module):
                start: jax.Array | None = None) -> tuple[jax.Array, jax.Array | tuple[jax.Array, ...]]:
     """(x_BxTxD, the layer's new memory). memory: the layer's Memory rows mem_BxMxD, whose keys
     and values are projected here with x's (the new memory: the last mem_len rows of [mem; x],
-    before the norm); or, with start, its Cache ring (k_BxNxMxH, v_BxNxMxH, rk_NxCxH) (the new
+    before the norm); or, with start, the Cache's rings, its index and its relative keys
+    (k_LxBxNxMxH, v_LxBxNxMxH, layer, rk_NxCxH) (the new
     memory: x's keys and values (k, v)_BxNxTxH, for ring_write), r_CxD None and the mask in
     [ring; x] order."""
     cfg = self.cfg
@@ -281,7 +285,7 @@ class XLBlock(nn.Module):
                                        position_bias_NxH, mask_Bx1xTxC, impl=cfg.attention)
       new_memory = _last_rows(cat_BxCxD, cfg.mem_len)
     else:
-      *ring, rk_NxCxH = memory
+      *rings, layer, rk_NxCxH = memory
       with jax.named_scope("layer_norm"):
         h_BxTxD = layers.layer_norm(cfg, "attention_norm")(x_BxTxD)
       with jax.named_scope("projections"):
@@ -289,7 +293,7 @@ class XLBlock(nn.Module):
         heads_first = lambda a_BxTxNxH: jnp.transpose(a_BxTxNxH, (0, 2, 1, 3))
         new_memory = (heads_first(project(h_BxTxD, "key")), heads_first(project(h_BxTxD, "value")))
       with jax.named_scope("attention"):
-        a_BxTxNxH = cached_attention(q_BxTxNxH, ring, new_memory, rk_NxCxH, content_bias_NxH,
+        a_BxTxNxH = cached_attention(q_BxTxNxH, rings, layer, new_memory, rk_NxCxH, content_bias_NxH,
                                      position_bias_NxH, mask_Bx1xTxC, start)
     x_BxTxD = layers.attention_out_residual(self, x_BxTxD, a_BxTxNxH)
     x_BxTxD = layers.feed_forward_residual(cfg, self.deterministic, x_BxTxD)
@@ -307,9 +311,8 @@ class _ScanBody(nn.Module):
   def __call__(self, x_BxTxD, memory, *broadcast):
     block = layers.layer_cls(self.cfg, XLBlock)(self.cfg, self.deterministic, name="block")
     *broadcast, rings = broadcast
-    if rings is not None:  # A Cache: memory is (layer, rk_NxCxH); the layer's rings read in place.
-      layer, rk_NxCxH = memory
-      memory = (*(ring_LxBxNxMxH[layer] for ring_LxBxNxMxH in rings), rk_NxCxH)
+    if rings is not None:  # A Cache: memory is (layer, rk_NxCxH); the rings read in place.
+      memory = (*rings, *memory)
     x_BxTxD, new_memory = block(x_BxTxD, memory, *broadcast)
     return x_BxTxD, (new_memory, x_BxTxD if self.keep_all_layers else None)
 
@@ -400,11 +403,12 @@ class XLTransformer(nn.Module):
       x_BxTxD, (new_L, h_LxBxTxD) = self.layers(x_BxTxD, memory_L, *broadcast)
       return x_BxTxD, new_L, h_LxBxTxD
     *broadcast, rings = broadcast
-    if rings is not None:  # A Cache: memory_L is (layer indices, rk_LxNxCxH), as _ScanBody's.
-      memory_L = (*rings, memory_L[1])
     outputs, news = [], []
     for layer, block in enumerate(self.layers):
-      x_BxTxD, new = block(x_BxTxD, jax.tree.map(lambda a: a[layer], memory_L), *broadcast)
+      memory = jax.tree.map(lambda a: a[layer], memory_L)
+      if rings is not None:  # A Cache: memory_L is (layer indices, rk_LxNxCxH), as _ScanBody's.
+        memory = (*rings, *memory)
+      x_BxTxD, new = block(x_BxTxD, memory, *broadcast)
       outputs.append(x_BxTxD)
       news.append(new)
     new_L = jax.tree.map(lambda *a: jnp.stack(a), *news)
