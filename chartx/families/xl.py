@@ -285,7 +285,7 @@ class XLBlock(nn.Module):
                                        position_bias_NxH, mask_Bx1xTxC, impl=cfg.attention)
       new_memory = _last_rows(cat_BxCxD, cfg.mem_len)
     else:
-      *rings, layer, rk_NxCxH = memory
+      k_LxBxNxMxH, v_LxBxNxMxH, layer, rk_NxCxH = memory
       with jax.named_scope("layer_norm"):
         h_BxTxD = layers.layer_norm(cfg, "attention_norm")(x_BxTxD)
       with jax.named_scope("projections"):
@@ -293,7 +293,8 @@ class XLBlock(nn.Module):
         heads_first = lambda a_BxTxNxH: jnp.transpose(a_BxTxNxH, (0, 2, 1, 3))
         new_memory = (heads_first(project(h_BxTxD, "key")), heads_first(project(h_BxTxD, "value")))
       with jax.named_scope("attention"):
-        a_BxTxNxH = cached_attention(q_BxTxNxH, rings, layer, new_memory, rk_NxCxH, content_bias_NxH,
+        a_BxTxNxH = cached_attention(q_BxTxNxH, (k_LxBxNxMxH, v_LxBxNxMxH), layer, new_memory, rk_NxCxH,
+                                     content_bias_NxH,
                                      position_bias_NxH, mask_Bx1xTxC, start)
     x_BxTxD = layers.attention_out_residual(self, x_BxTxD, a_BxTxNxH)
     x_BxTxD = layers.feed_forward_residual(cfg, self.deterministic, x_BxTxD)
