@@ -169,8 +169,9 @@ def cached_attention(q_BxTxNxH: jax.Array, rings: tuple[jax.Array, jax.Array], l
 
   On the CPU, a segment (T > 1) is attended one (row, head) at a time: XLA:CPU writes each
   elementwise pass (shift, roll, mask, softmax) of the B x N x T x C scores out to memory, and
-  one head's T x C fits in the caches where all of them (tens of MB at C = 3,927) do not: about
-  a third of the time at C = 3,927 (docs/results.md). Elsewhere, and for one query, all at once."""
+  one head's T x C fits in the caches where all of them (tens of MB at C = 3,927) do not: at C =
+  3,927 a layer's attention took a fifth of the time (docs/results.md). Elsewhere, and for one
+  query, all at once."""
   T = q_BxTxNxH.shape[1]
   q_BxNxTxH = jnp.transpose(q_BxTxNxH, (0, 2, 1, 3))
   by_head = (rk_NxCxH, content_bias_NxH, position_bias_NxH)
@@ -294,8 +295,7 @@ class XLBlock(nn.Module):
         new_memory = (heads_first(project(h_BxTxD, "key")), heads_first(project(h_BxTxD, "value")))
       with jax.named_scope("attention"):
         a_BxTxNxH = cached_attention(q_BxTxNxH, (k_LxBxNxMxH, v_LxBxNxMxH), layer, new_memory, rk_NxCxH,
-                                     content_bias_NxH,
-                                     position_bias_NxH, mask_Bx1xTxC, start)
+                                     content_bias_NxH, position_bias_NxH, mask_Bx1xTxC, start)
     x_BxTxD = layers.attention_out_residual(self, x_BxTxD, a_BxTxNxH)
     x_BxTxD = layers.feed_forward_residual(cfg, self.deterministic, x_BxTxD)
     return x_BxTxD, new_memory
