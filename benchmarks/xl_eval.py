@@ -18,9 +18,12 @@ Parameters are random and the text is random bytes (speed does not depend on the
 call depends on its shapes only, so the memory is not filled first. With --sample_chars, each
 model also samples that many characters per call with chartx.sample: the fixed model with its
 KV cache from a prompt of A characters, XL with a memory (xl.Cache) of A - 1, made afresh in
-each call (its relative keys projected once per call). Each measurement compiles
-with an untimed call, then repeats the call until --min_seconds have passed (at least once) and
-reports characters per second over the timed calls. Prints a JSON line per length and, at the
+each call (its relative keys projected once per call). Each call is compiled by an untimed
+call. XL and the fixed model are then timed in turn, in ROUNDS rounds (XL first, then the fixed
+model, the order swapped each round), each repeating its call for --min_seconds / ROUNDS (at
+least once): a slow spell of a shared machine then falls on both sides of a round. Each rate is
+the median of its rounds' characters per second, each XL / fixed ratio the median of the
+rounds' ratios (the rounds' ratios are in the JSON). Prints a JSON line per length and, at the
 end, a markdown table with the machine and the 1-minute load averages before and after.
 """
 
@@ -29,6 +32,7 @@ import dataclasses
 import json
 import os
 import platform
+import statistics
 import sys
 import time
 from typing import Any, Callable
@@ -98,10 +102,13 @@ def _config(module: Any, tiny: bool) -> Any:
   return config
 
 
+ROUNDS = 3
+# A side's measurement: its call and the characters it scores or generates.
+Timed = tuple[Callable[[], Any], int]
+
+
 def _rate(call: Callable[[], Any], chars_per_call: int, min_seconds: float) -> tuple[float, int]:
-  """(characters per second, timed calls): one untimed call (compilation), then calls until
-  min_seconds have passed, at least one."""
-  jax.block_until_ready(call())
+  """(characters per second, calls): calls until min_seconds have passed, at least one."""
   calls, start = 0, time.perf_counter()
   while True:
     jax.block_until_ready(call())
@@ -111,8 +118,26 @@ def _rate(call: Callable[[], Any], chars_per_call: int, min_seconds: float) -> t
       return calls * chars_per_call / elapsed, calls
 
 
-def fixed_rate(length: int, args: argparse.Namespace, mesh, rules) -> dict[str, Any]:
-  """The fixed model's stride-1 sliding window over windows of `length` characters."""
+def paired(xl_side: Timed, fixed_side: Timed, min_seconds: float) -> tuple[float, float, list[float], int]:
+  """(XL's characters per second, the fixed model's, XL / fixed of each round, the fixed model's
+  timed calls): each call compiled by an untimed one, then ROUNDS rounds of both in turn."""
+  for call, _ in (xl_side, fixed_side):
+    jax.block_until_ready(call())
+  rates: dict[str, list[float]] = {"xl": [], "fixed": []}
+  fixed_calls = 0
+  for round_ in range(ROUNDS):
+    order = (("xl", xl_side), ("fixed", fixed_side))
+    for name, (call, chars) in order if round_ % 2 == 0 else order[::-1]:
+      rate, calls = _rate(call, chars, min_seconds / ROUNDS)
+      rates[name].append(rate)
+      fixed_calls += calls if name == "fixed" else 0
+  ratios = [x / f for x, f in zip(rates["xl"], rates["fixed"])]
+  return statistics.median(rates["xl"]), statistics.median(rates["fixed"]), ratios, fixed_calls
+
+
+def fixed_calls(length: int, args: argparse.Namespace, mesh, rules) -> tuple[dict[str, Any], Timed, Timed | None]:
+  """(record, eval, sampling): the fixed model's stride-1 sliding window over windows of
+  `length` characters, and its KV-cache sampler."""
   config = _config(enwik8_12l, args.tiny)
   config.data.seq_len = config.model.max_len = length
   cfg = registry.model_config(config, 256)
@@ -123,23 +148,22 @@ def fixed_rate(length: int, args: argparse.Namespace, mesh, rules) -> dict[str, 
   rng = np.random.default_rng(0)
   windows_BxS = rng.integers(0, 256, (args.batch_size, length + 1)).astype(np.int32)
   first_B = np.full(args.batch_size, length - 1, np.int32)  # Stride 1: the last target only.
-  rate, calls = _rate(lambda: score(params, windows_BxS, first_B), args.batch_size, args.min_seconds)
-  record = {"fixed_params": layers.count_params(params), "fixed_chars_per_sec": rate,
-            "fixed_calls": calls}
+  evaluation = (lambda: score(params, windows_BxS, first_B), args.batch_size)
+  sampling = None
   if args.sample_chars:
     # chartx.sample's KV-cache sampler from a full prompt of `length` characters (it re-encodes
     # the last length / 2 whenever the cache fills).
     generate = sample.make_generate(registry.get(cfg.family).decoder(net, length).step, context=length,
                                     num_chars=args.sample_chars, sampling=sample.SamplingConfig())
     prompt_C = rng.integers(0, 256, length).astype(np.int32)
-    record["fixed_sample_chars_per_sec"], _ = _rate(
-        lambda: generate({"params": params}, cfg.init_cache(1, length), prompt_C, length, jax.random.key(1)),
-        args.sample_chars, args.min_seconds)
-  return record
+    sampling = (lambda: generate({"params": params}, cfg.init_cache(1, length), prompt_C, length,
+                                 jax.random.key(1)), args.sample_chars)
+  return {"fixed_params": layers.count_params(params)}, evaluation, sampling
 
 
-def xl_rate(length: int, args: argparse.Namespace, mesh, rules) -> dict[str, Any]:
-  """XL's recurrent protocol: segments of args.segment with a memory of length - 1, same_length."""
+def xl_calls(length: int, args: argparse.Namespace, mesh, rules) -> tuple[dict[str, Any], Timed, Timed | None]:
+  """(record, eval, sampling): XL's recurrent protocol, segments of args.segment with a memory of
+  length - 1 and same_length, and its recurrent sampler."""
   config = _config(enwik8_xl_12l, args.tiny)
   config.data.seq_len = args.segment  # XL has no positional table: no max_len to match.
   cfg = dataclasses.replace(registry.model_config(config, 256), mem_len=length - 1,
@@ -160,19 +184,16 @@ def xl_rate(length: int, args: argparse.Namespace, mesh, rules) -> dict[str, Any
   def call():
     nats, count, state["memory"] = score(params, state["memory"], inputs_BxT, targets_BxT, mask_BxT)
     return nats, count
-  rate, calls = _rate(call, args.batch_size * args.segment, args.min_seconds)
-  record = {"xl_params": layers.count_params(params), "xl_chars_per_sec": rate, "xl_calls": calls,
-            "xl_mem_len": length - 1}
+  evaluation = (call, args.batch_size * args.segment)
+  sampling = None
   if args.sample_chars:
     # chartx.sample's recurrent sampler: one position with the memory per character (its cost
     # does not depend on how full the memory is, so a one-character prompt times the same).
     generate = sample.make_recurrent_generate(xl.FAMILY.decoder(net, 0), num_chars=args.sample_chars,
                                               sampling=sample.SamplingConfig())
     prompt_C = np.zeros(64, np.int32)
-    record["xl_sample_chars_per_sec"], _ = _rate(
-        lambda: generate({"params": params}, prompt_C, 1, jax.random.key(1)), args.sample_chars,
-        args.min_seconds)
-  return record
+    sampling = (lambda: generate({"params": params}, prompt_C, 1, jax.random.key(1)), args.sample_chars)
+  return {"xl_params": layers.count_params(params), "xl_mem_len": length - 1}, evaluation, sampling
 
 
 def benchmark(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -184,9 +205,18 @@ def benchmark(args: argparse.Namespace) -> list[dict[str, Any]]:
   for length in args.lengths:
     record = {"attention_length": length, "segment": args.segment, "batch_size": args.batch_size,
               "load_avg_before": os.getloadavg()[0]}
-    record.update(xl_rate(length, args, mesh, rules))
-    record.update(fixed_rate(length, args, mesh, rules))
-    record["xl_over_fixed"] = record["xl_chars_per_sec"] / record["fixed_chars_per_sec"]
+    xl_record, xl_eval, xl_sample = xl_calls(length, args, mesh, rules)
+    fixed_record, fixed_eval, fixed_sample = fixed_calls(length, args, mesh, rules)
+    record.update(xl_record, **fixed_record)
+    (record["xl_chars_per_sec"], record["fixed_chars_per_sec"], rounds,
+     record["fixed_calls"]) = paired(xl_eval, fixed_eval, args.min_seconds)
+    record["xl_over_fixed_rounds"] = rounds
+    record["xl_over_fixed"] = statistics.median(rounds)
+    if args.sample_chars:
+      (record["xl_sample_chars_per_sec"], record["fixed_sample_chars_per_sec"], rounds,
+       _) = paired(xl_sample, fixed_sample, args.min_seconds)
+      record["xl_over_fixed_sample_rounds"] = rounds
+      record["xl_over_fixed_sample"] = statistics.median(rounds)
     record["load_avg_after"] = os.getloadavg()[0]
     print(json.dumps(record), flush=True)
     records.append(record)
@@ -199,14 +229,17 @@ def table(records: list[dict[str, Any]], args: argparse.Namespace) -> str:
            f"XL segments of {args.segment}, batch {args.batch_size}",
            "",
            "| attention length | eval: fixed, stride 1 (chars/s) | eval: XL, recurrent (chars/s) "
-           "| XL / fixed | sampling: fixed, KV cache (chars/s) | sampling: XL, memory (chars/s) | load avg |",
-           "|---|---|---|---|---|---|---|"]
+           "| XL / fixed (rounds) | sampling: fixed, KV cache (chars/s) | sampling: XL, memory (chars/s) "
+           "| XL / fixed, sampling (rounds) | load avg |",
+           "|---|---|---|---|---|---|---|---|"]
   number = lambda r, key, fmt: format(r[key], fmt) if key in r else "-"
+  ratio = lambda r, key, fmt: (f"{r[key]:{fmt}}x ({min(r[key + '_rounds']):{fmt}}-{max(r[key + '_rounds']):{fmt}})"
+                               if key in r else "-")
   for r in records:
     lines.append(f"| {r['attention_length']:,} | {r['fixed_chars_per_sec']:,.2f} | "
-                 f"{r['xl_chars_per_sec']:,.0f} | {r['xl_over_fixed']:,.0f}x | "
-                 f"{number(r, 'fixed_sample_chars_per_sec', ',.0f')} | "
-                 f"{number(r, 'xl_sample_chars_per_sec', ',.0f')} | "
+                 f"{r['xl_chars_per_sec']:,.0f} | {ratio(r, 'xl_over_fixed', ',.0f')} | "
+                 f"{number(r, 'fixed_sample_chars_per_sec', ',.1f')} | "
+                 f"{number(r, 'xl_sample_chars_per_sec', ',.1f')} | {ratio(r, 'xl_over_fixed_sample', ',.2f')} | "
                  f"{r['load_avg_before']:.2f}-{r['load_avg_after']:.2f} |")
   return "\n".join(lines)
 

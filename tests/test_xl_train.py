@@ -315,8 +315,11 @@ def test_xl_eval_benchmark_runs_at_tiny_dims():
   assert [r["attention_length"] for r in records] == [32]
   for r in records:
     assert r["fixed_chars_per_sec"] > 0 and r["xl_chars_per_sec"] > 0 and r["xl_mem_len"] == r["attention_length"] - 1
-    assert r["xl_over_fixed"] == pytest.approx(r["xl_chars_per_sec"] / r["fixed_chars_per_sec"])
     assert r["fixed_sample_chars_per_sec"] > 0 and r["xl_sample_chars_per_sec"] > 0
+    # Each ratio is the median of the rounds' (XL and the fixed model timed in turn).
+    for key in ("xl_over_fixed", "xl_over_fixed_sample"):
+      assert len(r[key + "_rounds"]) == 3 and r[key] == pytest.approx(sorted(r[key + "_rounds"])[1])
+      assert min(r[key + "_rounds"]) > 0
   assert "| attention length | eval: fixed, stride 1 (chars/s) | eval: XL, recurrent (chars/s) |" in done.stdout
 
 
