@@ -196,6 +196,18 @@ def xl_calls(length: int, args: argparse.Namespace, mesh, rules) -> tuple[dict[s
   return {"xl_params": layers.count_params(params), "xl_mem_len": length - 1}, evaluation, sampling
 
 
+def xl_rate(length: int, args: argparse.Namespace, mesh, rules) -> dict[str, Any]:
+  """XL alone (benchmarks/gpu_check.py): xl_calls' record with its evaluation's and sampling's
+  characters per second, each compiled by an untimed call, then timed for args.min_seconds."""
+  record, evaluation, sampling = xl_calls(length, args, mesh, rules)
+  for key, side in (("xl_chars_per_sec", evaluation), ("xl_sample_chars_per_sec", sampling)):
+    if side is not None:
+      call, chars = side
+      jax.block_until_ready(call())
+      record[key], _ = _rate(call, chars, args.min_seconds)
+  return record
+
+
 def benchmark(args: argparse.Namespace) -> list[dict[str, Any]]:
   config = _config(enwik8_12l, args.tiny)
   config.mesh.shape = (1, 1, 1)
