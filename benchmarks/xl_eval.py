@@ -124,15 +124,15 @@ def paired(xl_side: Timed, fixed_side: Timed, min_seconds: float) -> tuple[float
   for call, _ in (xl_side, fixed_side):
     jax.block_until_ready(call())
   rates: dict[str, list[float]] = {"xl": [], "fixed": []}
-  fixed_calls = 0
+  calls = {"xl": 0, "fixed": 0}
   for round_ in range(ROUNDS):
     order = (("xl", xl_side), ("fixed", fixed_side))
     for name, (call, chars) in order if round_ % 2 == 0 else order[::-1]:
-      rate, calls = _rate(call, chars, min_seconds / ROUNDS)
+      rate, timed = _rate(call, chars, min_seconds / ROUNDS)
       rates[name].append(rate)
-      fixed_calls += calls if name == "fixed" else 0
+      calls[name] += timed
   ratios = [x / f for x, f in zip(rates["xl"], rates["fixed"])]
-  return statistics.median(rates["xl"]), statistics.median(rates["fixed"]), ratios, fixed_calls
+  return statistics.median(rates["xl"]), statistics.median(rates["fixed"]), ratios, calls["fixed"]
 
 
 def fixed_calls(length: int, args: argparse.Namespace, mesh, rules) -> tuple[dict[str, Any], Timed, Timed | None]:

@@ -261,10 +261,9 @@ class XLBlock(nn.Module):
                start: jax.Array | None = None) -> tuple[jax.Array, jax.Array | tuple[jax.Array, ...]]:
     """(x_BxTxD, the layer's new memory). memory: the layer's Memory rows mem_BxMxD, whose keys
     and values are projected here with x's (the new memory: the last mem_len rows of [mem; x],
-    before the norm); or, with start, the Cache's rings, its index and its relative keys
-    (k_LxBxNxMxH, v_LxBxNxMxH, layer, rk_NxCxH) (the new
-    memory: x's keys and values (k, v)_BxNxTxH, for ring_write), r_CxD None and the mask in
-    [ring; x] order."""
+    before the norm); or, with start, every layer's Cache rings, this layer's index and its
+    relative keys (k_LxBxNxMxH, v_LxBxNxMxH, layer, rk_NxCxH) (the new memory: x's keys and values
+    (k, v)_BxNxTxH, for ring_write), r_CxD None and the mask in [ring; x] order."""
     cfg = self.cfg
     N, H, D = cfg.num_heads, cfg.head_dim, cfg.d_model
     B, T = x_BxTxD.shape[:2]
@@ -312,7 +311,7 @@ class _ScanBody(nn.Module):
   def __call__(self, x_BxTxD, memory, *broadcast):
     block = layers.layer_cls(self.cfg, XLBlock)(self.cfg, self.deterministic, name="block")
     *broadcast, rings = broadcast
-    if rings is not None:  # A Cache: memory is (layer, rk_NxCxH); the rings read in place.
+    if rings is not None:  # A Cache: memory is (layer, rk_NxCxH); every layer's rings, read in place.
       memory = (*rings, *memory)
     x_BxTxD, new_memory = block(x_BxTxD, memory, *broadcast)
     return x_BxTxD, (new_memory, x_BxTxD if self.keep_all_layers else None)
