@@ -23,8 +23,9 @@ call. XL and the fixed model are then timed in turn, in ROUNDS rounds (XL first,
 model, the order swapped each round), each repeating its call for --min_seconds / ROUNDS (at
 least once): a slow spell of a shared machine then falls on both sides of a round. Each rate is
 the median of its rounds' characters per second, each XL / fixed ratio the median of the
-rounds' ratios (the rounds' ratios are in the JSON). Prints a JSON line per length and, at the
-end, a markdown table with the machine and the 1-minute load averages before and after.
+rounds' ratios (the rounds' ratios are in the JSON). As python -m chartx.main, it runs with chartx.malloc's settings
+(freed memory kept for reuse, where they apply). Prints a JSON line per length and, at the end,
+a markdown table with the machine and the 1-minute load averages before and after.
 """
 
 import argparse
@@ -42,7 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from chartx import sample, scoring, sharding
+from chartx import malloc, sample, scoring, sharding
 from chartx.families import base, layers, registry, xl
 from configs import enwik8_12l, enwik8_xl_12l
 
@@ -258,6 +259,7 @@ def table(records: list[dict[str, Any]], args: argparse.Namespace) -> str:
 
 def main(argv: list[str]) -> None:
   args = parse_args(argv)
+  malloc.keep_freed_memory()  # As chartx.main's evaluation does, before JAX allocates.
   records = benchmark(args)
   print(table(records, args), flush=True)
 
