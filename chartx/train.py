@@ -175,6 +175,13 @@ def train_step(task: Task, state: TrainState, windows_BxS: jax.Array, rng: jax.A
 CPU_COMPILER_OPTIONS = {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}
 
 
+def memory_scheduled(mesh: jax.sharding.Mesh) -> bool:
+  """Whether the train step compiles with CPU_COMPILER_OPTIONS: on a CPU mesh of one device. With
+  several, XLA:CPU's collectives under that scheduler deadlocked (8 simulated devices on 2 cores:
+  an all-reduce and an all-gather each waited for the other devices; jax 0.10.2)."""
+  return mesh.devices.size == 1 and mesh.devices.flat[0].platform == "cpu"
+
+
 def jit_train_step(task: Task, mesh: jax.sharding.Mesh, shardings: TrainState,
                    rules: sharding.Rules) -> sharding.MeshJit:
   """The train step compiled once, with explicit shardings and the old state's buffers donated:
@@ -187,4 +194,4 @@ def jit_train_step(task: Task, mesh: jax.sharding.Mesh, shardings: TrainState,
       functools.partial(train_step, task), mesh, rules,
       in_shardings=(shardings, batch, sharding.replicated(mesh), batch),
       out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0,
-      compiler_options=CPU_COMPILER_OPTIONS if mesh.devices.flat[0].platform == "cpu" else None)
+      compiler_options=CPU_COMPILER_OPTIONS if memory_scheduled(mesh) else None)

@@ -82,7 +82,7 @@ def test_growth_watch_releases_freed_memory_once_the_heap_has_grown_by_half_a_bl
 
 
 def test_cpu_train_step_is_scheduled_for_memory(tiny_config):
-  """On the CPU, jit_train_step compiles with XLA's memory-minimizing scheduler
+  """On one CPU device, jit_train_step compiles with XLA's memory-minimizing scheduler
   (train.CPU_COMPILER_OPTIONS): less scratch memory than the same step compiled without it."""
   import functools  # pylint: disable=import-outside-toplevel
   import jax  # pylint: disable=import-outside-toplevel
