@@ -23,9 +23,10 @@ call. XL and the fixed model are then timed in turn, in ROUNDS rounds (XL first,
 model, the order swapped each round), each repeating its call for --min_seconds / ROUNDS (at
 least once): a slow spell of a shared machine then falls on both sides of a round. Each rate is
 the median of its rounds' characters per second, each XL / fixed ratio the median of the
-rounds' ratios (the rounds' ratios are in the JSON). As python -m chartx.main, it runs with chartx.malloc's settings
-(freed memory kept for reuse, where they apply). Prints a JSON line per length and, at the end,
-a markdown table with the machine and the 1-minute load averages before and after.
+rounds' ratios (the rounds' ratios are in the JSON). Like python -m chartx.main, it runs with
+chartx.malloc's settings (freed memory kept for reuse, where they apply). Prints a JSON line per
+length and, at the end, a markdown table with the machine and the 1-minute load averages before
+and after.
 """
 
 import argparse

@@ -1,15 +1,20 @@
 """What a training process keeps resident: freed memory returned after compiling and when the heap
-has grown by half a step's scratch block (chartx.malloc), and no PyTorch imported by the
-TensorBoard writer. Each runs in a fresh process: glibc's settings and the imported modules are
-process-wide."""
+has grown by half a step's scratch block (chartx.malloc), no PyTorch imported by the TensorBoard
+writer, and the one-device CPU step's memory-minimizing schedule. Those about glibc's settings and
+imports run in a fresh process: both are process-wide."""
 
+import functools
 import importlib.util
 import os
 import subprocess
 import sys
 import textwrap
 
+import jax
+import numpy as np
 import pytest
+
+from chartx import sharding, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -82,19 +87,18 @@ def test_growth_watch_releases_freed_memory_once_the_heap_has_grown_by_half_a_bl
 
 
 def test_cpu_train_step_is_scheduled_for_memory(tiny_config):
-  """On one CPU device, jit_train_step compiles with XLA's memory-minimizing scheduler
-  (train.CPU_COMPILER_OPTIONS): less scratch memory than the same step compiled without it."""
-  import functools  # pylint: disable=import-outside-toplevel
-  import jax  # pylint: disable=import-outside-toplevel
-  import numpy as np  # pylint: disable=import-outside-toplevel
-  from chartx import sharding, train  # pylint: disable=import-outside-toplevel
+  """On one CPU device (the test process has one), jit_train_step compiles with XLA's
+  memory-minimizing scheduler (train.CPU_COMPILER_OPTIONS): less scratch memory than the same step
+  compiled without it."""
   tiny_config.model.update(num_layers=4, d_model=64, d_ff=256)
   tiny_config.data.seq_len = tiny_config.model.max_len = 64
   task = train.make_task(tiny_config, 256)
   mesh, rules = sharding.check_config(tiny_config)
   state, shardings, _ = sharding.sharded_init(
       functools.partial(train.init_state, task, seq_len=tiny_config.data.seq_len), mesh, rules)
-  args = (state, np.zeros((8, 64 + task.model_cfg.num_targets), np.int32), jax.random.key(0), np.zeros(8, bool))
+  assert train.memory_scheduled(mesh)
+  windows_BxS = np.zeros((8, 64 + task.model_cfg.num_targets), np.int32)
+  args = (state, windows_BxS, jax.random.key(0), np.zeros(8, bool))
   scratch = lambda step: step.lower(*args).compile().memory_analysis().temp_size_in_bytes
   plain = sharding.MeshJit(functools.partial(train.train_step, task), mesh, rules, donate_argnums=0)
   assert scratch(train.jit_train_step(task, mesh, shardings, rules)) < scratch(plain)
