@@ -101,6 +101,7 @@ def run(c, devices, windows_steps_BxS, resets_steps_B=None):
       "whole": whole,
       "largest_replicated": layout.largest_replicated(state.params, shardings.params),
       "describe": layout.describe(state.params, shardings.params),
+      "memory_scheduled": train.memory_scheduled(mesh),
   }
   memory = None if state.memory is None else np.asarray(state.memory.h_LxBxMxD)
   if memory is not None:

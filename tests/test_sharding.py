@@ -229,6 +229,14 @@ def test_sharded_xl_step_with_its_memory_matches_one_device(worker, mesh):
   assert all(step == {"compiles": 0, "traces": 0} for step in later)
 
 
+def test_memory_scheduler_only_where_the_batch_alone_is_split(worker):
+  """XLA:CPU's memory-minimizing scheduler (train.memory_scheduled) on one device and on pure data
+  parallelism, whose steps above match one device; not where fsdp or tensor split the parameters."""
+  scheduled = {mesh: record["memory_scheduled"] for mesh, record in worker["meshes"].items()}
+  assert scheduled == {"(8, 1, 1)": True, "(2, 4, 1)": False, "(2, 2, 2)": False, "(1, 1, 8)": False}
+  assert worker["reference"]["memory_scheduled"] and worker["xl_meshes"]["(8, 1, 1)"]["memory_scheduled"]
+
+
 @pytest.mark.parametrize("mesh", MESHES)
 def test_sharded_step_compiles_once(worker, mesh):
   first, *later = worker["meshes"][mesh]["per_step"]
