@@ -99,17 +99,33 @@ def heap_end() -> int | None:
   return sbrk(0)
 
 
+def peak_rss_bytes() -> int:
+  """The most resident memory this process has held (Linux: /proc/self/status's VmHWM, which
+  starts afresh at exec). Not getrusage's ru_maxrss: a child process inherits its parent's there,
+  so a small child started by a large process reported the parent's peak (1,511 MiB for a child
+  that held 11 MiB). Elsewhere ru_maxrss (KiB on Linux, bytes on macOS)."""
+  try:
+    with open("/proc/self/status", encoding="ascii") as f:
+      return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+  except (OSError, StopIteration):
+    import resource  # pylint: disable=import-outside-toplevel
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return maxrss if sys.platform == "darwin" else maxrss * 1024
+
+
 class GrowthWatch:
   """Releases the heap's freed memory (release_freed_memory) each time the heap has grown by half
   a block or more since the last check(): the training loop's block is a step's scratch memory.
 
-  Under the settings above XLA:CPU's scratch block, freed at the end of each step, is allocated
-  again by the next step in the hole it left, unless other allocations between the steps took a
-  few bytes of that hole first: the step then takes a new block at the top of the heap, and the
-  hole, touched and free, stayed resident beside it. That happened in the first steps of a run
-  and after evaluations, 1 to 4 times in 10 steps of configs/small.py (0.94 GB each). Released
-  when it happens, a stranded hole counts in the peak once, not once per new block; the next
-  step faults its scratch pages in afresh, once.
+  Under the settings above XLA:CPU's scratch block, freed at the end of each step, is reused by
+  the next step only where its hole has merged with free memory beside it (the top of the heap):
+  XLA allocates it 64-byte aligned (posix_memalign), for which glibc takes the size plus 96 bytes
+  and gives the two ends back as small free chunks that its per-thread cache keeps and other
+  allocations reuse, so a hole of the block's own size never fits the same request again. The
+  step then takes a new block at the top of the heap, and the hole, touched and free, stays
+  resident beside it: 1 to 4 times in 10 steps of configs/small.py, at no fixed step, with one
+  device or two (whose blocks race each other). Released when it happens, a stranded hole counts
+  in the peak once, not once per new block; the next step faults its scratch pages in afresh, once.
   """
 
   def __init__(self, block_bytes: int):

@@ -102,3 +102,13 @@ def test_cpu_train_step_is_scheduled_for_memory(tiny_config):
   scratch = lambda step: step.lower(*args).compile().memory_analysis().temp_size_in_bytes
   plain = sharding.MeshJit(functools.partial(train.train_step, task), mesh, rules, donate_argnums=0)
   assert scratch(train.jit_train_step(task, mesh, shardings, rules)) < scratch(plain)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc/self/status")
+def test_peak_rss_of_a_child_process_is_its_own():
+  """malloc.peak_rss_bytes in a small process started by a large one (this test process, holding
+  400 MB more): the child's own peak, not the parent's, which getrusage's ru_maxrss inherits."""
+  from chartx import malloc
+  ballast = np.ones((400 << 20) // 8)  # Every page written.
+  (child,) = _run("from chartx import malloc; print(malloc.peak_rss_bytes())")
+  assert malloc.peak_rss_bytes() > ballast.nbytes > 4 * int(child)

@@ -50,7 +50,6 @@ import itertools
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -92,9 +91,8 @@ def peak_memory() -> tuple[int, str]:
   stats = [d.memory_stats() for d in jax.local_devices()]
   if all(s and "peak_bytes_in_use" in s for s in stats):
     return max(s["peak_bytes_in_use"] for s in stats), "max over local devices of memory_stats()['peak_bytes_in_use']"
-  # ru_maxrss is in KiB on Linux.
-  return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-          "process max RSS (resource.getrusage ru_maxrss): the most this process has held at once, "
+  return (malloc.peak_rss_bytes(),
+          "process max RSS (VmHWM, malloc.peak_rss_bytes): the most this process has held at once, "
           "Python, JAX and XLA's compilation included")
 
 
@@ -284,10 +282,10 @@ def _torch_step(config: ml_collections.ConfigDict, cfg: layers.ModelConfig,
 def _torch_peak_memory(kwargs: dict[str, Any], windows_BxS: np.ndarray) -> int:
   """The max RSS of a fresh process that runs the PyTorch reference's step 3 times: its peak_memory_bytes,
   measured apart, since this process's high-water mark is chartx's too (and the same malloc settings)."""
-  code = ("import json, resource, sys, numpy as np; from chartx import malloc; malloc.keep_freed_memory(); "
+  code = ("import json, sys, numpy as np; from chartx import malloc; malloc.keep_freed_memory(); "
           "from chartx.tools import torch_reference; args = json.loads(sys.argv[1]); "
           "windows = np.asarray(args.pop('windows'), np.int32); step = torch_reference.make_torch_step(**args); "
-          "[step(windows) for _ in range(3)]; print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)")
+          "[step(windows) for _ in range(3)]; print(malloc.peak_rss_bytes())")
   arg = json.dumps({**kwargs, "windows": windows_BxS.tolist()})
   result = subprocess.run([sys.executable, "-c", code, arg], capture_output=True, text=True, check=True)
   return int(result.stdout.split()[-1])
