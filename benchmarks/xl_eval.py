@@ -23,8 +23,13 @@ call. XL and the fixed model are then timed in turn, in ROUNDS rounds (XL first,
 model, the order swapped each round), each repeating its call for --min_seconds / ROUNDS (at
 least once): a slow spell of a shared machine then falls on both sides of a round. Each rate is
 the median of its rounds' characters per second, each XL / fixed ratio the median of the
-rounds' ratios (the rounds' ratios are in the JSON). Like python -m chartx.main, it runs with
-chartx.malloc's settings (freed memory kept for reuse, where they apply). Prints a JSON line per
+rounds' ratios (the rounds' ratios are in the JSON). It evaluates as python -m chartx.main
+--mode=eval does: with chartx.malloc's settings (freed memory kept for reuse, where they apply)
+and, on a CPU-only host, one XLA device per core (chartx.cpu_devices), each scoring its share of
+the batch; sampling decodes one row on one device, as --mode=sample does. (On one device of 2
+cores, XL's many small ops per segment ran 1.5 times slower in some minutes than in others, the
+fixed model's large matmuls did not; split over the cores XL held its pace: docs/results.md.)
+Prints a JSON line per
 length and, at the end, a markdown table with the machine and the 1-minute load averages before
 and after.
 """
@@ -44,7 +49,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from chartx import malloc, sample, scoring, sharding
+from chartx import cpu_devices, malloc, sample, scoring, sharding
 from chartx.families import base, layers, registry, xl
 from configs import enwik8_12l, enwik8_xl_12l
 
@@ -210,11 +215,17 @@ def xl_rate(length: int, args: argparse.Namespace, mesh, rules) -> dict[str, Any
   return record
 
 
+def _mesh_config(args: argparse.Namespace) -> Any:
+  """A config for the mesh and for cpu_devices (which reads no backend): the default mesh (every
+  device on the data axis), the benchmark's batch as its batch sizes."""
+  config = enwik8_12l.get_config()
+  config.train.batch_size = config.eval.batch_size = args.batch_size
+  return config
+
+
 def benchmark(args: argparse.Namespace) -> list[dict[str, Any]]:
-  config = _config(enwik8_12l, args.tiny)
-  config.mesh.shape = (1, 1, 1)
-  mesh = sharding.make_mesh(config, jax.devices()[:1])
-  rules = sharding.logical_rules(config)
+  config = _mesh_config(args)
+  mesh, rules = sharding.make_mesh(config), sharding.logical_rules(config)
   records = []
   for length in args.lengths:
     record = {"attention_length": length, "segment": args.segment, "batch_size": args.batch_size,
@@ -238,7 +249,8 @@ def benchmark(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def table(records: list[dict[str, Any]], args: argparse.Namespace) -> str:
-  lines = [f"{jax.devices()[0].device_kind} ({platform.machine()}, {os.cpu_count()} CPUs), jax "
+  lines = [f"{jax.devices()[0].device_kind} x {jax.device_count()} ({platform.machine()}, "
+           f"{os.cpu_count()} CPUs), jax "
            f"{jax.__version__}; {'tiny models' if args.tiny else 'T12 (fixed) against XL 12L'}, "
            f"XL segments of {args.segment}, batch {args.batch_size}",
            "",
@@ -261,6 +273,7 @@ def table(records: list[dict[str, Any]], args: argparse.Namespace) -> str:
 def main(argv: list[str]) -> None:
   args = parse_args(argv)
   malloc.keep_freed_memory()  # As chartx.main's evaluation does, before JAX allocates.
+  cpu_devices.split_cores(_mesh_config(args), "eval")  # Before JAX's backend starts.
   records = benchmark(args)
   print(table(records, args), flush=True)
 
