@@ -29,9 +29,8 @@ and, on a CPU-only host, one XLA device per core (chartx.cpu_devices), each scor
 the batch; sampling decodes one row on one device, as --mode=sample does. (On one device of 2
 cores, XL's many small ops per segment ran 1.5 times slower in some minutes than in others, the
 fixed model's large matmuls did not; split over the cores XL held its pace: docs/results.md.)
-Prints a JSON line per
-length and, at the end, a markdown table with the machine and the 1-minute load averages before
-and after.
+Prints a JSON line per length and, at the end, a markdown table with the machine and the
+1-minute load averages before and after.
 """
 
 import argparse

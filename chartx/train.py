@@ -180,8 +180,8 @@ def memory_scheduled(mesh: jax.sharding.Mesh) -> bool:
   batch (one device, or data parallelism: every device holds the whole state, and the only
   collectives are the gradients' all-reduces). With the parameters split over fsdp, the scanned
   layers' all-gathers deadlocked under that scheduler (2 and 8 simulated devices on 2 cores: the
-  devices waited for each other at a rendezvous; jax 0.10.2); tensor parallelism is left out
-  untried at scale."""
+  devices waited for each other at a rendezvous; jax 0.10.2). Tensor parallelism ran in two short
+  probes (docs/results.md) and stays out until it is tested as data parallelism is."""
   return (mesh.devices.flat[0].platform == "cpu"
           and mesh.shape["fsdp"] == 1 and mesh.shape["tensor"] == 1)
 
