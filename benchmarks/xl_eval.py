@@ -124,9 +124,9 @@ def _rate(call: Callable[[], Any], chars_per_call: int, min_seconds: float) -> t
       return calls * chars_per_call / elapsed, calls
 
 
-def paired(xl_side: Timed, fixed_side: Timed, min_seconds: float) -> tuple[float, float, list[float], int]:
-  """(XL's characters per second, the fixed model's, XL / fixed of each round, the fixed model's
-  timed calls): each call compiled by an untimed one, then ROUNDS rounds of both in turn."""
+def paired(xl_side: Timed, fixed_side: Timed, min_seconds: float) -> tuple[float, float, list[float], dict[str, int]]:
+  """(XL's characters per second, the fixed model's, XL / fixed of each round, each side's timed
+  calls): each call compiled by an untimed one, then ROUNDS rounds of both in turn."""
   for call, _ in (xl_side, fixed_side):
     jax.block_until_ready(call())
   rates: dict[str, list[float]] = {"xl": [], "fixed": []}
@@ -138,7 +138,7 @@ def paired(xl_side: Timed, fixed_side: Timed, min_seconds: float) -> tuple[float
       rates[name].append(rate)
       calls[name] += timed
   ratios = [x / f for x, f in zip(rates["xl"], rates["fixed"])]
-  return statistics.median(rates["xl"]), statistics.median(rates["fixed"]), ratios, calls["fixed"]
+  return statistics.median(rates["xl"]), statistics.median(rates["fixed"]), ratios, calls
 
 
 def fixed_calls(length: int, args: argparse.Namespace, mesh, rules) -> tuple[dict[str, Any], Timed, Timed | None]:
@@ -233,7 +233,8 @@ def benchmark(args: argparse.Namespace) -> list[dict[str, Any]]:
     fixed_record, fixed_eval, fixed_sample = fixed_calls(length, args, mesh, rules)
     record.update(xl_record, **fixed_record)
     (record["xl_chars_per_sec"], record["fixed_chars_per_sec"], rounds,
-     record["fixed_calls"]) = paired(xl_eval, fixed_eval, args.min_seconds)
+     calls) = paired(xl_eval, fixed_eval, args.min_seconds)
+    record["xl_calls"], record["fixed_calls"] = calls["xl"], calls["fixed"]
     record["xl_over_fixed_rounds"] = rounds
     record["xl_over_fixed"] = statistics.median(rounds)
     if args.sample_chars:

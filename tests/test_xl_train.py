@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from chartx import config as config_lib
-from chartx import data, evaluate, inference, run_config, sample, scoring, sharding, train
+from chartx import cpu_devices, data, evaluate, inference, run_config, sample, scoring, sharding, train
 from chartx.families import base, fixed, layers, registry, xl
 from chartx.errors import UserError
 from configs import enwik8_xl_12l, enwik8_xl_24l, text8_xl_12l, text8_xl_24l, tiny
@@ -320,7 +320,10 @@ def test_xl_eval_benchmark_runs_at_tiny_dims():
     for key in ("xl_over_fixed", "xl_over_fixed_sample"):
       assert len(r[key + "_rounds"]) == 3 and r[key] == pytest.approx(sorted(r[key + "_rounds"])[1])
       assert min(r[key + "_rounds"]) > 0
+    assert r["xl_calls"] >= 3 and r["fixed_calls"] >= 3  # Each side timed in each of 3 rounds.
   assert "| attention length | eval: fixed, stride 1 (chars/s) | eval: XL, recurrent (chars/s) |" in done.stdout
+  # One CPU device per core, as chartx.main --mode=eval splits them (batch 2: at most 2).
+  assert f"cpu x {min(2, cpu_devices.usable_cores())} (" in done.stdout
 
 
 # --- A trained Transformer-XL through the command line and chartx.load --------------------------
