@@ -1,7 +1,8 @@
 """What a training process keeps resident: freed memory returned after compiling and when the heap
 has grown by half a step's scratch block (chartx.malloc), no PyTorch imported by the TensorBoard
-writer, and the one-device CPU step's memory-minimizing schedule. Those about glibc's settings and
-imports run in a fresh process: both are process-wide."""
+writer, the CPU step's memory-minimizing schedule (where it applies: test_sharding.py), and a
+child process's own peak. Those about glibc's settings and imports run in a fresh process: both
+are process-wide."""
 
 import functools
 import importlib.util
